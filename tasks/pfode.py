@@ -1,0 +1,234 @@
+"""Encode and decode with the probability-flow ODE: x0 at t_eps <-> z = x(T).
+
+``encode`` integrates from ``t_eps`` to ``T`` with ``x(t_eps) = x0``; ``decode`` integrates from ``T``
+back to the **same** ``t_eps`` with no extra denoising step, so the round trip can close.
+Integration runs in s = log(sigma/alpha) (see ``tasks.sde``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+
+from tasks import solvers as S
+from tasks.errors import SolverError
+from tasks.scores import ScoreModel
+from tasks.sde import SDE, _bcast
+
+__all__ = ["SolverConfig", "PFResult", "encode", "decode", "integrate", "make_grid", "SOLVER_NAMES", "GRIDS"]
+
+F64 = torch.float64
+MULTISTEP = ("dpmpp2m",)
+SOLVER_NAMES = tuple(S.TABLEAUS) + MULTISTEP
+ADAPTIVE = ("dopri5",)
+GRIDS = ("logsnr", "edm", "time")
+
+
+@dataclass(frozen=True)
+class SolverConfig:
+    """How to integrate: solver name, tolerances (adaptive) or step count (fixed), grid, t_eps."""
+
+    name: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    steps: int = 50
+    grid: str = "logsnr"
+    t_eps: float = 1e-5
+    max_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        if self.name not in SOLVER_NAMES:
+            raise SolverError(f"unknown solver {self.name!r}; choose one of {', '.join(SOLVER_NAMES)}")
+        if self.grid not in GRIDS:
+            raise SolverError(f"unknown time grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
+        if self.adaptive:
+            S.Control(self.rtol, self.atol, max_steps=self.max_steps)  # validates
+        elif not (isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1):
+            raise SolverError(f"steps must be an integer >= 1 for the fixed-step solver {self.name!r}; got {self.steps!r}")
+        if not (isinstance(self.t_eps, (int, float)) and math.isfinite(self.t_eps) and self.t_eps > 0):
+            raise SolverError(f"t_eps must be a finite number > 0; got {self.t_eps!r}")
+
+    @property
+    def adaptive(self) -> bool:
+        return self.name in ADAPTIVE
+
+    def to_dict(self) -> dict:
+        """The settings that decide the result (tolerances for adaptive, steps/grid for fixed)."""
+        d = {"name": self.name, "t_eps": self.t_eps}
+        if self.adaptive:
+            d.update(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps)
+        else:
+            d.update(steps=self.steps, grid=self.grid)
+        return d
+
+
+@dataclass
+class PFResult:
+    """Result of encode/decode: states shaped like the input, NFE and status per sample.
+
+    ``logp`` (nats, of the input under the model) and ``bpd`` are set only when the likelihood was asked for.
+    """
+
+    x: torch.Tensor
+    nfe: torch.Tensor
+    status: torch.Tensor
+    logp: torch.Tensor | None = None
+    bpd: torch.Tensor | None = None
+
+    @property
+    def ok(self) -> torch.Tensor:
+        return self.status == S.OK
+
+
+def ode_func(model: ScoreModel, sde: SDE, sample_shape: tuple[int, ...]) -> Callable:
+    """F(y, s) = dx/ds = dlog(alpha)/ds x - sigma^2 score, on flat states (B, M)."""
+    scaled = getattr(model, "sigma2_score", None)
+
+    def F(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        t = sde.t_of_s(s)
+        x = y.reshape(y.shape[0], *sample_shape)
+        s2score = scaled(x, t) if scaled is not None else _bcast(sde.sigma(t) ** 2, x) * model(x, t)
+        return (_bcast(sde.dlog_alpha_ds(t), x) * x - s2score).reshape(y.shape)
+
+    return F
+
+
+def make_grid(sde: SDE, t_start: float, t_end: float, steps: int, kind: str = "logsnr", rho: float = 7.0) -> torch.Tensor:
+    """s values from t_start to t_end: uniform in s (log-SNR), EDM rho-spacing in sigma/alpha, or uniform in t."""
+    lo, hi = sorted((t_start, t_end))
+    u = torch.linspace(0.0, 1.0, steps + 1, dtype=F64)
+    s_lo, s_hi = sde.s_of_t(torch.tensor(lo, dtype=F64)), sde.s_of_t(torch.tensor(hi, dtype=F64))
+    if kind == "logsnr":
+        g = s_lo + u * (s_hi - s_lo)
+    elif kind == "edm":
+        r_lo, r_hi = torch.exp(s_lo / rho), torch.exp(s_hi / rho)
+        g = rho * torch.log(r_lo + u * (r_hi - r_lo))
+    elif kind == "time":
+        g = sde.s_of_t(lo + u * (hi - lo))
+    else:
+        raise SolverError(f"unknown time grid {kind!r}; choose one of {', '.join(GRIDS)}")
+    g[0], g[-1] = s_lo, s_hi
+    return g if t_start <= t_end else g.flip(0)
+
+
+def _data_pred(model: ScoreModel, sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """x0_hat = (x + sigma^2 score) / alpha (Tweedie)."""
+    scaled = getattr(model, "sigma2_score", None)
+    s2score = scaled(x, t) if scaled is not None else _bcast(sde.sigma(t) ** 2, x) * model(x, t)
+    return (x + s2score) / _bcast(sde.alpha(t), x)
+
+
+def solve_dpmpp2m(model: ScoreModel, sde: SDE, x: torch.Tensor, grid: torch.Tensor) -> S.SolveResult:
+    """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = -s, either direction.
+
+    x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) D_i, D_i a 2nd-order multistep
+    combination of the last two data predictions; exact for the linear part of the ODE.
+    """
+    b = x.shape[0]
+    ts = sde.t_of_s(grid)
+    lam, alpha, sigma = -grid, sde.alpha(ts), sde.sigma(ts)
+    d_prev, h_prev = None, None
+    for i in range(len(grid) - 1):
+        d = _data_pred(model, sde, x, ts[i].expand(b).to(x.device))
+        h = (lam[i + 1] - lam[i]).item()
+        if d_prev is None:
+            dd = d  # first step: DDIM (1st order)
+        else:
+            c = h / (2 * h_prev)  # 1 / (2 r), r = h_prev / h
+            dd = (1 + c) * d - c * d_prev
+        x = (sigma[i + 1] / sigma[i]).item() * x - alpha[i + 1].item() * math.expm1(-h) * dd
+        d_prev, h_prev = d, h
+    nfe = torch.full((b,), len(grid) - 1, dtype=torch.int64, device=x.device)
+    status = torch.where(torch.isfinite(x.reshape(b, -1)).all(1), S.OK, S.NONFINITE).to(torch.int8)
+    return S.SolveResult(x.reshape(b, -1), nfe, status, nfe.clone())
+
+
+def rademacher(sample_index: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
+    """Per-sample seeded +-1 probes (splitmix64 of (seed, sample, dim)): independent of batching."""
+    idx = sample_index.detach().cpu().numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        z = (np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+             + idx[:, None] * np.uint64(dim) + np.arange(dim, dtype=np.uint64)[None]
+             + np.uint64(0x632BE59BD9B4E019))
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z = z ^ (z >> np.uint64(31))
+    return torch.from_numpy(np.where(z >> np.uint64(63), 1.0, -1.0))
+
+
+def _augment(F: Callable, probes: torch.Tensor | None, m: int) -> Callable:
+    """Augmented ODE [dx/ds, div_x(dx/ds)]: Hutchinson with fixed probes, or the exact trace if probes is None."""
+
+    def G(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+        with torch.enable_grad():
+            x = y[:, :m].detach().requires_grad_(True)
+            v = F(x, s)
+            if probes is None:
+                div = sum(torch.autograd.grad(v[:, j].sum(), x, retain_graph=j < m - 1)[0][:, j] for j in range(m))
+            else:
+                e = probes.to(y)
+                div = (torch.autograd.grad(v, x, e)[0] * e).sum(1)
+        return torch.cat([v.detach(), div.detach()[:, None]], dim=1)
+
+    return G
+
+
+def integrate(model: ScoreModel, sde: SDE, x: torch.Tensor, t_start: float, t_end: float,
+              cfg: SolverConfig, likelihood: str | None = None, seed: int = 0,
+              sample_index: torch.Tensor | None = None) -> PFResult:
+    """Integrate the PF-ODE from t_start to t_end for a batch x (B, ...).
+
+    likelihood: None (default, no cost), "hutchinson" (Rademacher probes seeded per sample) or
+    "exact" (full Jacobian trace, M backward passes; for tests and small D).
+    """
+    if x.ndim < 2 or x.shape[0] == 0:
+        raise SolverError(f"expected a non-empty batch of shape (B, ...); got {tuple(x.shape)}")
+    b, shape = x.shape[0], tuple(x.shape[1:])
+    m = math.prod(shape)
+    F = ode_func(model, sde, shape)
+    y0 = x.reshape(b, m)
+    if likelihood is not None:
+        if cfg.name in MULTISTEP:
+            raise SolverError(f"the likelihood needs a Runge-Kutta solver, not {cfg.name!r}")
+        if likelihood not in ("hutchinson", "exact"):
+            raise SolverError(f"likelihood must be 'hutchinson' or 'exact'; got {likelihood!r}")
+        idx = sample_index if sample_index is not None else torch.arange(b)
+        probes = rademacher(idx, m, seed) if likelihood == "hutchinson" else None
+        F = _augment(F, probes, m)
+        y0 = torch.cat([y0, torch.zeros(b, 1, dtype=x.dtype, device=x.device)], dim=1)
+    s_start = sde.s_of_t(torch.tensor(t_start, dtype=F64)).item()
+    s_end = sde.s_of_t(torch.tensor(t_end, dtype=F64)).item()
+    ctx = torch.no_grad() if likelihood is not None else torch.inference_mode()
+    with ctx:
+        if cfg.adaptive:
+            ctl = S.Control(cfg.rtol, cfg.atol, max_steps=cfg.max_steps)
+            res = S.solve_adaptive(F, y0, s_start, s_end, ctl, S.TABLEAUS[cfg.name])
+        elif cfg.name in MULTISTEP:
+            res = solve_dpmpp2m(model, sde, x, make_grid(sde, t_start, t_end, cfg.steps, cfg.grid))
+        else:
+            res = S.solve_fixed(F, y0, make_grid(sde, t_start, t_end, cfg.steps, cfg.grid), S.TABLEAUS[cfg.name])
+    out = PFResult(res.y[:, :m].reshape(b, *shape), res.nfe, res.status)
+    if likelihood is not None:
+        out.logp = res.y[:, m].to(F64)  # integral of the divergence; completed by the caller
+    return out
+
+
+def encode(model: ScoreModel, sde: SDE, x0: torch.Tensor, cfg: SolverConfig = SolverConfig(),
+           likelihood: str | None = None, seed: int = 0, sample_index: torch.Tensor | None = None) -> PFResult:
+    """Map data x0 (at t_eps) to latents z = x(T). With ``likelihood``, also log p(x0) and bits/dim."""
+    t_eps = sde.check_t_eps(cfg.t_eps)
+    res = integrate(model, sde, x0, t_eps, sde.T, cfg, likelihood, seed, sample_index)
+    if likelihood is not None:
+        res.logp = sde.prior_logp(res.x) + res.logp
+        res.bpd = -res.logp / (x0[0].numel() * math.log(2))
+    return res
+
+
+def decode(model: ScoreModel, sde: SDE, z: torch.Tensor, cfg: SolverConfig = SolverConfig()) -> PFResult:
+    """Map latents z at T back to data at the same t_eps (no extra denoising step)."""
+    t_eps = sde.check_t_eps(cfg.t_eps)
+    return integrate(model, sde, z, sde.T, t_eps, cfg)

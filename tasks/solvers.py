@@ -1,0 +1,227 @@
+"""ODE solvers for the PF-ODE: one step signature, one loop per kind, a registry by name.
+
+All solvers integrate ``dy/ds = F(y, s)`` for a flat batch ``y`` of shape (B, M) where every sample
+carries its own time ``s`` (float64, shape (B,)). The state keeps the caller's dtype; times and step
+sizes stay in float64 and are cast at the state boundary.
+
+- Fixed-step explicit Runge-Kutta (euler, heun, rk4) on a shared grid of s values.
+- ``dopri5``: Dormand-Prince 5(4) with a PI step controller and **per-sample** error control and
+  step size: each sample accepts, rejects and sizes its steps from its own error alone, so its result
+  does not depend on its batch mates, and finished samples drop out of the score evaluations.
+- ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022), a multistep exponential integrator for the
+  semi-linear PF-ODE; lives in ``tasks.pfode`` because it needs the data prediction, not F.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tasks.errors import SolverError
+
+__all__ = ["Tableau", "TABLEAUS", "SolveResult", "rk_step", "solve_fixed", "solve_adaptive",
+           "OK", "STEP_LIMIT", "NONFINITE", "STATUS_NAMES"]
+
+F64 = torch.float64
+ODEFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+OK, STEP_LIMIT, NONFINITE = 0, 1, 2
+STATUS_NAMES = {OK: "ok", STEP_LIMIT: "step_limit", NONFINITE: "nonfinite"}
+
+
+@dataclass(frozen=True)
+class Tableau:
+    """Butcher tableau of an explicit RK method; ``e`` = b - b_hat for embedded error estimates."""
+
+    name: str
+    order: int
+    c: tuple[float, ...]
+    a: tuple[tuple[float, ...], ...]  # a[i] has i entries (stage i uses k_0..k_{i-1})
+    b: tuple[float, ...]
+    e: tuple[float, ...] | None = None
+    fsal: bool = False  # last stage evaluates F at the new point (reused as the next k_0)
+
+    @property
+    def stages(self) -> int:
+        return len(self.c)
+
+
+EULER = Tableau("euler", 1, (0.0,), ((),), (1.0,))
+HEUN = Tableau("heun", 2, (0.0, 1.0), ((), (1.0,)), (0.5, 0.5))  # EDM's 2nd-order (trapezoidal) step
+RK4 = Tableau("rk4", 4, (0.0, 0.5, 0.5, 1.0), ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0)), (1 / 6, 1 / 3, 1 / 3, 1 / 6))
+DOPRI5 = Tableau(
+    "dopri5", 5,
+    c=(0.0, 1 / 5, 3 / 10, 4 / 5, 8 / 9, 1.0, 1.0),
+    a=((),
+       (1 / 5,),
+       (3 / 40, 9 / 40),
+       (44 / 45, -56 / 15, 32 / 9),
+       (19372 / 6561, -25360 / 2187, 64448 / 6561, -212 / 729),
+       (9017 / 3168, -355 / 33, 46732 / 5247, 49 / 176, -5103 / 18656),
+       (35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84)),
+    b=(35 / 384, 0.0, 500 / 1113, 125 / 192, -2187 / 6784, 11 / 84, 0.0),
+    e=(35 / 384 - 5179 / 57600, 0.0, 500 / 1113 - 7571 / 16695, 125 / 192 - 393 / 640,
+       -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40),
+    fsal=True,
+)
+TABLEAUS = {t.name: t for t in (EULER, HEUN, RK4, DOPRI5)}
+
+
+@dataclass
+class SolveResult:
+    """Final states, score evaluations per sample, and per-sample status (OK / STEP_LIMIT / NONFINITE)."""
+
+    y: torch.Tensor
+    nfe: torch.Tensor
+    status: torch.Tensor
+    steps: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+
+    @property
+    def ok(self) -> torch.Tensor:
+        return self.status == OK
+
+
+def _col(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """A float64 per-sample step (B,) as a (B, 1) column in y's dtype."""
+    return h.to(dtype=y.dtype).unsqueeze(1)
+
+
+def rk_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, h: torch.Tensor, tab: Tableau,
+            k0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+    """One explicit RK step of per-sample size h. Returns (y_new, error estimate, last k, NFE spent)."""
+    hy = _col(h, y)
+    nfe = 0
+    if k0 is None:
+        k0, nfe = F(y, s), 1
+    ks = [k0]
+    for ci, ai in zip(tab.c[1:], tab.a[1:]):
+        yi = y + hy * sum(aij * kj for aij, kj in zip(ai, ks) if aij != 0.0)
+        ks.append(F(yi, s + ci * h))
+        nfe += 1
+    y_new = yi if tab.fsal else y + hy * sum(bj * kj for bj, kj in zip(tab.b, ks) if bj != 0.0)
+    err = hy * sum(ej * kj for ej, kj in zip(tab.e, ks) if ej != 0.0) if tab.e is not None else None
+    return y_new, err, ks[-1], nfe
+
+
+def solve_fixed(F: ODEFunc, y0: torch.Tensor, grid: torch.Tensor, tab: Tableau) -> SolveResult:
+    """Integrate along a shared grid of s values (float64, shape (n+1,)) with a fixed-step tableau."""
+    b = y0.shape[0]
+    y = y0
+    status = torch.zeros(b, dtype=torch.int8, device=y0.device)
+    nfe = torch.zeros(b, dtype=torch.int64, device=y0.device)
+    grid = grid.to(device=y0.device, dtype=F64)
+    for s0, s1 in zip(grid[:-1], grid[1:]):
+        s = s0.expand(b)
+        y, _, _, n = rk_step(F, y, s, (s1 - s0).expand(b), tab)
+        nfe += n
+    bad = ~torch.isfinite(y).all(dim=1)
+    status[bad] = NONFINITE
+    steps = torch.full((b,), len(grid) - 1, dtype=torch.int64, device=y0.device)
+    return SolveResult(y, nfe, status, steps)
+
+
+@dataclass(frozen=True)
+class Control:
+    """Step-size controller settings (Hairer, Norsett & Wanner, DOPRI5 code defaults)."""
+
+    rtol: float
+    atol: float
+    safety: float = 0.9
+    beta: float = 0.04  # PI stabilisation exponent
+    max_factor: float = 10.0
+    min_factor: float = 0.2
+    max_steps: int = 10_000
+
+    def __post_init__(self) -> None:
+        for name in ("rtol", "atol"):
+            v = getattr(self, name)
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise SolverError(f"{name} must be a finite number > 0; got {v!r}")
+        if not (isinstance(self.max_steps, int) and self.max_steps >= 1):
+            raise SolverError(f"max_steps must be an integer >= 1; got {self.max_steps!r}")
+
+
+def _err_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, ctl: Control) -> torch.Tensor:
+    """Per-sample RMS of err / (atol + rtol max(|y0|, |y1|)), float64 (B,)."""
+    scale = ctl.atol + ctl.rtol * torch.maximum(y0.abs(), y1.abs())
+    return (err / scale).to(F64).pow(2).mean(dim=1).sqrt()
+
+
+def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor, direction: float,
+                  span: torch.Tensor, order: int, ctl: Control) -> torch.Tensor:
+    """Per-sample starting step (Hairer, Norsett & Wanner, Sec. II.4): one extra F evaluation."""
+    scale = ctl.atol + ctl.rtol * y.abs()
+    d0 = (y / scale).to(F64).pow(2).mean(1).sqrt()
+    d1 = (k0 / scale).to(F64).pow(2).mean(1).sqrt()
+    h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
+    h0 = torch.minimum(h0, span)
+    y1 = y + _col(direction * h0, y) * k0
+    k1 = F(y1, s + direction * h0)
+    d2 = ((k1 - k0) / scale).to(F64).pow(2).mean(1).sqrt() / h0
+    dmax = torch.maximum(d1, d2)
+    h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
+                     (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / (order + 1)))
+    return torch.minimum(torch.minimum(100 * h0, h1), span)
+
+
+def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, ctl: Control,
+                   tab: Tableau = DOPRI5) -> SolveResult:
+    """Embedded RK with per-sample error control, step size, acceptance and termination.
+
+    Only the samples still integrating are passed to F, so finished samples cost nothing and each
+    sample's trajectory is computed from its own state alone (batch-independent).
+    """
+    b, dev = y0.shape[0], y0.device
+    direction = 1.0 if s_end >= s_start else -1.0
+    y = y0.clone()
+    s = torch.full((b,), s_start, dtype=F64, device=dev)
+    s_end_t = torch.full((b,), s_end, dtype=F64, device=dev)
+    k0 = F(y, s)
+    nfe = torch.ones(b, dtype=torch.int64, device=dev)
+    span = (s_end_t - s).abs()
+    h = _initial_step(F, y, s, k0, direction, span, tab.order, ctl)  # magnitude
+    nfe += 1
+    err_old = torch.full((b,), 1e-4, dtype=F64, device=dev)
+    steps = torch.zeros(b, dtype=torch.int64, device=dev)
+    status = torch.zeros(b, dtype=torch.int8, device=dev)
+    active = span > 0
+    expo = 1.0 / (tab.order) - 0.75 * ctl.beta  # Hairer: 0.2 - 0.75 beta for order 5
+    while True:
+        idx = torch.nonzero(active).squeeze(1)
+        if idx.numel() == 0:
+            break
+        ya, sa, ka = y[idx], s[idx], k0[idx]
+        remaining = (s_end_t[idx] - sa).abs()
+        last = h[idx] >= remaining * (1 - 1e-12)
+        ha = torch.where(last, remaining, h[idx])
+        y_new, err, k_new, n = rk_step(F, ya, sa, direction * ha, tab, ka)
+        nfe[idx] += n
+        steps[idx] += 1
+        en = _err_norm(err, ya, y_new, ctl)
+        finite = torch.isfinite(en) & torch.isfinite(y_new).all(1)
+        en = torch.where(finite, en, torch.full_like(en, float("inf")))
+        acc = en <= 1.0
+        # PI controller (accepted) / pure I with no growth (rejected)
+        fac11 = en.clamp_min(1e-300) ** expo
+        fac = (fac11 / err_old[idx] ** ctl.beta) / ctl.safety
+        grow = 1.0 / fac.clamp(1.0 / ctl.max_factor, 1.0 / ctl.min_factor)
+        shrink = 1.0 / (fac11 / ctl.safety).clamp(1.0, 1.0 / ctl.min_factor)
+        h_next = ha * torch.where(acc, grow, shrink)
+        h_next = torch.where(finite, h_next, ha * ctl.min_factor)
+        ia = idx[acc]
+        y[ia] = y_new[acc]
+        k0[ia] = k_new[acc]
+        s[ia] = torch.where(last[acc], s_end_t[ia], sa[acc] + direction * ha[acc])
+        err_old[ia] = en[acc].clamp_min(1e-4)
+        h[idx] = torch.where(acc & last, ha, h_next)
+        done = acc & last
+        active[idx[done]] = False
+        over = ~done & (steps[idx] >= ctl.max_steps)
+        tiny = ~done & (h_next <= 1e-14 * span[idx].clamp_min(1e-300))
+        status[idx[over | (tiny & finite)]] = STEP_LIMIT
+        status[idx[tiny & ~finite]] = NONFINITE
+        active[idx[over | tiny]] = False
+    return SolveResult(y, nfe, status, steps)
