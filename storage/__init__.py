@@ -1,1 +1,40 @@
-"""pflatents storage."""
+"""pflatents storage: the Zarr v3 latent store (layout, config pinning, shard records, lock)."""
+
+from storage.config import config_diff, to_json
+from storage.errors import (
+    ConfigMismatchError,
+    NotAStoreError,
+    ShardVerifyError,
+    StoreError,
+    StoreLockedError,
+)
+from storage.lock import StoreLock
+from storage.store import (
+    FORMAT_VERSION,
+    LatentStore,
+    checksum,
+    config_hash,
+    default_shard_size,
+    dimension_names,
+    open_or_create,
+    plan_shards,
+)
+
+__all__ = [
+    "FORMAT_VERSION",
+    "ConfigMismatchError",
+    "LatentStore",
+    "NotAStoreError",
+    "ShardVerifyError",
+    "StoreError",
+    "StoreLock",
+    "StoreLockedError",
+    "checksum",
+    "config_diff",
+    "config_hash",
+    "default_shard_size",
+    "dimension_names",
+    "open_or_create",
+    "plan_shards",
+    "to_json",
+]

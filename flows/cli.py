@@ -1,0 +1,227 @@
+"""The ``pflatents`` command line: validate inputs before Prefect starts, then run the flows.
+
+User errors (bad input, mismatched store, a locked store) print one or two plain lines on stderr and
+exit 2; a job with failed shards exits 1 naming them; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+__all__ = ["main"]
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _prefect_env() -> None:
+    """Quiet, offline-safe Prefect defaults (set before prefect is imported)."""
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("DO_NOT_TRACK", "1")
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--runner", default="local", help="local | dask | dask://HOST:PORT (default local)")
+    p.add_argument("--workers", type=int, default=1, help="concurrent shard tasks (threads or LocalCluster workers)")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
+    p.add_argument("--retries", type=int, default=2, help="retries per shard on errors (default 2)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pflatents", description="Probability-flow ODE latents for whole datasets.")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    e = sub.add_parser("extract", help="encode a dataset into a Zarr store of latents")
+    e.add_argument("--data", required=True, help="file.npy | store.zarr[/array] | images:DIR | sklearn:digits")
+    e.add_argument("--model", required=True, help="gmm:params.json | checkpoint dir | diffusers:DIR")
+    e.add_argument("--out", required=True, help="output store (path or fsspec URL)")
+    e.add_argument("--sde", default="vp", choices=["vp", "ve", "edm"])
+    e.add_argument("--t-eps", type=float, default=1e-5)
+    e.add_argument("--solver", default="dopri5", help="dopri5 | rk4 | heun | euler | dpmpp2m")
+    e.add_argument("--rtol", type=float, default=1e-5)
+    e.add_argument("--atol", type=float, default=1e-5)
+    e.add_argument("--steps", type=int, default=50, help="steps of a fixed-step solver")
+    e.add_argument("--grid", default="logsnr", help="time grid of fixed-step solvers: logsnr | edm | time")
+    e.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: chunks of ~8 MiB)")
+    e.add_argument("--batch-size", type=int, default=1024)
+    e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    _add_run_args(e)
+
+    r = sub.add_parser("resume", help="finish every shard of a store that is not done, with its pinned config")
+    r.add_argument("store")
+    _add_run_args(r)
+
+    s = sub.add_parser("status", help="shard counts, failed shards and the config summary of a store")
+    s.add_argument("store")
+    s.add_argument("--json", action="store_true")
+    return ap
+
+
+def _store_url(out: str) -> str:
+    return out if "://" in out else str(Path(out).expanduser().resolve())
+
+
+def _data_spec(spec: str) -> str:
+    """Make local paths absolute (images:DIR too), so a resume from another directory finds the data."""
+    if spec.startswith("images:"):
+        return "images:" + str(Path(spec[len("images:"):]).expanduser().resolve())
+    if spec.startswith("sklearn:") or "://" in spec:
+        return spec
+    root, sep, inner = spec.partition(".zarr/")
+    if sep:
+        return str(Path(root + ".zarr").expanduser().resolve()) + "/" + inner
+    return str(Path(spec).expanduser().resolve())
+
+
+def cmd_extract(a: argparse.Namespace) -> int:
+    from flows.config import build_config
+    from storage import default_shard_size, open_or_create
+    from tasks.sources import open_source
+
+    src = open_source(_data_spec(a.data))
+    src.check_finite()
+    sample_nbytes = 4
+    for n in src.sample_shape:
+        sample_nbytes *= n
+    shard_size = a.shard_size if a.shard_size is not None else default_shard_size(sample_nbytes, len(src))
+    cfg = build_config(source=src, model_spec=a.model, sde_name=a.sde, solver=a.solver, rtol=a.rtol, atol=a.atol,
+                       steps=a.steps, grid=a.grid, t_eps=a.t_eps, shard_size=shard_size,
+                       batch_size=a.batch_size, dtype=a.dtype)
+    _check_run_args(a)
+    url = _store_url(a.out)
+    store = open_or_create(url, config=cfg.to_dict(), n_samples=len(src), sample_shape=tuple(src.sample_shape),
+                           shard_size=shard_size)
+    return _run(store, url, a)
+
+
+def cmd_resume(a: argparse.Namespace) -> int:
+    from flows.config import ExtractConfig
+    from storage import LatentStore
+    from tasks.errors import InputError
+    from tasks.models import model_info
+    from tasks.sources import open_source
+
+    url = _store_url(a.store)
+    store = LatentStore.open(url)
+    cfg = ExtractConfig.from_dict(store.config)
+    src = open_source(cfg.data["spec"])
+    if src.fingerprint() != cfg.data["fingerprint"] or len(src) != cfg.data["n_samples"]:
+        raise InputError(f"the data {cfg.data['spec']} changed since the store was created (fingerprint or length "
+                         f"differs); refusing to resume {url}")
+    info = model_info(cfg.model["spec"], cfg.make_sde())
+    if info.content_hash != cfg.model["content_hash"]:
+        raise InputError(f"the model {cfg.model['spec']} changed since the store was created (content hash "
+                         f"{info.content_hash[:12]} != pinned {cfg.model['content_hash'][:12]}); refusing to resume {url}")
+    _check_run_args(a)
+    return _run(store, url, a)
+
+
+def _check_run_args(a: argparse.Namespace) -> None:
+    from tasks.errors import InputError
+    from tasks.models import resolve_device
+
+    if a.workers < 1:
+        raise InputError(f"--workers must be >= 1; got {a.workers}")
+    if a.retries < 0:
+        raise InputError(f"--retries must be >= 0; got {a.retries}")
+    if not (a.runner in ("local", "dask") or a.runner.startswith("dask://")):
+        raise InputError(f"unknown runner {a.runner!r}; use local, dask or dask://HOST:PORT")
+    resolve_device(a.device)
+
+
+def _run(store, url: str, a: argparse.Namespace) -> int:
+    """Take the store's lock, run the extract flow over pending shards, print the summary."""
+    with store.locked({"command": a.cmd}):
+        pending = store.pending_shards()
+        if not pending:
+            print(f"nothing to do: all {store.n_shards} shards of {url} are done")
+            return EXIT_OK
+        _prefect_env()
+        from flows import extract as ex
+        from tasks.models import resolve_device
+
+        gpu = a.runner.startswith("dask") and resolve_device(a.device).type == "cuda"
+        n_pending = sum(stop - start for start, stop in (store.shard_range(i) for i in pending))
+        with _progress(n_pending, disabled=a.no_progress) as hook:
+            ex.progress_hooks.append(hook)
+            try:
+                flow = ex.extract.with_options(task_runner=ex.make_runner(a.runner, a.workers))
+                summary = flow(store_url=url, shard_ids=pending, device=a.device, retries=a.retries, request_gpu=gpu)
+            except ex.ShardsFailed as e:
+                print(f"pflatents: extraction incomplete: {e}", file=sys.stderr)
+                return EXIT_FAILED
+            finally:
+                ex.progress_hooks.remove(hook)
+    print(f"done: {summary['samples']} samples in {summary['seconds']:.1f} s "
+          f"({summary['samples_per_s']:.0f} samples/s), mean NFE {summary['mean_nfe']:.1f} -> {url}")
+    return EXIT_OK
+
+
+class _progress:
+    """A rich progress bar over samples, fed by the flow's per-shard hook."""
+
+    def __init__(self, total: int, disabled: bool) -> None:
+        self.total, self.disabled = total, disabled
+
+    def __enter__(self):
+        if self.disabled:
+            return lambda n, info: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.p = Progress(TextColumn("encoding"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                          transient=False)
+        self.p.start()
+        self.tid = self.p.add_task("encode", total=self.total)
+        return lambda n, info: self.p.advance(self.tid, n)
+
+    def __exit__(self, *exc) -> None:
+        if not self.disabled:
+            self.p.stop()
+
+
+def cmd_status(a: argparse.Namespace) -> int:
+    from storage import LatentStore
+
+    st = LatentStore.open(_store_url(a.store), mode="r").status()
+    if a.json:
+        print(json.dumps(st, indent=2, default=str))
+        return EXIT_OK
+    print(f"store    {_store_url(a.store)}")
+    print(f"shards   {st['n_shards']}: {st['done']} done, {st['failed']} failed, {st['pending']} pending")
+    for f in st.get("failed_shards", []):
+        print(f"  failed shard {f['id']}: {f['error']}")
+    cfg = st.get("config", {})
+    if cfg:
+        print(f"config   {json.dumps(cfg, default=str)}")
+    return EXIT_OK
+
+
+COMMANDS = {"extract": cmd_extract, "resume": cmd_resume, "status": cmd_status}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from storage.errors import StoreError
+    from tasks.errors import InputError
+
+    try:
+        return COMMANDS[args.cmd](args)
+    except (InputError, StoreError) as e:
+        if args.debug:
+            raise
+        print(f"pflatents: error: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("pflatents: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

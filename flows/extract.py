@@ -1,0 +1,92 @@
+"""The ``extract`` flow: map the integrate task over the store's pending shards (orchestration only).
+
+The store, not Prefect's cache, decides what is done: the caller passes the pending shard ids, each
+task writes and verifies its shard and records it done; failures are recorded per shard here and
+make the flow run FAILED, naming the shard ids.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from typing import Callable
+
+from prefect import flow
+from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.futures import as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from storage import LatentStore
+from tasks.errors import InputError
+from tasks.extract_task import integrate_shard
+
+__all__ = ["extract", "make_runner", "ShardsFailed", "progress_hooks"]
+
+# Callbacks (n_samples_done_in_shard, summary) the CLI registers for its progress bar; process-local.
+progress_hooks: list[Callable[[int, dict], None]] = []
+
+
+class ShardsFailed(RuntimeError):
+    """Some shards failed after their retries; the message names them."""
+
+
+def make_runner(runner: str = "local", workers: int = 1):
+    """local (threads), dask (prefect-dask on a LocalCluster) or dask://HOST:PORT (existing cluster)."""
+    if runner == "local":
+        return ThreadPoolTaskRunner(max_workers=workers)
+    from prefect_dask import DaskTaskRunner
+
+    if runner == "dask":
+        # Process workers each need a Prefect API to report to; without PREFECT_API_URL use threads
+        # (ENVIRONMENT.md: process workers would each start a temporary server).
+        processes = bool(os.environ.get("PREFECT_API_URL"))
+        return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
+                                              "processes": processes, "dashboard_address": ":0"})
+    if runner.startswith("dask://"):
+        return DaskTaskRunner(address="tcp://" + runner.removeprefix("dask://"))
+    raise InputError(f"unknown runner {runner!r}; use local, dask or dask://HOST:PORT")
+
+
+def _gpu_annotation(gpu: bool):
+    if not gpu:
+        return contextlib.nullcontext()
+    import dask
+
+    return dask.annotate(resources={"GPU": 1})
+
+
+@flow(name="extract", persist_result=False, log_prints=True)
+def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries: int = 2,
+            request_gpu: bool = False) -> dict:
+    """Encode the given shards of a store's pinned job; FAILED (naming shard ids) if any shard fails."""
+    store = LatentStore.open(store_url)
+    t0 = time.perf_counter()
+    task = integrate_shard.with_options(retries=retries, retry_delay_seconds=1)
+    with _gpu_annotation(request_gpu):
+        futures = {task.submit(store_url, sid, device): sid for sid in shard_ids}
+    artifact = create_progress_artifact(0.0, description=f"pflatents extract: {len(shard_ids)} shards of {store_url}")
+    done, failures, n_samples, nfe_sum = 0, {}, 0, 0
+    for fut in as_completed(list(futures)):
+        sid = futures[fut]
+        res = fut.result(raise_on_failure=False)
+        if isinstance(res, BaseException):
+            failures[sid] = f"{type(res).__name__}: {res}"
+            store.mark_failed(sid, failures[sid], {"host": socket.gethostname(), "pid": os.getpid()})
+        else:
+            n_samples, nfe_sum = n_samples + res["n"], nfe_sum + res["nfe_sum"]
+        done += 1
+        update_progress_artifact(artifact, 100.0 * done / max(1, len(shard_ids)))
+        for hook in progress_hooks:
+            hook(0 if sid in failures else res["n"], {"shard_id": sid, "failed": sid in failures})
+    wall = time.perf_counter() - t0
+    summary = {"shards": len(shard_ids), "failed_shards": sorted(failures), "samples": n_samples,
+               "seconds": wall, "samples_per_s": n_samples / wall if wall > 0 else 0.0,
+               "mean_nfe": nfe_sum / n_samples if n_samples else 0.0}
+    print(f"extract: {n_samples} samples in {wall:.1f} s ({summary['samples_per_s']:.0f}/s), "
+          f"mean NFE {summary['mean_nfe']:.1f}, {len(failures)} failed shard(s)")
+    if failures:
+        raise ShardsFailed(f"{len(failures)} shard(s) failed: {sorted(failures)}; first error: "
+                           f"{failures[min(failures)]}. Run `pflatents resume {store_url}` to retry them.")
+    return summary

@@ -1,0 +1,359 @@
+"""Dataset sources: read any sample range of a dataset without loading the rest.
+
+Specs accepted by :func:`open_source`:
+
+- ``path/file.npy``: memory-mapped float array ``(N, *sample_shape)``.
+- ``path/store.zarr`` or ``path/store.zarr/inner/array``: a float Zarr array (v2 or v3).
+- ``images:DIR``: 8-bit PNG/JPEG files of one size, sorted by name, as CHW float32 in [-1, 1].
+- ``sklearn:digits``: the 1797 8x8 digits bundled with scikit-learn, flat 64, float32 in [-1, 1].
+
+Pure numpy: zarr, Pillow and scikit-learn are imported only by the sources that need them.
+Quantised sources (``quantization = q``) hold exactly the values ``-1 + 2 k / (q - 1)``,
+``k = 0 .. q-1`` (q = 256 for 8-bit images, 17 for digits); float sources have ``None``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import operator
+import os
+import re
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import DataError
+
+__all__ = ["Source", "ArraySource", "NpySource", "ZarrSource", "ImageSource", "DigitsSource",
+           "open_source"]
+
+MiB = 1 << 20
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
+GRAY_MODES = {"1", "L", "LA"}
+RGB_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
+SPECS_HELP = "expected file.npy, store.zarr[/array], images:DIR or sklearn:digits"
+
+
+class Source(ABC):
+    """A dataset of ``len(source)`` samples of ``sample_shape``, read by index range."""
+
+    spec: str
+    sample_shape: tuple[int, ...]
+    dtype: np.dtype[Any]
+    quantization: int | None = None
+    hash_full_bytes: int = 64 * MiB   # hash every sample below this total size ...
+    hash_block_bytes: int = 4 * MiB   # ... else this many bytes at each of
+    hash_blocks: int = 9              # this many evenly spaced places (first, middle, last incl.)
+
+    @abstractmethod
+    def __len__(self) -> int:
+        """Number of samples N."""
+
+    @abstractmethod
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``[start, stop)`` (range already checked)."""
+
+    def _identity(self) -> list[Any]:
+        """Cheap facts hashed into the fingerprint besides the sample values."""
+        return []
+
+    @property
+    def sample_nbytes(self) -> int:
+        """Bytes of one sample as returned by ``read``."""
+        return int(np.prod(self.sample_shape, dtype=np.int64)) * self.dtype.itemsize
+
+    def read(self, start: int, stop: int) -> np.ndarray:
+        """Samples ``[start, stop)`` as a C-contiguous array ``(stop - start, *sample_shape)``."""
+        start, stop, n = operator.index(start), operator.index(stop), len(self)
+        if not 0 <= start <= stop <= n:
+            raise DataError(f"{self.spec}: cannot read samples [{start}, {stop}): the source has "
+                            f"{n} samples (need 0 <= start <= stop <= {n})")
+        return self._read(start, stop)
+
+    def fingerprint(self) -> str:
+        """blake2b of shape, dtype and the values read (all, or sampled blocks if large).
+
+        Array sources hash content only (the same values as .npy or .zarr hash alike); image
+        sources also hash every file's name and byte size, which catches most edits between
+        sampled blocks at the cost of one stat per file.
+        """
+        h = hashlib.blake2b(digest_size=20)
+        header = [len(self), list(self.sample_shape), self.dtype.str, self.quantization,
+                  *self._identity()]
+        h.update(json.dumps(header).encode())
+        for start, stop in self._hash_ranges():
+            h.update(f"{start}:{stop};".encode())
+            h.update(self.read(start, stop))
+        return "blake2b:" + h.hexdigest()
+
+    def _hash_ranges(self) -> list[tuple[int, int]]:
+        """Sample ranges hashed by ``fingerprint``: all samples, or evenly spaced blocks."""
+        n, rows = len(self), max(1, self.hash_block_bytes // max(1, self.sample_nbytes))
+        if n * self.sample_nbytes <= self.hash_full_bytes or n <= rows * self.hash_blocks:
+            return [(i, min(n, i + rows)) for i in range(0, n, rows)]
+        starts = np.unique(np.linspace(0, n - rows, self.hash_blocks).round().astype(np.int64))
+        return [(int(s), int(s) + rows) for s in starts]
+
+    def check_finite(self, block: int = 65536) -> None:
+        """Scan all samples in blocks; raise ``DataError`` listing the first NaN/Inf samples."""
+        if self.quantization is not None:
+            return  # integer pixels/counts scaled by a constant are always finite
+        rows = max(1, min(block, 64 * MiB // max(1, self.sample_nbytes)))
+        bad: list[int] = []
+        total = 0
+        for start in range(0, len(self), rows):
+            x = self.read(start, min(len(self), start + rows))
+            idx = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) + start
+            total += idx.size
+            bad.extend(int(i) for i in idx[: max(0, 10 - len(bad))])
+        if total:
+            raise DataError(f"{self.spec}: NaN or Inf in {total} samples, first at indices "
+                            f"{', '.join(map(str, bad))}\nremove or fix them before extracting")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        """Pickle as the spec (a memory map must not travel as its whole contents)."""
+        return (open_source, (self.spec,))
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}({self.spec!r}, n={len(self)}, "
+                f"sample_shape={self.sample_shape}, dtype={self.dtype})")
+
+
+def _float_dtype(spec: str, dtype: np.dtype[Any]) -> np.dtype[Any]:
+    """The dtype ``read`` returns for stored ``dtype``; refuse anything but floats."""
+    if dtype.kind == "f" and dtype.itemsize <= 8:
+        return np.dtype(np.float64 if dtype.itemsize == 8 else np.float32)
+    if dtype.kind in "iub":
+        raise DataError(f"{spec}: dtype {dtype} is not accepted: float data (float32/float64) are "
+                        f"required\nintegers are accepted only where the source defines a scale, "
+                        f"e.g. images:DIR (8-bit pixels mapped to [-1, 1])")
+    raise DataError(f"{spec}: dtype {dtype} is not supported; float32 or float64 data required")
+
+
+def _check_shape(spec: str, shape: tuple[int, ...]) -> None:
+    """Refuse arrays with no sample axis, no samples or empty samples."""
+    if len(shape) < 2:
+        raise DataError(f"{spec}: shape {shape} has no sample axis; expected (n_samples, "
+                        f"*sample_shape), e.g. reshape 1-D data to (N, 1)")
+    if shape[0] == 0:
+        raise DataError(f"{spec} is empty: shape {shape} holds no samples")
+    if 0 in shape[1:]:
+        raise DataError(f"{spec}: samples of shape {shape[1:]} hold no values")
+
+
+class ArraySource(Source):
+    """A source backed by an array-like indexable by sample range (memmap, zarr, ndarray)."""
+
+    def __init__(self, spec: str, array: Any, identity: list[Any] | None = None,
+                 quantization: int | None = None) -> None:
+        shape = tuple(int(d) for d in array.shape)
+        _check_shape(spec, shape)
+        self.spec, self._array, self._ident = spec, array, list(identity or [])
+        self.dtype = _float_dtype(spec, np.dtype(array.dtype))
+        self.sample_shape, self.quantization = shape[1:], quantization
+
+    def __len__(self) -> int:
+        """Number of samples N."""
+        return int(self._array.shape[0])
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Copy samples ``[start, stop)`` into memory as native ``self.dtype``."""
+        return np.array(self._array[start:stop], dtype=self.dtype, order="C")
+
+    def _identity(self) -> list[Any]:
+        """Source-specific facts given at construction."""
+        return self._ident
+
+
+class NpySource(ArraySource):
+    """A ``.npy`` file, memory-mapped read-only (never loaded whole)."""
+
+    def __init__(self, spec: str) -> None:
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        shape, dtype = _npy_header(path)
+        _check_shape(spec, shape)
+        _float_dtype(spec, dtype)
+        try:
+            array = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot memory-map {path}: {exc}") from exc
+        super().__init__(spec, array)
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype of a ``.npy`` file, read without touching the data."""
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version == (1, 0):
+                shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+            else:
+                shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+            return tuple(shape), np.dtype(dtype)
+    except (OSError, ValueError, EOFError) as exc:
+        raise DataError(f"cannot read {path} as a .npy file: {exc}") from exc
+
+
+class ZarrSource(ArraySource):
+    """A float array in a Zarr store: ``store.zarr`` or ``store.zarr/inner/path``."""
+
+    def __init__(self, spec: str, root: str, inner: str) -> None:
+        import zarr
+
+        if "://" not in root and not Path(root).expanduser().exists():
+            raise DataError(f"zarr store not found: {root}")
+        try:
+            node = zarr.open(str(Path(root).expanduser()) if "://" not in root else root,
+                             mode="r")
+        except Exception as exc:  # zarr raises several types for unreadable stores
+            raise DataError(f"cannot open {root} as a zarr store: {exc}") from exc
+        array = _zarr_array(spec, root, inner, node)
+        super().__init__(spec, array)
+
+
+def _zarr_array(spec: str, root: str, inner: str, node: Any) -> Any:
+    """The array at ``inner`` under ``node``, or a DataError naming the arrays there."""
+    import zarr
+
+    if inner:
+        if not isinstance(node, zarr.Group) or inner not in node:
+            raise DataError(f"{spec}: no array '{inner}' in zarr store {root}")
+        node = node[inner]
+    if isinstance(node, zarr.Group):
+        names = sorted(p for p, m in node.members(max_depth=None) if isinstance(m, zarr.Array))
+        base = spec.rstrip("/")
+        hint = f"name one: {', '.join(f'{base}/{n}' for n in names[:10])}" if names else (
+            "it holds no arrays")
+        raise DataError(f"{spec} is a zarr group, not an array; {hint}")
+    return node
+
+
+class ImageSource(Source):
+    """8-bit PNG/JPEG images of one size in a directory, as CHW float32 in [-1, 1]."""
+
+    quantization = 256
+
+    def __init__(self, spec: str, directory: str) -> None:
+        root = Path(directory).expanduser()
+        if not root.is_dir():
+            raise DataError(f"image directory not found: {root}")
+        self.files = sorted((p for p in root.iterdir()
+                             if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()),
+                            key=lambda p: p.name)
+        if not self.files:
+            raise DataError(f"no PNG/JPEG images in {root}")
+        self.spec, self.dtype = spec, np.dtype(np.float32)
+        (w, h), channels = _probe(self.files[0])
+        self.size, self.mode = (w, h), "L" if channels == 1 else "RGB"
+        self.sample_shape = (channels, h, w)
+        for path in self.files[1:]:
+            self._check_image(path, *_probe(path))
+
+    def __len__(self) -> int:
+        """Number of images."""
+        return len(self.files)
+
+    def _check_image(self, path: Path, size: tuple[int, int], channels: int) -> None:
+        """Refuse an image whose size or channel count differs from the first image's."""
+        first = self.files[0].name
+        if size != self.size:
+            raise DataError(f"{path} is {size[0]}x{size[1]} pixels, but {first} (and the images "
+                            f"before it) are {self.size[0]}x{self.size[1]}; all images must "
+                            f"have one size")
+        if channels != self.sample_shape[0]:
+            raise DataError(f"{path} has {channels} channel(s), but {first} has "
+                            f"{self.sample_shape[0]}; use all grayscale or all RGB images")
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Decode images ``[start, stop)`` to CHW float32 ``k / 127.5 - 1``."""
+        from PIL import Image
+
+        out = np.empty((stop - start, *self.sample_shape), dtype=np.float32)
+        for i, path in enumerate(self.files[start:stop]):
+            with Image.open(path) as im:
+                self._check_image(path, im.size, _channels(path, im.mode))
+                pixels = np.asarray(im.convert(self.mode), dtype=np.uint8)
+            pixels = pixels[None] if pixels.ndim == 2 else pixels.transpose(2, 0, 1)
+            out[i] = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)
+        return out
+
+    def _identity(self) -> list[Any]:
+        """Names and byte sizes of all image files (cheap: one stat each)."""
+        return ["images", [[p.name, p.stat().st_size] for p in self.files]]
+
+
+def _channels(path: Path, mode: str) -> int:
+    """Channels an 8-bit image mode maps to (1 gray, 3 RGB; alpha dropped)."""
+    if mode in GRAY_MODES:
+        return 1
+    if mode in RGB_MODES:
+        return 3
+    raise DataError(f"{path} has pixel mode {mode}; only 8-bit grayscale or RGB(A) images "
+                    f"are supported")
+
+
+def _probe(path: Path) -> tuple[tuple[int, int], int]:
+    """(width, height) and channel count of an image, from its header only."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            return im.size, _channels(path, im.mode)
+    except (OSError, UnidentifiedImageError) as exc:
+        raise DataError(f"cannot read image {path}: {exc}") from exc
+
+
+class DigitsSource(ArraySource):
+    """scikit-learn's bundled 8x8 digits: 1797 x 64, values 0..16 scaled to ``x / 8 - 1``."""
+
+    def __init__(self, spec: str) -> None:
+        from sklearn.datasets import load_digits
+
+        x = load_digits().data.astype(np.float32) / np.float32(8) - np.float32(1)
+        super().__init__(spec, x, quantization=17)
+
+
+def _split_zarr(spec: str) -> tuple[str, str] | None:
+    """``(store root, inner path)`` if a path component ends in ``.zarr``, else None."""
+    parts = spec.rstrip("/").split("/")
+    for i, part in enumerate(parts):
+        if part.endswith(".zarr") and len(part) > len(".zarr"):
+            return "/".join(parts[: i + 1]), "/".join(parts[i + 1:])
+    return None
+
+
+def _is_zarr_dir(path: Path) -> bool:
+    """True if ``path`` is a directory holding zarr metadata (v2 or v3)."""
+    return any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
+
+
+def open_source(spec: str | os.PathLike[str]) -> Source:
+    """Open a dataset source from its spec (see the module docstring).
+
+    Raises:
+        DataError: unknown spec, missing/unreadable file, empty data, non-float dtype.
+    """
+    text = os.fspath(spec)
+    if text.startswith("images:"):
+        return ImageSource(text, text[len("images:"):])
+    if text.startswith("sklearn:"):
+        if text != "sklearn:digits":
+            raise DataError(f"unknown scikit-learn dataset {text!r}; only sklearn:digits is bundled")
+        return DigitsSource(text)
+    prefix = re.match(r"^([A-Za-z][\w+.-]*):(?!//)", text)
+    if prefix and not Path(text).exists():
+        raise DataError(f"unknown data source prefix '{prefix.group(1)}:' in {text!r}; "
+                        f"{SPECS_HELP}")
+    zarr_parts = _split_zarr(text)
+    if zarr_parts is not None:
+        return ZarrSource(text, *zarr_parts)
+    if text.endswith(".npy"):
+        return NpySource(text)
+    if Path(text).is_dir() and _is_zarr_dir(Path(text)):
+        return ZarrSource(text, text, "")
+    raise DataError(f"cannot tell what kind of data {text!r} is; {SPECS_HELP}")

@@ -1,0 +1,95 @@
+"""Test set-up: hermetic Prefect (temp PREFECT_HOME, analytics off) and one real Prefect server.
+
+The environment is set here, at the top, before anything imports prefect. Tests that run flows
+in-process or as CLI subprocesses share one real ``prefect server start`` on a free loopback port,
+started lazily the first time a test asks for it and stopped (by PID) at the end of the session.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+_HOME = tempfile.mkdtemp(prefix="pflatents-prefect-")
+for _var in ("PREFECT_API_URL", "PREFECT_PROFILE", "PREFECT_API_KEY"):
+    os.environ.pop(_var, None)
+os.environ.update({
+    "PREFECT_HOME": _HOME,
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "DO_NOT_TRACK": "1",
+    "PREFECT_SERVER_UI_ENABLED": "false",
+    "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
+    "PREFECT_LOGGING_LEVEL": "WARNING",
+})
+
+import pytest  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    """A free TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll url until it answers 200, the process dies, or the timeout passes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout} s")
+
+
+@pytest.fixture(scope="session")
+def prefect_server():
+    """A real `prefect server start` on a free loopback port; yields its API URL."""
+    port = free_port()
+    log = open(Path(_HOME) / "server.log", "w")
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            stdout=log, stderr=subprocess.STDOUT, env=os.environ.copy(), start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    try:
+        wait_http(url + "/health", 180, proc)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+@pytest.fixture
+def prefect_api(prefect_server):
+    """Point this process's Prefect client at the session server for one test."""
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+
+    with temporary_settings(updates={PREFECT_API_URL: prefect_server}):
+        yield prefect_server
+
+
+@pytest.fixture
+def cli_env(prefect_server):
+    """Environment for `pflatents` subprocesses: the session's Prefect server, quiet logs."""
+    env = os.environ.copy()
+    env["PREFECT_API_URL"] = prefect_server
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
