@@ -7,7 +7,9 @@ exit 2; a job with failed shards exits 1 naming them; ``--debug`` shows tracebac
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import shutil
 import os
 import sys
 from pathlib import Path
@@ -96,9 +98,12 @@ def cmd_extract(a: argparse.Namespace) -> int:
                        batch_size=a.batch_size, dtype=a.dtype)
     _check_run_args(a)
     url = _store_url(a.out)
-    store = open_or_create(url, config=cfg.to_dict(), n_samples=len(src), sample_shape=tuple(src.sample_shape),
-                           shard_size=shard_size)
-    return _run(store, url, a)
+
+    def make_store():
+        return open_or_create(url, config=cfg.to_dict(), n_samples=len(src), sample_shape=tuple(src.sample_shape),
+                              shard_size=shard_size)
+
+    return _run(make_store, url, a)
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
@@ -120,7 +125,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
         raise InputError(f"the model {cfg.model['spec']} changed since the store was created (content hash "
                          f"{info.content_hash[:12]} != pinned {cfg.model['content_hash'][:12]}); refusing to resume {url}")
     _check_run_args(a)
-    return _run(store, url, a)
+    return _run(lambda: LatentStore.open(url), url, a)
 
 
 def _check_run_args(a: argparse.Namespace) -> None:
@@ -136,21 +141,49 @@ def _check_run_args(a: argparse.Namespace) -> None:
     resolve_device(a.device)
 
 
-def _run(store, url: str, a: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _locked(make_store, url: str, owner: dict):
+    """Open (or create) the store under its lock. A store that does not exist yet is locked before it is
+    created, so two processes started at once cannot both create it; one refuses with a clear message."""
+    from storage import store_lock
+
+    absent = "://" not in url and not Path(url).exists()
+    if absent:
+        lock = store_lock(url)
+        lock.acquire(owner)
+        try:
+            store = make_store()
+        except BaseException:
+            lock.release()
+            if Path(url).is_dir() and not any(p for p in Path(url).rglob("*") if p.is_file()):
+                shutil.rmtree(url, ignore_errors=True)  # leave nothing behind on a refused create
+            raise
+    else:
+        store = make_store()
+        lock = store_lock(url)
+        lock.acquire(owner)
+    try:
+        yield store
+    finally:
+        lock.release()
+
+
+def _run(make_store, url: str, a: argparse.Namespace) -> int:
     """Take the store's lock, run the extract flow over pending shards, print the summary."""
-    with store.locked({"command": a.cmd}):
+    with _locked(make_store, url, {"command": a.cmd}) as store:
         pending = store.pending_shards()
         if not pending:
             print(f"nothing to do: all {store.n_shards} shards of {url} are done")
             return EXIT_OK
         _prefect_env()
         from flows import extract as ex
+        from flows import progress
         from tasks.models import resolve_device
 
         gpu = a.runner.startswith("dask") and resolve_device(a.device).type == "cuda"
         n_pending = sum(stop - start for start, stop in (store.shard_range(i) for i in pending))
         with _progress(n_pending, disabled=a.no_progress) as hook:
-            ex.progress_hooks.append(hook)
+            progress.hooks.append(hook)
             try:
                 flow = ex.extract.with_options(task_runner=ex.make_runner(a.runner, a.workers))
                 summary = flow(store_url=url, shard_ids=pending, device=a.device, retries=a.retries, request_gpu=gpu)
@@ -158,7 +191,7 @@ def _run(store, url: str, a: argparse.Namespace) -> int:
                 print(f"pflatents: extraction incomplete: {e}", file=sys.stderr)
                 return EXIT_FAILED
             finally:
-                ex.progress_hooks.remove(hook)
+                progress.hooks.remove(hook)
     print(f"done: {summary['samples']} samples in {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']:.0f} samples/s), mean NFE {summary['mean_nfe']:.1f} -> {url}")
     return EXIT_OK

@@ -11,32 +11,52 @@ import contextlib
 import os
 import socket
 import time
-from typing import Callable
-
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from flows import progress
 from storage import LatentStore
 from tasks.errors import InputError
 from tasks.extract_task import integrate_shard
 
-__all__ = ["extract", "make_runner", "ShardsFailed", "progress_hooks"]
+__all__ = ["extract", "make_runner", "ShardsFailed"]
 
-# Callbacks (n_samples_done_in_shard, summary) the CLI registers for its progress bar; process-local.
-progress_hooks: list[Callable[[int, dict], None]] = []
 
 
 class ShardsFailed(RuntimeError):
     """Some shards failed after their retries; the message names them."""
 
 
+def _dask_runner_class():
+    from prefect_dask import DaskTaskRunner
+
+    class PicklableDaskTaskRunner(DaskTaskRunner):
+        """DaskTaskRunner that pickles as its settings only.
+
+        Prefect ships the flow (and so its task runner) to workers in the run context; a started
+        runner holds a live client with locks and cannot be pickled. Workers never use it.
+        """
+
+        def __reduce__(self):
+            return (_rebuild_dask_runner, (self.address, self.cluster_kwargs, self.client_kwargs))
+
+    return PicklableDaskTaskRunner
+
+
+def _rebuild_dask_runner(address, cluster_kwargs, client_kwargs):
+    cls = _dask_runner_class()
+    if address:
+        return cls(address=address, client_kwargs=client_kwargs)
+    return cls(cluster_kwargs=cluster_kwargs, client_kwargs=client_kwargs)
+
+
 def make_runner(runner: str = "local", workers: int = 1):
     """local (threads), dask (prefect-dask on a LocalCluster) or dask://HOST:PORT (existing cluster)."""
     if runner == "local":
         return ThreadPoolTaskRunner(max_workers=workers)
-    from prefect_dask import DaskTaskRunner
+    DaskTaskRunner = _dask_runner_class()
 
     if runner == "dask":
         # Process workers each need a Prefect API to report to; without PREFECT_API_URL use threads
@@ -78,7 +98,7 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
             n_samples, nfe_sum = n_samples + res["n"], nfe_sum + res["nfe_sum"]
         done += 1
         update_progress_artifact(artifact, 100.0 * done / max(1, len(shard_ids)))
-        for hook in progress_hooks:
+        for hook in progress.hooks:
             hook(0 if sid in failures else res["n"], {"shard_id": sid, "failed": sid in failures})
     wall = time.perf_counter() - t0
     summary = {"shards": len(shard_ids), "failed_shards": sorted(failures), "samples": n_samples,

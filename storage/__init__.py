@@ -18,6 +18,7 @@ from storage.store import (
     dimension_names,
     open_or_create,
     plan_shards,
+    store_lock,
 )
 
 __all__ = [
@@ -36,5 +37,6 @@ __all__ = [
     "dimension_names",
     "open_or_create",
     "plan_shards",
+    "store_lock",
     "to_json",
 ]

@@ -1,4 +1,4 @@
-"""Plain-JSON conversion, canonical config hashing and config diffs for the store's pinned config."""
+"""Plain-JSON conversion, canonical hashing and field diffs of the store's pinned config."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from storage.config import to_json
-from storage.errors import StoreLockedError
+from storage.errors import StoreError, StoreLockedError
 
 __all__ = ["StoreLock", "pid_alive"]
 
@@ -94,7 +94,11 @@ class StoreLock:
         """Take the lock or raise ``StoreLockedError`` naming the live holder."""
         record = self._record(owner)
         for _ in range(5):
-            if self._create(json.dumps(record)):
+            try:
+                created = self._create(json.dumps(record))
+            except OSError as e:
+                raise StoreError(f"cannot write the store lock {self.path}: {e.strerror or e}") from None
+            if created:
                 self.token = record["token"]
                 return record
             text = self._read()
@@ -104,7 +108,8 @@ class StoreLock:
             if holder is not None and not self._stale(holder):
                 raise StoreLockedError(self._message(holder))
             self._take_over(text)
-        raise StoreLockedError(f"could not take the store lock {self.path}: other processes race for it")
+        raise StoreLockedError(f"could not take the store lock {self.path}: "
+                               f"other processes race for it")
 
     def release(self) -> None:
         """Release the lock if this object still holds it (no-op otherwise)."""

@@ -3,9 +3,12 @@
 Layout::
 
     <store>/zarr.json            group attrs "pflatents": format version, config, hash, versions...
-    <store>/latents              float32 (N, *sample_shape), chunks (shard_size, *sample_shape), zstd
+    <store>/latents              float32 (N, *sample_shape), chunks (shard_size, *sample_shape)
     <store>/nfe                  int32 (N,), chunks (shard_size,)
-    <store>/shards/<id:06d>      one child group per shard; its attrs are the shard record
+    <store>/shards/<id:06d>      one child group per shard; its attrs are the shard record:
+                                 "writing" (chunk being written), "done" (verified) or "failed";
+                                 no record = pending. Each record is its own zarr.json, replaced
+                                 atomically (temp file + rename; one PUT on object stores)
     <store>/lock/owner.json      the store lock while an extract runs
 
 Each shard owns whole storage objects (its latents chunk, its nfe chunk, its record), so shards are
@@ -51,12 +54,14 @@ __all__ = [
     "dimension_names",
     "open_or_create",
     "plan_shards",
+    "store_lock",
 ]
 
 FORMAT_VERSION = 1
 ATTR = "pflatents"
 INCOMPLETE_ATTR = "pflatents_incomplete"
 MiB = 1 << 20
+PAUSE_ENV = "PFLATENTS_PAUSE_IN_WRITE"  # test hook: seconds to sleep after the latents write
 
 
 def _now() -> str:
@@ -293,7 +298,7 @@ class LatentStore:
                 "n_shards": len(plan_shards(int(n_samples), int(shard_size)))}
         try:
             group = _build(loc, meta, incomplete=kind == "incomplete")
-        except (OSError, PermissionError) as exc:
+        except OSError as exc:
             raise StoreError(f"cannot write a store at {loc.url}: {exc}") from exc
         return cls(loc, group, read_only=False)
 
@@ -431,18 +436,15 @@ class LatentStore:
         expected = checksum(x, n)
         t0 = time.perf_counter()
         self._latents[i0:i1] = x
+        _test_pause()
         self._nfe[i0:i1] = n
         t1 = time.perf_counter()
         problem = self._check_chunk(i0, i1, expected)
         if problem:
             raise ShardVerifyError(f"shard {shard_id} (samples {i0}..{i1 - 1}) failed "
                                    f"read-back verification: {problem}; not marked done")
-        timings = {**dict((info or {}).get("timings") or {}),
-                   "write_s": t1 - t0, "verify_s": time.perf_counter() - t1}
-        record = {**to_json(dict(info or {}), "info"), **self._base_record(shard_id),
-                  "state": "done", "error": None, "checksum": expected,
-                  "timings": to_json(timings, "timings")}
-        record.setdefault("device", None)
+        timings = {"write_s": t1 - t0, "verify_s": time.perf_counter() - t1}
+        record = self._record(shard_id, "done", None, expected, info, timings)
         self._put_record(shard_id, record)
         return record
 
@@ -450,10 +452,7 @@ class LatentStore:
                     ) -> dict[str, Any]:
         """Record shard ``shard_id`` as failed with ``error`` (its data is left as it is)."""
         self._check_writable()
-        record = {**to_json(dict(info or {}), "info"), **self._base_record(shard_id),
-                  "state": "failed", "error": str(error)[:4000], "checksum": None}
-        record.setdefault("timings", {})
-        record.setdefault("device", None)
+        record = self._record(shard_id, "failed", str(error)[:4000], None, info, {})
         self._put_record(shard_id, record)
         return record
 
@@ -536,6 +535,14 @@ class LatentStore:
         return {"start": i0, "stop": i1, "host": socket.gethostname(), "pid": os.getpid(),
                 "finished": _now()}
 
+    def _record(self, shard_id: int, state: str, error: str | None, digest: str | None,
+                info: Mapping[str, Any] | None, timings: dict[str, float]) -> dict[str, Any]:
+        """A final shard record: the caller's ``info`` (device, timings, ...) plus our fields."""
+        extra = to_json(dict(info or {}), "info")
+        timings = {**(extra.get("timings") or {}), **timings}
+        return {"device": None, **extra, **self._base_record(shard_id), "state": state,
+                "error": error, "checksum": digest, "timings": to_json(timings, "timings")}
+
     def _put_record(self, shard_id: int, record: dict[str, Any]) -> None:
         """Replace the record of one shard: its own group ``zarr.json``, written atomically."""
         node = {"zarr_format": 3, "node_type": "group", "attributes": record}
@@ -575,6 +582,13 @@ class LatentStore:
             return f"NaN/Inf at samples {_first(bad + i0)}"
         got = checksum(np.asarray(x), np.asarray(n))
         return None if got == expected else f"checksum {got} != recorded {expected}"
+
+
+def _test_pause() -> None:
+    """Sleep ``$PFLATENTS_PAUSE_IN_WRITE`` seconds: kill tests aim at a half-written shard."""
+    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def _record_key(shard_id: int) -> str:
@@ -628,6 +642,12 @@ def _build(loc: _Location, meta: dict[str, Any], incomplete: bool) -> zarr.Group
         root.create_group("lock")
     root.attrs.put({ATTR: meta})
     return root
+
+
+def store_lock(url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+               ) -> StoreLock:
+    """The lock of the store at ``url``; usable before the store exists (create tolerates it)."""
+    return _Location.parse(url, storage_options).new_lock()
 
 
 def open_or_create(url: str | os.PathLike[str], *, config: Mapping[str, Any], n_samples: int,

@@ -160,19 +160,24 @@ def rademacher(sample_index: torch.Tensor, dim: int, seed: int) -> torch.Tensor:
     return torch.from_numpy(np.where(z >> np.uint64(63), 1.0, -1.0))
 
 
-def _augment(F: Callable, probes: torch.Tensor | None, m: int) -> Callable:
-    """Augmented ODE [dx/ds, div_x(dx/ds)]: Hutchinson with fixed probes, or the exact trace if probes is None."""
+def _augment(F: Callable, hutchinson: bool, m: int) -> Callable:
+    """Augmented ODE [dx/ds, div_x(dx/ds)(, de/ds = 0)]: Hutchinson with probes e, or the exact trace.
+
+    The probes ride along in the state (columns m+1:, zero derivative) because the adaptive solver
+    passes only its still-active rows to G: each row must carry its own sample's probe.
+    """
 
     def G(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
         with torch.enable_grad():
             x = y[:, :m].detach().requires_grad_(True)
             v = F(x, s)
-            if probes is None:
+            if not hutchinson:
                 div = sum(torch.autograd.grad(v[:, j].sum(), x, retain_graph=j < m - 1)[0][:, j] for j in range(m))
             else:
-                e = probes.to(y)
+                e = y[:, m + 1:]
                 div = (torch.autograd.grad(v, x, e)[0] * e).sum(1)
-        return torch.cat([v.detach(), div.detach()[:, None]], dim=1)
+        parts = [v.detach(), div.detach()[:, None]] + ([torch.zeros_like(e)] if hutchinson else [])
+        return torch.cat(parts, dim=1)
 
     return G
 
@@ -197,9 +202,11 @@ def integrate(model: ScoreModel, sde: SDE, x: torch.Tensor, t_start: float, t_en
         if likelihood not in ("hutchinson", "exact"):
             raise SolverError(f"likelihood must be 'hutchinson' or 'exact'; got {likelihood!r}")
         idx = sample_index if sample_index is not None else torch.arange(b)
-        probes = rademacher(idx, m, seed) if likelihood == "hutchinson" else None
-        F = _augment(F, probes, m)
-        y0 = torch.cat([y0, torch.zeros(b, 1, dtype=x.dtype, device=x.device)], dim=1)
+        F = _augment(F, likelihood == "hutchinson", m)
+        parts = [y0, torch.zeros(b, 1, dtype=x.dtype, device=x.device)]
+        if likelihood == "hutchinson":
+            parts.append(rademacher(idx, m, seed).to(dtype=x.dtype, device=x.device))
+        y0 = torch.cat(parts, dim=1)
     s_start = sde.s_of_t(torch.tensor(t_start, dtype=F64)).item()
     s_end = sde.s_of_t(torch.tensor(t_end, dtype=F64)).item()
     ctx = torch.no_grad() if likelihood is not None else torch.inference_mode()

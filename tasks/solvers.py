@@ -164,7 +164,9 @@ def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor
     dmax = torch.maximum(d1, d2)
     h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                      (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / (order + 1)))
-    return torch.minimum(torch.minimum(100 * h0, h1), span)
+    h = torch.minimum(torch.minimum(100 * h0, h1), span)
+    # a non-finite probe F(y1) says nothing about the scale: start from h0 and let rejections shrink it
+    return torch.where(torch.isfinite(h), h, h0)
 
 
 def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, ctl: Control,
@@ -187,7 +189,9 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
     err_old = torch.full((b,), 1e-4, dtype=F64, device=dev)
     steps = torch.zeros(b, dtype=torch.int64, device=dev)
     status = torch.zeros(b, dtype=torch.int8, device=dev)
-    active = span > 0
+    start_bad = ~torch.isfinite(k0).all(1)  # non-finite at the start: no step can be accepted
+    status[start_bad] = NONFINITE
+    active = (span > 0) & ~start_bad
     expo = 1.0 / (tab.order) - 0.75 * ctl.beta  # Hairer: 0.2 - 0.75 beta for order 5
     while True:
         idx = torch.nonzero(active).squeeze(1)

@@ -343,7 +343,8 @@ def open_source(spec: str | os.PathLike[str]) -> Source:
         return ImageSource(text, text[len("images:"):])
     if text.startswith("sklearn:"):
         if text != "sklearn:digits":
-            raise DataError(f"unknown scikit-learn dataset {text!r}; only sklearn:digits is bundled")
+            raise DataError(f"unknown scikit-learn dataset {text!r}; "
+                            f"only sklearn:digits is bundled")
         return DigitsSource(text)
     prefix = re.match(r"^([A-Za-z][\w+.-]*):(?!//)", text)
     if prefix and not Path(text).exists():

@@ -1,0 +1,453 @@
+"""The Zarr v3 latent store on real disk: layout, config pinning, shard writes, verify, lock."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import pytest
+import xarray as xr
+import zarr
+
+from storage import (
+    ConfigMismatchError,
+    LatentStore,
+    NotAStoreError,
+    ShardVerifyError,
+    StoreError,
+    StoreLock,
+    StoreLockedError,
+    config_hash,
+    default_shard_size,
+    open_or_create,
+    plan_shards,
+    store_lock,
+)
+from store_workers import hold_lock, shard_data, write_shards
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = {"data": {"spec": "x.npy", "fingerprint": "blake2b:ab"},
+          "solver": {"name": "dopri5", "rtol": 1e-5, "atol": 1e-5}, "t_eps": 1e-5}
+
+
+def _make(path: Path, n: int = 10, shape: tuple[int, ...] = (4,), shard: int = 4,
+          config: dict | None = None) -> LatentStore:
+    """Create a store at ``path``."""
+    return LatentStore.create(path, config=config or CONFIG, n_samples=n, sample_shape=shape,
+                              shard_size=shard)
+
+
+def _tree_digest(root: Path) -> str:
+    """Hash of every file's path, bytes and mtime under ``root``."""
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(f"{p.relative_to(root)}:{p.stat().st_mtime_ns}".encode() + p.read_bytes())
+    return h.hexdigest()
+
+
+# ---- layout ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("shape", "dims"), [
+    ((64,), ("sample", "dim")),
+    ((3, 8, 8), ("sample", "channel", "height", "width")),
+    ((2, 5), ("sample", "dim_0", "dim_1"))])
+def test_create_layout(tmp_path: Path, shape: tuple[int, ...], dims: tuple[str, ...]) -> None:
+    store = _make(tmp_path / "s.zarr", n=10, shape=shape, shard=4)
+    group = zarr.open_group(tmp_path / "s.zarr", mode="r", zarr_format=3)
+    lat, nfe = group["latents"], group["nfe"]
+    assert lat.shape == (10, *shape) and lat.dtype == np.float32 and lat.chunks == (4, *shape)
+    assert lat.metadata.dimension_names == dims and lat.shards is None
+    (codec,) = lat.compressors
+    assert isinstance(codec, zarr.codecs.ZstdCodec) and codec.level == 3
+    assert nfe.shape == (10,) and nfe.dtype == np.int32 and nfe.chunks == (4,)
+    assert nfe.metadata.dimension_names == ("sample",)
+    meta = group.attrs["pflatents"]
+    assert meta["format_version"] == 1 and meta["config"] == CONFIG
+    assert meta["config_hash"] == config_hash(CONFIG) == store.config_hash
+    assert {"zarr", "numpy", "python"} <= set(meta["versions"])
+    assert (meta["n_samples"], meta["sample_shape"], meta["shard_size"], meta["n_shards"]) == (
+        10, list(shape), 4, 3)
+    assert store.pending_shards() == [0, 1, 2]
+
+
+def test_config_json_and_hash() -> None:
+    np_config = {"t_eps": np.float64(1e-5), "steps": np.int64(8), "shape": (3, np.int32(8)),
+                 "flag": np.bool_(True), "nested": {"b": 2, "a": [np.float32(0.5)]}}
+    plain = {"nested": {"a": [0.5], "b": 2}, "flag": True, "shape": [3, 8], "steps": 8,
+             "t_eps": 1e-5}
+    assert config_hash(np_config) == config_hash(plain)
+    assert config_hash(plain) != config_hash({**plain, "steps": 9})
+    store_config = json.loads(json.dumps(plain))
+    assert config_hash(store_config) == config_hash(plain)
+    with pytest.raises(StoreError, match=r"config\.bad has a object value"):
+        config_hash({"bad": object()})
+
+
+def test_config_numpy_scalars_written_as_plain_json(tmp_path: Path) -> None:
+    _make(tmp_path / "s.zarr", config={"rtol": np.float32(0.25), "n": np.int64(3)})
+    meta = json.loads((tmp_path / "s.zarr" / "zarr.json").read_text())["attributes"]
+    assert meta["pflatents"]["config"] == {"rtol": 0.25, "n": 3}
+
+
+# ---- open / open_or_create ------------------------------------------------------------------
+
+
+def test_open_or_create_same_config_continues(tmp_path: Path) -> None:
+    store = open_or_create(tmp_path / "s.zarr", config=CONFIG, n_samples=10, sample_shape=(4,),
+                           shard_size=4)
+    store.write_shard(1, *shard_data(store, 1))
+    again = open_or_create(tmp_path / "s.zarr", config=json.loads(json.dumps(CONFIG)),
+                           n_samples=10, sample_shape=(4,), shard_size=4)
+    assert again.pending_shards() == [0, 2] and again.verify_shard(1)
+
+
+def test_open_or_create_different_config_refused_untouched(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path)
+    store.write_shard(0, *shard_data(store, 0))
+    before = _tree_digest(path)
+    new = {**CONFIG, "solver": {**CONFIG["solver"], "rtol": 1e-3},
+           "data": {**CONFIG["data"], "fingerprint": "blake2b:cd"}}
+    with pytest.raises(ConfigMismatchError) as err:
+        open_or_create(path, config=new, n_samples=12, sample_shape=(4,), shard_size=4)
+    text = str(err.value)
+    assert "config.solver.rtol: stored 1e-05, new 0.001" in text
+    assert "config.data.fingerprint: stored 'blake2b:ab', new 'blake2b:cd'" in text
+    assert "n_samples: stored 10, new 12" in text and str(path) in text
+    assert len(err.value.differences) == 3 and "config.t_eps" not in text
+    assert _tree_digest(path) == before
+
+
+def test_refuses_what_is_not_a_store(tmp_path: Path) -> None:
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(NotAStoreError, match=f"{other} exists and is not a pflatents store"):
+        _make(other)
+    with pytest.raises(NotAStoreError, match=f"{other} exists and is not a pflatents store"):
+        open_or_create(other, config=CONFIG, n_samples=10, sample_shape=(4,), shard_size=4)
+    plain = tmp_path / "plain.zarr"
+    zarr.open_group(plain, mode="w", zarr_format=3).attrs["x"] = 1
+    with pytest.raises(NotAStoreError, match="not a pflatents store"):
+        LatentStore.open(plain)
+    with pytest.raises(NotAStoreError, match="no pflatents store at"):
+        LatentStore.open(tmp_path / "absent.zarr")
+    assert (other / "notes.txt").read_text() == "mine" and sorted(os.listdir(other)) == [
+        "notes.txt"]
+
+
+def test_existing_store_and_unwritable_path(tmp_path: Path) -> None:
+    _make(tmp_path / "s.zarr")
+    with pytest.raises(StoreError, match="already exists"):
+        _make(tmp_path / "s.zarr")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(StoreError, match=f"cannot write a store at {tmp_path}/file/s.zarr"):
+        _make(tmp_path / "file" / "s.zarr")
+
+
+def test_interrupted_creation_is_recreated(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path, shard=4)
+    store.write_shard(0, *shard_data(store, 0))
+    group = zarr.open_group(path, mode="r+", zarr_format=3)
+    group.attrs.put({"pflatents_incomplete": {"pid": 1}})  # as if killed before the last step
+    with pytest.raises(NotAStoreError, match="incomplete pflatents store"):
+        LatentStore.open(path)
+    fresh = open_or_create(path, config=CONFIG, n_samples=10, sample_shape=(4,), shard_size=5)
+    assert fresh.shard_size == 5 and fresh.shard_records() == {} and fresh.n_shards == 2
+    assert LatentStore.open(path, mode="r").latents_array().chunks == (5, 4)
+
+
+def test_read_only_refuses_writes(tmp_path: Path) -> None:
+    store = _make(tmp_path / "s.zarr")
+    ro = LatentStore.open(tmp_path / "s.zarr", mode="r")
+    with pytest.raises(StoreError, match="opened read-only"):
+        ro.write_shard(0, *shard_data(store, 0))
+
+
+# ---- planning -------------------------------------------------------------------------------
+
+
+def test_plan_shards() -> None:
+    assert plan_shards(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert plan_shards(8, 4) == [(0, 4), (4, 8)] and plan_shards(3, 10) == [(0, 3)]
+    ranges = plan_shards(1797, 100)
+    assert ranges[0][0] == 0 and ranges[-1][1] == 1797
+    assert all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    with pytest.raises(StoreError):
+        plan_shards(10, 0)
+
+
+def test_default_shard_size_by_bytes() -> None:
+    assert default_shard_size(256) == 32768  # 64 float32: 8 MiB chunks
+    assert default_shard_size(256, n_samples=1797) == 1797
+    assert default_shard_size(4 * 3 * 64 * 64) == 128  # 170 rounded down to a multiple of 64
+    assert default_shard_size(40 << 20) == 1
+    assert default_shard_size(256, target_bytes=1 << 20) * 256 == 1 << 20
+
+
+# ---- writing and reading shards -------------------------------------------------------------
+
+
+def test_write_shard_read_back_three_ways(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path, n=10, shape=(2, 3, 3), shard=4)
+    data = {i: shard_data(store, i) for i in range(3)}
+    for i, (x, nfe) in data.items():
+        record = store.write_shard(i, x, nfe, {"device": "cpu", "timings": {"ode_s": 0.5}})
+        assert record["state"] == "done" and record["checksum"].startswith("blake2b:")
+    x_all = np.concatenate([data[i][0] for i in range(3)]).astype(np.float32)
+    nfe_all = np.concatenate([data[i][1] for i in range(3)])
+    group = zarr.open_group(path, mode="r", zarr_format=3)
+    np.testing.assert_array_equal(group["latents"][:], x_all)
+    np.testing.assert_array_equal(group["nfe"][:], nfe_all)
+    np.testing.assert_array_equal(da.from_zarr(str(path), component="latents").compute(), x_all)
+    ds = xr.open_zarr(path, consolidated=False)
+    assert ds["latents"].dims == ("sample", "channel", "height", "width")
+    assert ds["nfe"].dims == ("sample",) and ds["nfe"].dtype == np.int32
+    assert ds.attrs["pflatents"]["config"] == CONFIG
+    assert group["shards/000002"].attrs["state"] == "done"  # records are zarr groups too
+    np.testing.assert_array_equal(ds["latents"].values, x_all)
+    np.testing.assert_array_equal(store.open_xarray()["nfe"].values, nfe_all)
+    record = store.shard_records()[2]
+    assert (record["start"], record["stop"], record["device"]) == (8, 10, "cpu")
+    assert record["timings"]["ode_s"] == 0.5 and record["pid"] == os.getpid()
+    assert {"write_s", "verify_s"} <= set(record["timings"]) and record["error"] is None
+    assert store.status()["done"] == 3 and store.pending_shards() == []
+
+
+def test_write_shard_validates_shape_and_dtype(tmp_path: Path) -> None:
+    store = _make(tmp_path / "s.zarr")
+    x, nfe = shard_data(store, 2)
+    with pytest.raises(StoreError, match=r"latents have shape \(3, 4\), expected \(2, 4\)"):
+        store.write_shard(2, np.zeros((3, 4)), nfe)
+    with pytest.raises(StoreError, match="shard 2: latents have dtype int64; floats required"):
+        store.write_shard(2, np.zeros((2, 4), dtype=np.int64), nfe)
+    with pytest.raises(StoreError, match=r"shard 2: nfe has shape \(3,\)"):
+        store.write_shard(2, x, np.ones(3, dtype=int))
+    with pytest.raises(StoreError, match=r"shard 3 does not exist: .* has 3 shards \(0\.\.2\)"):
+        store.write_shard(3, x, nfe)
+    assert store.shard_records() == {}
+
+
+def test_non_finite_shard_refused_not_done(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path)
+    x, nfe = shard_data(store, 1)
+    x[1, 0], x[2, 3] = np.nan, np.inf
+    with pytest.raises(ShardVerifyError, match=r"shard 1 \(samples 4\.\.7\).*samples 5, 6"):
+        store.write_shard(1, x, nfe)
+    assert 1 in store.pending_shards() and store.shard_record(1) is None
+    assert not (path / "latents" / "c" / "1" / "0").exists()
+    with pytest.raises(ShardVerifyError, match="shard 0"):
+        store.write_shard(0, np.full((4, 4), 1e39), np.ones(4, dtype=int))  # overflows float32
+
+
+def test_half_written_shard_is_pending(tmp_path: Path, monkeypatch) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path)
+    monkeypatch.setenv("PFLATENTS_PAUSE_IN_WRITE", "1.5")
+    worker = threading.Thread(target=store.write_shard, args=(1, *shard_data(store, 1)))
+    worker.start()
+    deadline = time.time() + 30
+    while not (path / "latents" / "c" / "1" / "0").exists() and time.time() < deadline:
+        time.sleep(0.01)
+    reader = LatentStore.open(path, mode="r")  # what a resume after a crash right now sees
+    assert reader.shard_record(1)["state"] == "writing" and 1 in reader.pending_shards()
+    assert not (path / "nfe" / "c" / "1").exists() and not reader.verify_shard(1)
+    assert reader.status()["pending"] == 3
+    worker.join(30)
+    assert reader.shard_record(1)["state"] == "done" and reader.verify_shard(1)
+
+
+@pytest.mark.parametrize("corruption", ["garbage", "other_shard"])
+def test_verify_catches_a_corrupted_chunk(tmp_path: Path, corruption: str) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path, n=12, shape=(4,), shard=4)
+    for i in range(3):
+        store.write_shard(i, *shard_data(store, i))
+    assert all(store.verify_shard(i) for i in range(3))
+    chunk = path / "latents" / "c" / "1" / "0"
+    if corruption == "garbage":
+        chunk.write_bytes(os.urandom(chunk.stat().st_size))
+    else:
+        shutil.copyfile(path / "latents" / "c" / "2" / "0", chunk)  # decodes fine, wrong data
+    assert not store.verify_shard(1)
+    assert LatentStore.open(path, mode="r").verify_shard(0)
+
+
+def test_rewrite_is_idempotent(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path)
+    x, nfe = shard_data(store, 0)
+    first = store.write_shard(0, x, nfe)
+    files = sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file())
+    second = store.write_shard(0, x + 1, nfe)
+    assert second["checksum"] != first["checksum"] and store.verify_shard(0)
+    np.testing.assert_allclose(store.latents_array()[0:4], x + 1, rtol=1e-6)
+    assert sorted(p.relative_to(path) for p in path.rglob("*") if p.is_file()) == files
+
+
+def test_failed_shards_and_status(tmp_path: Path) -> None:
+    store = _make(tmp_path / "s.zarr", n=10, shard=2)
+    store.write_shard(0, *shard_data(store, 0))
+    store.mark_failed(3, "RuntimeError: CUDA out of memory", {"device": "cuda:0"})
+    status = store.status()
+    assert (status["n_shards"], status["done"], status["failed"], status["pending"]) == (
+        5, 1, 1, 3)
+    assert status["failed_shards"] == [{"id": 3, "error": "RuntimeError: CUDA out of memory"}]
+    assert status["config"] == CONFIG and status["n_samples"] == 10
+    assert store.pending_shards() == [1, 2, 3, 4]
+    assert store.shard_record(3)["device"] == "cuda:0"
+    store.write_shard(3, *shard_data(store, 3))
+    assert store.status()["failed"] == 0 and store.pending_shards() == [1, 2, 4]
+
+
+def test_concurrent_shard_writes_from_processes(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path, n=16 * 256 - 100, shape=(64,), shard=256)
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=write_shards, args=(str(path), list(range(k, 16, 4))))
+             for k in range(4)]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join(60)
+    assert [proc.exitcode for proc in procs] == [0, 0, 0, 0]
+    fresh = LatentStore.open(path, mode="r")
+    records = fresh.shard_records()
+    assert sorted(records) == list(range(16)) and fresh.pending_shards() == []
+    assert len({r["pid"] for r in records.values()}) == 4
+    for i in range(16):
+        x, nfe = shard_data(fresh, i)
+        i0, i1 = fresh.shard_range(i)
+        np.testing.assert_array_equal(fresh.latents_array()[i0:i1], x.astype(np.float32))
+        np.testing.assert_array_equal(fresh.nfe_array()[i0:i1], nfe)
+        assert fresh.verify_shard(i)
+    assert fresh.meta["config"] == CONFIG
+
+
+# ---- lock -----------------------------------------------------------------------------------
+
+
+def test_lock_held_by_live_process_refused(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path)
+    ctx = mp.get_context("spawn")
+    ready, release = ctx.Event(), ctx.Event()
+    proc = ctx.Process(target=hold_lock, args=(str(path), ready, release))
+    proc.start()
+    try:
+        assert ready.wait(30)
+        with pytest.raises(StoreLockedError, match=rf"locked by pid {proc.pid} on host .*\n"
+                                                   rf".*remove {path}/lock/owner.json"):
+            store.acquire_lock({"cmd": "resume"})
+        assert store.status()["lock"]["owner"] == {"cmd": "extract"}
+    finally:
+        release.set()
+        proc.join(30)
+    assert proc.exitcode == 0 and not (path / "lock" / "owner.json").exists()
+    with store.locked():
+        assert store.status()["lock"]["pid"] == os.getpid()
+    assert store.status()["lock"] is None
+
+
+def test_stale_lock_of_killed_process_taken_over(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path)
+    code = textwrap.dedent(f"""
+        import time
+        from storage import LatentStore
+        LatentStore.open({str(path)!r}).acquire_lock()
+        print("locked", flush=True)
+        time.sleep(60)
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO,
+                            text=True)
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        with pytest.raises(StoreLockedError):
+            store.acquire_lock()
+        proc.kill()
+        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # dead but not reaped: a zombie
+        holder = store.acquire_lock()
+        assert holder["pid"] == os.getpid() and store.status()["lock"]["pid"] == os.getpid()
+    finally:
+        proc.kill()
+        proc.wait()
+    store.release_lock()
+    assert not list((path / "lock").glob("owner.json*"))
+
+
+def _write_holder(path: Path, **fields) -> None:
+    """Write a lock file by hand, as another process would have."""
+    (path / "lock" / "owner.json").write_text(json.dumps({"pid": 1, **fields}))
+
+
+def test_lock_holder_checks(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path)
+    _write_holder(path, host="elsewhere", pid=os.getpid())
+    with pytest.raises(StoreLockedError, match="on host elsewhere"):
+        store.acquire_lock()  # cannot tell whether a process on another host lives
+    import socket
+
+    _write_holder(path, host=socket.gethostname(), pid=os.getpid(), pid_start=1)
+    assert store.acquire_lock()["pid"] == os.getpid()  # our pid, but another start time: reused
+    other = LatentStore.open(path)
+    other.release_lock()  # does not hold it: a no-op
+    with pytest.raises(StoreLockedError, match=f"locked by pid {os.getpid()}"):
+        other.acquire_lock()  # the same process twice is refused too
+    store.release_lock()
+    assert not (path / "lock" / "owner.json").exists()
+
+
+def test_lock_taken_before_the_store_exists(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    with store_lock(path) as lock:
+        store = open_or_create(path, config=CONFIG, n_samples=10, sample_shape=(4,),
+                               shard_size=4)
+        assert store.status()["lock"]["token"] == lock.token
+        with pytest.raises(StoreLockedError):
+            store.acquire_lock()
+    assert store.status()["lock"] is None and LatentStore.open(path).n_shards == 3
+
+
+def test_fsspec_store_and_lease_lock(tmp_path: Path) -> None:
+    url = f"memory://{tmp_path.name}/s.zarr"
+    store = LatentStore.create(url, config=CONFIG, n_samples=10, sample_shape=(4,), shard_size=4)
+    x, nfe = shard_data(store, 1)
+    store.write_shard(1, x, nfe)
+    again = LatentStore.open(url, mode="r")
+    assert again.verify_shard(1) and again.pending_shards() == [0, 2]
+    np.testing.assert_array_equal(again.latents_array()[4:8], x.astype(np.float32))
+    store.acquire_lock()
+    with pytest.raises(StoreLockedError, match=rf"remove {url}/lock/owner.json"):
+        LatentStore.open(url).acquire_lock()
+    fs, root = again._loc.fs()
+    lock = StoreLock(None, fs=fs, root=root)
+    holder = lock.holder()
+    holder.update(host="elsewhere", lease_until=0)  # a holder on another host whose lease ran out
+    fs.pipe_file(f"{root}/lock/owner.json", json.dumps(holder).encode())
+    assert lock.acquire()["pid"] == os.getpid()
+    lock.release()
+
+
+def test_storage_imports_neither_prefect_nor_tasks() -> None:
+    code = ("import sys, storage; "
+            "bad = [m for m in ('prefect', 'tasks', 'torch', 'xarray') if m in sys.modules]; "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
