@@ -63,7 +63,23 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="shard counts, failed shards and the config summary of a store")
     s.add_argument("store")
     s.add_argument("--json", action="store_true")
+    for mod in _plugin_modules():
+        COMMANDS.update(mod.register(sub))
     return ap
+
+
+# Subcommands that live in their own modules: each exposes ``register(subparsers) -> {name: handler}``
+# where handler(args) -> exit code. Imports stay light: heavy imports belong inside the handlers.
+PLUGINS = ("flows.analyze", "flows.train", "flows.demo", "flows.serve", "flows.verify")
+
+
+def _plugin_modules():
+    import importlib
+    import importlib.util
+
+    for name in PLUGINS:
+        if importlib.util.find_spec(name) is not None:
+            yield importlib.import_module(name)
 
 
 def _store_url(out: str) -> str:
@@ -236,10 +252,11 @@ def cmd_status(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-COMMANDS = {"extract": cmd_extract, "resume": cmd_resume, "status": cmd_status}
+COMMANDS: dict = {"extract": cmd_extract, "resume": cmd_resume, "status": cmd_status}
 
 
 def main(argv: list[str] | None = None) -> int:
+    _prefect_env()
     args = build_parser().parse_args(argv)
     from storage.errors import StoreError
     from tasks.errors import InputError
