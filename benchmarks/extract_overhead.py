@@ -1,0 +1,126 @@
+"""End-to-end `pflatents extract` vs a bare loop that encodes the same batches and np.saves them.
+
+Both run as fresh subprocesses (interpreter start and imports included), on the same 100,000 x 64
+GMM samples with the same fixed-step solver and batch size; the ratio is extract / bare (goal <= 1.10).
+
+    .venv/bin/python benchmarks/extract_overhead.py [--n 100000] [--steps 10] [--server]
+
+--server starts a real `prefect server start` first and points both at it (an operator's set-up);
+without it extract uses Prefect's temporary local server, whose start-up is included in the time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+HERE = Path(__file__).resolve().parent
+BIN = Path(sys.executable).parent
+
+BARE = r"""
+import sys, os, time, numpy as np, torch
+from tasks.encode_batches import encode_block
+from tasks.pfode import SolverConfig
+from tasks.scores import GaussianMixtureScore
+from tasks.sde import VPSDE
+data, model, out, steps, batch, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
+x = np.load(data, mmap_mode="r")
+gmm = GaussianMixtureScore.from_json(model, VPSDE())
+for i0 in range(0, len(x), shard):
+    z, nfe, _ = encode_block(gmm, VPSDE(), np.asarray(x[i0:i0 + shard]), SolverConfig("rk4", steps=steps), batch, torch.device("cpu"))
+    with open(f"{out}/z{i0:09d}.npy", "wb") as f:
+        np.save(f, z); np.save(f, nfe); f.flush(); os.fsync(f.fileno())
+"""
+
+
+def make_job(d: Path, n: int, dim: int = 64, k: int = 8, seed: int = 0) -> tuple[Path, Path]:
+    """GMM parameters (JSON) and n samples from it (.npy)."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 1.5, (k, dim))
+    covs = []
+    for _ in range(k):
+        q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
+        covs.append((q * rng.uniform(0.05, 1.0, dim)) @ q.T)
+    comp = rng.integers(0, k, n)
+    chol = np.linalg.cholesky(np.stack(covs))
+    x = np.empty((n, dim), dtype=np.float32)
+    for c in range(k):
+        idx = np.nonzero(comp == c)[0]
+        x[idx] = means[c] + rng.normal(size=(idx.size, dim)) @ chol[c].T
+    (d / "gmm.json").write_text(json.dumps({"weights": [1.0 / k] * k, "means": means.tolist(),
+                                            "covariances": [c.tolist() for c in covs]}))
+    np.save(d / "x.npy", x)
+    return d / "x.npy", d / "gmm.json"
+
+
+def timed(cmd: list[str], env: dict) -> float:
+    t0 = time.perf_counter()
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if res.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed:\n{res.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def start_server(env: dict) -> tuple[subprocess.Popen, str]:
+    import socket
+    import urllib.request
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}/api"
+    for _ in range(400):
+        try:
+            urllib.request.urlopen(url + "/health", timeout=2)
+            return proc, url
+        except OSError:
+            time.sleep(0.5)
+    raise SystemExit("prefect server did not start")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--steps", type=int, default=10, help="rk4 steps (4 NFE each)")
+    ap.add_argument("--batch-size", type=int, default=4096)
+    ap.add_argument("--server", action="store_true", help="run against a real Prefect server")
+    a = ap.parse_args()
+    d = Path(tempfile.mkdtemp(prefix="pfl-bench-"))
+    data, model = make_job(d, a.n)
+    shard = 32768  # the store's default for 256-byte samples (8 MiB chunks)
+    env = {**os.environ, "PREFECT_HOME": str(d / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+           "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_ENABLED": "false"}
+    env.pop("PREFECT_API_URL", None)
+    server = None
+    if a.server:
+        server, url = start_server(env)
+        env["PREFECT_API_URL"] = url
+    try:
+        (d / "bare").mkdir()
+        bare = timed([sys.executable, "-c", BARE, str(data), str(model), str(d / "bare"), str(a.steps),
+                      str(a.batch_size), str(shard)], env)
+        ext = timed([str(BIN / "pflatents"), "extract", "--data", str(data), "--model", f"gmm:{model}",
+                     "--out", str(d / "out.zarr"), "--solver", "rk4", "--steps", str(a.steps),
+                     "--batch-size", str(a.batch_size), "--no-progress"], env)
+    finally:
+        if server is not None:
+            server.terminate()
+            server.wait(30)
+    mode = "real Prefect server" if a.server else "temporary local server (start-up included)"
+    print(f"| job | bare loop (s) | pflatents extract (s) | ratio |\n|---|---|---|---|\n"
+          f"| {a.n} x 64 GMM (K=8), rk4 {a.steps} steps, batch {a.batch_size}, {mode} | {bare:.1f} | {ext:.1f} | "
+          f"{ext / bare:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
