@@ -9,10 +9,8 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import shutil
 import os
 import sys
-from pathlib import Path
 
 __all__ = ["main"]
 
@@ -54,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: chunks of ~8 MiB)")
     e.add_argument("--batch-size", type=int, default=1024)
     e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    e.add_argument("--incremental", action="store_true",
+                   help="the data may grow: extract only samples new since the last run into the same store "
+                        "(always on for npydir:DIR)")
     _add_run_args(e)
 
     r = sub.add_parser("resume", help="finish every shard of a store that is not done, with its pinned config")
@@ -83,47 +84,32 @@ def _plugin_modules():
 
 
 def _store_url(out: str) -> str:
-    return out if "://" in out else str(Path(out).expanduser().resolve())
+    from flows.jobs import store_url
+
+    return store_url(out)
 
 
-def _data_spec(spec: str) -> str:
-    """Make local paths absolute (images:DIR too), so a resume from another directory finds the data."""
-    if spec.startswith("images:"):
-        return "images:" + str(Path(spec[len("images:"):]).expanduser().resolve())
-    if spec.startswith("sklearn:") or "://" in spec:
-        return spec
-    root, sep, inner = spec.partition(".zarr/")
-    if sep:
-        return str(Path(root + ".zarr").expanduser().resolve()) + "/" + inner
-    return str(Path(spec).expanduser().resolve())
+def job_from_args(a: argparse.Namespace):
+    """The extraction job named by `extract` flags."""
+    from flows.jobs import Job
+
+    return Job(data=a.data, model=a.model, out=a.out, sde=a.sde, t_eps=a.t_eps, solver=a.solver, rtol=a.rtol,
+               atol=a.atol, steps=a.steps, grid=a.grid, shard_size=a.shard_size, batch_size=a.batch_size,
+               dtype=a.dtype, incremental=getattr(a, "incremental", False))
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from flows.config import build_config
-    from storage import default_shard_size, open_or_create
-    from tasks.sources import open_source
+    from flows.jobs import grow_to_source, make_store, prepare
 
-    src = open_source(_data_spec(a.data))
-    src.check_finite()
-    sample_nbytes = 4
-    for n in src.sample_shape:
-        sample_nbytes *= n
-    shard_size = a.shard_size if a.shard_size is not None else default_shard_size(sample_nbytes, len(src))
-    cfg = build_config(source=src, model_spec=a.model, sde_name=a.sde, solver=a.solver, rtol=a.rtol, atol=a.atol,
-                       steps=a.steps, grid=a.grid, t_eps=a.t_eps, shard_size=shard_size,
-                       batch_size=a.batch_size, dtype=a.dtype)
+    p = prepare(job_from_args(a))
     _check_run_args(a)
-    url = _store_url(a.out)
-
-    def make_store():
-        return open_or_create(url, config=cfg.to_dict(), n_samples=len(src), sample_shape=tuple(src.sample_shape),
-                              shard_size=shard_size)
-
-    return _run(make_store, url, a)
+    grow = (lambda store: grow_to_source(store, p.src)) if p.incremental else None
+    return _run(lambda: make_store(p), p.url, a, grow=grow)
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
     from flows.config import ExtractConfig
+    from flows.jobs import check_source
     from storage import LatentStore
     from tasks.errors import InputError
     from tasks.models import model_info
@@ -133,9 +119,7 @@ def cmd_resume(a: argparse.Namespace) -> int:
     store = LatentStore.open(url)
     cfg = ExtractConfig.from_dict(store.config)
     src = open_source(cfg.data["spec"])
-    if src.fingerprint() != cfg.data["fingerprint"] or len(src) != cfg.data["n_samples"]:
-        raise InputError(f"the data {cfg.data['spec']} changed since the store was created (fingerprint or length "
-                         f"differs); refusing to resume {url}")
+    check_source(store, cfg, src)
     info = model_info(cfg.model["spec"], cfg.make_sde())
     if info.content_hash != cfg.model["content_hash"]:
         raise InputError(f"the model {cfg.model['spec']} changed since the store was created (content hash "
@@ -159,38 +143,28 @@ def _check_run_args(a: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def _locked(make_store, url: str, owner: dict):
-    """Open (or create) the store under its lock. A store that does not exist yet is locked before it is
-    created, so two processes started at once cannot both create it; one refuses with a clear message."""
-    from storage import store_lock
+    """Open (or create) the store under its lock (see flows.jobs.locked)."""
+    from flows.jobs import locked
 
-    absent = "://" not in url and not Path(url).exists()
-    if absent:
-        lock = store_lock(url)
-        lock.acquire(owner)
-        try:
-            store = make_store()
-        except BaseException:
-            lock.release()
-            if Path(url).is_dir() and not any(p for p in Path(url).rglob("*") if p.is_file()):
-                shutil.rmtree(url, ignore_errors=True)  # leave nothing behind on a refused create
-            raise
-    else:
-        store = make_store()
-        lock = store_lock(url)
-        lock.acquire(owner)
-    try:
+    with locked(make_store, url, owner) as store:
         yield store
-    finally:
-        lock.release()
 
 
-def _run(make_store, url: str, a: argparse.Namespace) -> int:
-    """Take the store's lock, run the extract flow over pending shards, print the summary."""
+def _run(make_store, url: str, a: argparse.Namespace, grow=None) -> int:
+    """Take the store's lock, grow it for new data (incremental), run the extract flow over pending shards,
+    publish the new sample count, print the summary."""
     with _locked(make_store, url, {"command": a.cmd}) as store:
+        new = grow(store) if grow is not None else 0
         pending = store.pending_shards()
         if not pending:
-            print(f"nothing to do: all {store.n_shards} shards of {url} are done")
+            store.publish()
+            if store.incremental:
+                print(f"nothing new: {url} holds all {store.n_samples} samples of the data")
+            else:
+                print(f"nothing to do: all {store.n_shards} shards of {url} are done")
             return EXIT_OK
+        if new:
+            print(f"{new} new samples: store grows to {store.n_planned} samples")
         _prefect_env()
         from flows import extract as ex
         from flows import progress
@@ -208,6 +182,7 @@ def _run(make_store, url: str, a: argparse.Namespace) -> int:
                 return EXIT_FAILED
             finally:
                 progress.hooks.remove(hook)
+        store.publish()
     print(f"done: {summary['samples']} samples in {summary['seconds']:.1f} s "
           f"({summary['samples_per_s']:.0f} samples/s), mean NFE {summary['mean_nfe']:.1f} -> {url}")
     return EXIT_OK
@@ -244,6 +219,8 @@ def cmd_status(a: argparse.Namespace) -> int:
         return EXIT_OK
     print(f"store    {_store_url(a.store)}")
     print(f"shards   {st['n_shards']}: {st['done']} done, {st['failed']} failed, {st['pending']} pending")
+    if st.get("incremental"):
+        print(f"samples  {st['n_samples']} published, {st['n_planned']} planned (incremental store)")
     for f in st.get("failed_shards", []):
         print(f"  failed shard {f['id']}: {f['error']}")
     cfg = st.get("config", {})

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tasks.errors import InputError
-from tasks.models import model_info
+from tasks.models import model_info, native_sde
 from tasks.pfode import SolverConfig
 from tasks.sde import SDE, make_sde
 
@@ -46,9 +46,23 @@ class ExtractConfig:
 
 
 def sde_from_dict(d: dict) -> SDE:
-    """Rebuild an SDE from its ``to_dict`` form."""
-    params = {k: v for k, v in d.items() if k != "name"}
-    return make_sde(d["name"], **params)
+    """Rebuild an SDE from its ``to_dict`` form (vp, ve, edm, and vp_discrete of diffusers models)."""
+    from tasks.checkpoint import sde_from_dict as _from_dict
+
+    return _from_dict(d)
+
+
+def choose_sde(sde_name: str, model_spec: str) -> SDE:
+    """The SDE to integrate under: a model trained under its own SDE (checkpoint, diffusers) runs under it.
+
+    ``--sde`` must name its family (``vp`` also selects a diffusers model's discrete VP schedule)."""
+    native = native_sde(model_spec)
+    if native is None:
+        return make_sde(sde_name)
+    if sde_name == native.name or (sde_name == "vp" and native.name == "vp_discrete"):
+        return native
+    raise InputError(f"the model {model_spec} was trained under the {native.name} SDE; --sde {sde_name} does "
+                     f"not match it (use --sde {'vp' if native.name == 'vp_discrete' else native.name})")
 
 
 def solver_from_dict(d: dict) -> SolverConfig:
@@ -64,13 +78,18 @@ def _positive_int(name: str, v) -> int:
 
 def build_config(*, source, model_spec: str, sde_name: str = "vp", solver: str = "dopri5",
                  rtol: float = 1e-5, atol: float = 1e-5, steps: int = 50, grid: str = "logsnr",
-                 t_eps: float = 1e-5, shard_size: int, batch_size: int = 1024, dtype: str = "float32") -> ExtractConfig:
-    """Validate every setting against the data and the model, and freeze them into one config."""
+                 t_eps: float = 1e-5, shard_size: int, batch_size: int = 1024, dtype: str = "float32",
+                 incremental: bool = False) -> ExtractConfig:
+    """Validate every setting against the data and the model, and freeze them into one config.
+
+    ``incremental``: the data may grow, so its length and fingerprint are not part of the pinned
+    identity; the store keeps the length and fingerprint of the planned prefix instead.
+    """
     if dtype not in ("float32", "float64"):
         raise InputError(f"dtype must be float32 or float64; got {dtype!r}")
     _positive_int("shard size", shard_size)
     _positive_int("batch size", batch_size)
-    sde = make_sde(sde_name)
+    sde = choose_sde(sde_name, model_spec)
     sde.check_t_eps(t_eps)
     scfg = SolverConfig(name=solver, rtol=rtol, atol=atol, steps=steps, grid=grid, t_eps=t_eps)
     info = model_info(model_spec, sde)
@@ -80,7 +99,11 @@ def build_config(*, source, model_spec: str, sde_name: str = "vp", solver: str =
     if info.dim is not None and info.dim != d:
         raise InputError(f"sample shape {tuple(source.sample_shape)} ({d} values) does not match the model "
                          f"{info.spec} (dimension {info.dim})")
-    data = {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
-            "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
+    if incremental:
+        data = {"spec": source.spec, "incremental": True, "sample_shape": list(source.sample_shape),
+                "dtype": str(source.dtype)}
+    else:
+        data = {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
+                "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=scfg.to_dict(),
                          shard_size=shard_size, batch_size=batch_size, dtype=dtype)

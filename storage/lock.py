@@ -3,8 +3,12 @@
 Local paths: a lock file created atomically (``O_CREAT | O_EXCL``) holding host, pid, process
 start time and a token. A lock whose holder is on this host and is dead (or whose pid now belongs
 to another process) is stale and is taken over; any other holder raises ``StoreLockedError``.
-fsspec URLs: best effort, a lock object with a lease time (no atomic create on object stores);
-a lease that ran out, or a dead holder on this host, is taken over.
+fsspec URLs: best effort, a lock object with a lease time (no atomic create on object stores).
+A holder on this host that is dead (pid gone or reused, checked against its start time) is taken
+over at once, so ``resume`` right after a SIGKILL works; a holder on another host is taken over
+only when its lease ran out. The holder renews its lease from a background thread
+(``keep_alive``) every ``lease_s / 5``, so the lease (``$PFLATENTS_LOCK_LEASE_S``, default 600 s)
+bounds how long a crashed remote holder blocks the store, not how long a run may take.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import threading
 import time
 import uuid
 from datetime import datetime, timezone
@@ -24,6 +29,15 @@ from storage.errors import StoreError, StoreLockedError
 __all__ = ["StoreLock", "pid_alive"]
 
 LOCK_KEY = "lock/owner.json"
+LEASE_ENV = "PFLATENTS_LOCK_LEASE_S"
+
+
+def _default_lease() -> float:
+    """Lease of fsspec locks in seconds (``$PFLATENTS_LOCK_LEASE_S``, default 600)."""
+    try:
+        return max(1.0, float(os.environ.get(LEASE_ENV) or 600.0))
+    except ValueError:
+        return 600.0
 
 
 def _now() -> str:
@@ -64,9 +78,12 @@ class StoreLock:
     """Exclusive lock of one store; ``acquire`` / ``release`` or use it as a context manager."""
 
     def __init__(self, local_root: Path | None, fs: Any = None, root: str = "",
-                 url: str = "", lease_s: float = 3600.0) -> None:
+                 url: str = "", lease_s: float | None = None) -> None:
         self.local_path = local_root / LOCK_KEY if local_root is not None else None
-        self.fs, self.remote_path, self.lease_s = fs, f"{root.rstrip('/')}/{LOCK_KEY}", lease_s
+        self.fs, self.remote_path = fs, f"{root.rstrip('/')}/{LOCK_KEY}"
+        self.lease_s = float(lease_s) if lease_s is not None else _default_lease()
+        self._stop_refresh: threading.Event | None = None
+        self._mutex = threading.Lock()  # a renewal never rewrites a lock that release removed
         self.url = f"{url.rstrip('/')}/{LOCK_KEY}" if url else self.remote_path
         self.token: str | None = None
 
@@ -111,12 +128,34 @@ class StoreLock:
         raise StoreLockedError(f"could not take the store lock {self.path}: "
                                f"other processes race for it")
 
+    def keep_alive(self) -> None:
+        """Renew the lease every ``lease_s / 5`` from a daemon thread until ``release``."""
+        if self.local_path is not None or self.token is None or self._stop_refresh is not None:
+            return
+        stop = self._stop_refresh = threading.Event()
+
+        def renew() -> None:
+            while not stop.wait(self.lease_s / 5):
+                with self._mutex:
+                    if stop.is_set():
+                        return
+                    try:
+                        self.refresh()
+                    except (StoreLockedError, OSError):
+                        return  # taken over or unreachable: the run learns it at release
+
+        threading.Thread(target=renew, name="pflatents-lock-lease", daemon=True).start()
+
     def release(self) -> None:
         """Release the lock if this object still holds it (no-op otherwise)."""
-        holder = self.holder()
-        if self.token is not None and holder is not None and holder.get("token") == self.token:
-            self._remove()
-        self.token = None
+        with self._mutex:
+            if self._stop_refresh is not None:
+                self._stop_refresh.set()
+                self._stop_refresh = None
+            holder = self.holder()
+            if self.token is not None and holder is not None and holder.get("token") == self.token:
+                self._remove()
+            self.token = None
 
     def refresh(self) -> None:
         """Extend the lease of a held lock (fsspec locks; harmless for local ones)."""

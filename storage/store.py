@@ -11,6 +11,13 @@ Layout::
                                  atomically (temp file + rename; one PUT on object stores)
     <store>/lock/owner.json      the store lock while an extract runs
 
+Incremental stores (a growing source) keep two extents in the attrs: ``n_planned``, the length of
+the arrays and of the shard plan, and ``n_samples``, the published count: every shard below it is
+done. The coordinator (under the store lock) grows the arrays to the new ``n_planned`` before any
+task writes, and publishes ``n_samples`` after all shards are done, so a reader that slices
+``[:n_samples]`` (``latents_dask``, ``open_xarray``) never sees unwritten rows. ``data_prefix``
+holds the length and fingerprint of the data the plan covers, to refuse data that changed there.
+
 Each shard owns whole storage objects (its latents chunk, its nfe chunk, its record), so shards are
 written concurrently by many processes without locks on data. No sharding codec (zarr-python#3682).
 """
@@ -173,7 +180,7 @@ class _Location:
 
     def read_json_many(self, keys: list[str]) -> dict[str, dict[str, Any]]:
         """Parse several JSON objects (missing or malformed ones are left out)."""
-        if self.local is not None:
+        if self.local is not None or not keys:
             found = {k: self.read_json(k) for k in keys}
         else:
             fs, root = self.fs()
@@ -205,6 +212,7 @@ class _Location:
             except FileNotFoundError:
                 return []
         fs, root = self.fs()
+        fs.invalidate_cache(f"{root}/{key}")  # other processes add records: never trust a listing cache
         try:
             return [p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(f"{root}/{key}", detail=False)]
         except FileNotFoundError:
@@ -217,6 +225,7 @@ class _Location:
                 return True
             return self.local.is_dir() and {p.name for p in self.local.iterdir()} <= {"lock"}
         fs, root = self.fs()
+        fs.invalidate_cache(root)
         return not fs.exists(root) or not fs.ls(root)
 
     def classify(self) -> Literal["absent", "incomplete", "complete", "foreign"]:
@@ -273,8 +282,12 @@ class LatentStore:
     @classmethod
     def create(cls, url: str | os.PathLike[str], *, config: Mapping[str, Any], n_samples: int,
                sample_shape: tuple[int, ...], shard_size: int,
-               storage_options: dict[str, Any] | None = None) -> LatentStore:
+               storage_options: dict[str, Any] | None = None,
+               data_prefix: Mapping[str, Any] | None = None) -> LatentStore:
         """Create a new store at ``url`` (an empty or absent path, or an incomplete store).
+
+        With ``data_prefix`` ({"n", "fingerprint"} of the data planned) the store is incremental:
+        it can ``grow`` later, and publishes ``n_samples`` (0 until the first ``publish``).
 
         Raises:
             NotAStoreError: something that is not a pflatents store exists there.
@@ -296,6 +309,9 @@ class LatentStore:
                 "n_samples": int(n_samples), "sample_shape": list(sample_shape),
                 "shard_size": int(shard_size),
                 "n_shards": len(plan_shards(int(n_samples), int(shard_size)))}
+        if data_prefix is not None:
+            meta.update(incremental=True, n_planned=int(n_samples), n_samples=0,
+                        data_prefix=to_json(dict(data_prefix), "data_prefix"))
         try:
             group = _build(loc, meta, incomplete=kind == "incomplete")
         except OSError as exc:
@@ -323,13 +339,16 @@ class LatentStore:
                              f"reads version {FORMAT_VERSION}")
         return cls(loc, group, read_only=mode == "r")
 
-    def check_matches(self, config: Mapping[str, Any], n_samples: int,
+    def check_matches(self, config: Mapping[str, Any], n_samples: int | None,
                       sample_shape: tuple[int, ...], shard_size: int) -> None:
-        """Raise ``ConfigMismatchError`` naming each field that differs from the pinned config."""
-        stored = {"n_samples": self.n_samples, "sample_shape": list(self.sample_shape),
-                  "shard_size": self.shard_size}
-        new = {"n_samples": int(n_samples), "sample_shape": [int(d) for d in sample_shape],
-               "shard_size": int(shard_size)}
+        """Raise ``ConfigMismatchError`` naming each field that differs from the pinned config.
+
+        ``n_samples=None`` (incremental stores) leaves the length out: it may grow.
+        """
+        stored = {"sample_shape": list(self.sample_shape), "shard_size": self.shard_size}
+        new = {"sample_shape": [int(d) for d in sample_shape], "shard_size": int(shard_size)}
+        if n_samples is not None:
+            stored["n_samples"], new["n_samples"] = self.n_samples, int(n_samples)
         diffs = config_diff(self.config, to_json(config), "config") + config_diff(stored, new)
         if not diffs and self.config_hash != config_hash(config):
             diffs = [("config_hash", self.config_hash, config_hash(config))]
@@ -357,8 +376,24 @@ class LatentStore:
 
     @property
     def n_samples(self) -> int:
-        """Number of samples N."""
+        """Number of samples N (incremental stores: the published count, all shards below done)."""
         return int(self.meta["n_samples"])
+
+    @property
+    def n_planned(self) -> int:
+        """Length of the arrays and of the shard plan (= ``n_samples`` unless a growth is open)."""
+        return int(self.meta.get("n_planned", self.meta["n_samples"]))
+
+    @property
+    def incremental(self) -> bool:
+        """True if the store follows a growing source (``grow`` / ``publish``)."""
+        return bool(self.meta.get("incremental", False))
+
+    @property
+    def data_prefix(self) -> dict[str, Any] | None:
+        """{"n", "fingerprint"} of the source data the plan covers (incremental stores)."""
+        prefix = self.meta.get("data_prefix")
+        return dict(prefix) if isinstance(prefix, dict) else None
 
     @property
     def sample_shape(self) -> tuple[int, ...]:
@@ -381,7 +416,7 @@ class LatentStore:
             raise StoreError(f"shard {shard_id} does not exist: {self.url} has {self.n_shards} "
                              f"shards (0..{self.n_shards - 1})")
         i0 = int(shard_id) * self.shard_size
-        return i0, min(self.n_samples, i0 + self.shard_size)
+        return i0, min(self.n_planned, i0 + self.shard_size)
 
     def latents_array(self) -> zarr.Array:
         """The ``latents`` zarr array (float32, N x sample_shape)."""
@@ -395,14 +430,15 @@ class LatentStore:
         """Rows per dask chunk: a multiple of ``shard_size`` near ``target_bytes``."""
         sample_nbytes = 4 * math.prod(self.sample_shape)
         per = max(1, target_bytes // (sample_nbytes * self.shard_size))
-        return min(self.n_samples, per * self.shard_size)
+        return max(1, min(self.n_samples, per * self.shard_size))
 
     def latents_dask(self, rows: int | None = None) -> Any:
-        """The latents as a dask array with ``rows`` samples per chunk (chunk-aligned default)."""
+        """The latents ``[:n_samples]`` as a dask array with ``rows`` samples per chunk."""
         import dask.array as da
 
         rows = rows or self.dask_rows()
-        return da.from_zarr(self.latents_array(), chunks=(rows, *self.sample_shape))
+        x = da.from_zarr(self.latents_array(), chunks=(rows, *self.sample_shape))
+        return x[: self.n_samples] if x.shape[0] != self.n_samples else x
 
     def open_xarray(self, rows: int | None = None) -> Any:
         """The store as an ``xarray.Dataset`` (named dims, attrs carry the config)."""
@@ -410,8 +446,9 @@ class LatentStore:
 
         target = str(self._loc.local) if self._loc.local is not None else self.url
         opts = self._loc.storage_options or None
-        return xr.open_zarr(target, consolidated=False, storage_options=opts,
-                            chunks={"sample": rows or self.dask_rows()})
+        ds = xr.open_zarr(target, consolidated=False, storage_options=opts,
+                          chunks={"sample": rows or self.dask_rows()})
+        return ds.isel(sample=slice(0, self.n_samples)) if self.n_planned != self.n_samples else ds
 
     # ---- shards --------------------------------------------------------------------------
 
@@ -478,10 +515,11 @@ class LatentStore:
         records = self.shard_records()
         states = [records.get(i, {}).get("state") for i in range(self.n_shards)]
         failed = [{"id": i, "error": records[i].get("error")}
-                  for i, s in enumerate(states) if s == "failed"]
+                  for i, s in enumerate(states) if s in ("failed", "corrupt")]
         done = states.count("done")
         return {"url": self.url, "n_shards": self.n_shards, "done": done, "failed": len(failed),
                 "pending": self.n_shards - done - len(failed), "n_samples": self.n_samples,
+                "n_planned": self.n_planned, "incremental": self.incremental,
                 "sample_shape": list(self.sample_shape), "shard_size": self.shard_size,
                 "failed_shards": failed, "config_hash": self.config_hash, "config": self.config,
                 "created": self.meta.get("created"), "lock": self._lock.holder()}
@@ -491,8 +529,87 @@ class LatentStore:
         record = self.shard_record(shard_id)
         if record is None or record.get("state") != "done":
             return False
+        return self.shard_problem(shard_id, record) is None
+
+    def shard_problem(self, shard_id: int, record: Mapping[str, Any]) -> str | None:
+        """What is wrong with a done shard's stored data (None if it matches its record)."""
         i0, i1 = self.shard_range(shard_id)
-        return self._check_chunk(i0, i1, str(record.get("checksum"))) is None
+        if (record.get("start"), record.get("stop")) != (i0, i1):
+            return (f"record covers samples {record.get('start')}..{record.get('stop')}, "
+                    f"the shard is {i0}..{i1}")
+        return self._check_chunk(i0, i1, str(record.get("checksum")))
+
+    def verify(self, mark: bool = True, workers: int = 8) -> dict[str, Any]:
+        """Re-read every done shard (checksum, finiteness); mark bad ones "corrupt" if ``mark``.
+
+        A corrupt shard is not done, so ``pending_shards`` (and ``resume``) re-queue it.
+        Returns {"checked", "ok", "corrupt": [{"id", "error"}], "not_done"}.
+        """
+        from concurrent.futures import ThreadPoolExecutor
+
+        if mark:
+            self._check_writable()
+        records = self.shard_records()
+        done = [i for i in range(self.n_shards) if records.get(i, {}).get("state") == "done"]
+        with ThreadPoolExecutor(max(1, workers)) as pool:
+            problems = list(pool.map(lambda i: self.shard_problem(i, records[i]), done))
+        corrupt = [{"id": i, "error": p} for i, p in zip(done, problems) if p is not None]
+        for bad in corrupt if mark else []:
+            self.mark_corrupt(bad["id"], bad["error"])
+        return {"checked": len(done), "ok": len(done) - len(corrupt), "corrupt": corrupt,
+                "not_done": self.n_shards - len(done)}
+
+    def mark_corrupt(self, shard_id: int, error: str) -> dict[str, Any]:
+        """Record a done shard whose data no longer verifies as "corrupt" (re-queued on resume)."""
+        self._check_writable()
+        record = {**self._base_record(shard_id), "state": "corrupt", "device": None,
+                  "error": f"verify: {error}"[:4000], "checksum": None, "timings": {}}
+        self._put_record(shard_id, record)
+        return record
+
+    # ---- growth (incremental stores; the coordinator calls these under the store lock) -----
+
+    def grow(self, n_new: int, data_prefix: Mapping[str, Any]) -> list[int]:
+        """Extend the plan to ``n_new`` samples; returns the shard ids added or re-opened.
+
+        Order matters for crash safety: (1) a partial last shard loses its done record (its chunk
+        will hold more samples, its checksum covers fewer), (2) the arrays grow, (3) the attrs
+        name the new plan. A crash between steps leaves a store that the next run grows again.
+        Readers are unaffected: they read ``[:n_samples]``, published only after the writes.
+        """
+        self._check_writable()
+        if not self.incremental:
+            raise StoreError(f"{self.url} is not an incremental store; it cannot grow")
+        old, size = self.n_planned, self.shard_size
+        if n_new < old:
+            raise StoreError(f"cannot shrink {self.url} from {old} to {n_new} samples")
+        if n_new == old:
+            return []
+        first = old // size
+        if old % size:  # the old last shard was partial: it is re-done over its full range
+            self._put_record(first, {**self._base_record(first), "state": "grown", "error": None,
+                                     "checksum": None, "timings": {}, "device": None})
+        self._latents.resize((n_new, *self.sample_shape))
+        self._nfe.resize((n_new,))
+        self.meta.update(n_planned=int(n_new), n_shards=len(plan_shards(int(n_new), size)),
+                         data_prefix=to_json(dict(data_prefix), "data_prefix"))
+        self._put_meta()
+        return list(range(first, self.n_shards))
+
+    def publish(self) -> bool:
+        """Publish ``n_samples = n_planned`` if every shard is done; True if it is published."""
+        if self.n_samples == self.n_planned:
+            return True
+        if self.pending_shards():
+            return False
+        self._check_writable()
+        self.meta["n_samples"] = self.n_planned
+        self._put_meta()
+        return True
+
+    def _put_meta(self) -> None:
+        """Rewrite the ``pflatents`` attrs (the coordinator's, under the store lock)."""
+        self._group.attrs.update({ATTR: to_json(self.meta, "meta")})
 
     # ---- lock ----------------------------------------------------------------------------
 
@@ -630,7 +747,8 @@ def _build(loc: _Location, meta: dict[str, Any], incomplete: bool) -> zarr.Group
         root.attrs.put(marker)
     else:
         root = zarr.create_group(store, zarr_format=3, attributes=marker)
-    n, shape, size = meta["n_samples"], tuple(meta["sample_shape"]), meta["shard_size"]
+    n = meta.get("n_planned", meta["n_samples"])
+    shape, size = tuple(meta["sample_shape"]), meta["shard_size"]
     root.create_array("latents", shape=(n, *shape), chunks=(size, *shape), dtype="float32",
                       compressors=ZstdCodec(level=3), fill_value=np.nan,
                       dimension_names=dimension_names(len(shape)), overwrite=True)
@@ -652,8 +770,12 @@ def store_lock(url: str | os.PathLike[str], storage_options: dict[str, Any] | No
 
 def open_or_create(url: str | os.PathLike[str], *, config: Mapping[str, Any], n_samples: int,
                    sample_shape: tuple[int, ...], shard_size: int,
-                   storage_options: dict[str, Any] | None = None) -> LatentStore:
+                   storage_options: dict[str, Any] | None = None,
+                   data_prefix: Mapping[str, Any] | None = None) -> LatentStore:
     """Open the store at ``url`` if its pinned config matches, else create it if absent.
+
+    With ``data_prefix`` the store is incremental: a new one is created as such, an existing one
+    must be incremental and is matched without its length (the caller grows it under the lock).
 
     Raises:
         ConfigMismatchError: a store with a different config exists (it is left untouched).
@@ -663,7 +785,14 @@ def open_or_create(url: str | os.PathLike[str], *, config: Mapping[str, Any], n_
     if loc.classify() != "complete":  # create() refuses what is not a pflatents store
         return LatentStore.create(url, config=config, n_samples=n_samples,
                                   sample_shape=sample_shape, shard_size=shard_size,
-                                  storage_options=storage_options)
+                                  storage_options=storage_options, data_prefix=data_prefix)
     store = LatentStore.open(url, mode="r+", storage_options=storage_options)
-    store.check_matches(config, n_samples, sample_shape, shard_size)
+    incremental = data_prefix is not None
+    store.check_matches(config, None if incremental else n_samples, sample_shape, shard_size)
+    if store.incremental != incremental:
+        kind = "incremental" if store.incremental else "fixed-length"
+        raise ConfigMismatchError(
+            f"store {store.url} is a {kind} store; extract into it "
+            f"{'with' if store.incremental else 'without'} --incremental, or use a new output path",
+            [("incremental", store.incremental, incremental)])
     return store

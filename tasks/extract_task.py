@@ -5,7 +5,8 @@ do. Sources and models are cached per worker process, so each is opened/loaded o
 
 Fault injection for tests and operators: ``PFLATENTS_FAIL_SHARDS="3,7"`` makes those shards fail on
 every attempt; ``PFLATENTS_FAIL_ONCE="3"`` makes shard 3 fail on its first attempt in a process only
-(a transient error that a retry fixes).
+(a transient error that a retry fixes); ``PFLATENTS_FAIL_SHARDS_FILE=path`` makes the shards listed in that
+file (comma-separated) fail while the file exists (for long-lived servers and scheduled runs).
 """
 
 from __future__ import annotations
@@ -38,8 +39,17 @@ def _ids(var: str) -> set[int]:
     return {int(v) for v in os.environ.get(var, "").replace(" ", "").split(",") if v}
 
 
+def _file_ids(var: str) -> set[int]:
+    path = os.environ.get(var)
+    try:
+        text = open(path).read() if path else ""
+    except OSError:
+        return set()
+    return {int(v) for v in text.replace(" ", "").replace("\n", ",").split(",") if v}
+
+
 def _inject_fault(shard_id: int) -> None:
-    if shard_id in _ids("PFLATENTS_FAIL_SHARDS"):
+    if shard_id in _ids("PFLATENTS_FAIL_SHARDS") or shard_id in _file_ids("PFLATENTS_FAIL_SHARDS_FILE"):
         raise InjectedFault(f"injected failure of shard {shard_id} (PFLATENTS_FAIL_SHARDS)")
     with _lock:
         if shard_id in _ids("PFLATENTS_FAIL_ONCE") and shard_id not in _failed_once:
@@ -52,14 +62,19 @@ def _source_cached(spec: str, stamp: tuple):
     return open_source(spec)
 
 
-def _source(spec: str):
-    """The job's source, opened once per worker process (re-opened if the file changed)."""
+def _source(spec: str, stop: int = 0):
+    """The job's source, opened once per worker process (re-opened if the file changed, or if it grew
+    past the cached length: a growing source's new samples are read from a fresh open)."""
     try:
-        st = os.stat(spec.removeprefix("images:").split(".zarr/")[0])
+        st = os.stat(spec.removeprefix("images:").removeprefix("npydir:").split(".zarr/")[0])
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
     except OSError:
         stamp = ()
-    return _source_cached(spec, stamp)
+    src = _source_cached(spec, stamp)
+    if len(src) < stop:
+        _source_cached.cache_clear()
+        src = _source_cached(spec, stamp)
+    return src
 
 
 def run_shard(store_url: str, shard_id: int, device: str = "auto") -> dict:
@@ -73,7 +88,7 @@ def run_shard(store_url: str, shard_id: int, device: str = "auto") -> dict:
     start, stop = store.shard_range(shard_id)
     sde, dev = cfg.make_sde(), resolve_device(device)
     model = load_model(cfg.model["spec"], sde)
-    block = _source(cfg.data["spec"]).read(start, stop)
+    block = _source(cfg.data["spec"], stop).read(start, stop)
     t1 = time.perf_counter()
     z, nfe, status = encode_block(model, sde, block, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
     t2 = time.perf_counter()

@@ -3,6 +3,9 @@
 Specs accepted by :func:`open_source`:
 
 - ``path/file.npy``: memory-mapped float array ``(N, *sample_shape)``.
+- ``npydir:DIR``: every ``*.npy`` file in DIR (sorted by name, hidden files skipped), each
+  memory-mapped, concatenated along the sample axis; a growing dataset appends new files (write
+  them under a name not ending in ``.npy``, or a hidden one, and rename them into place).
 - ``path/store.zarr`` or ``path/store.zarr/inner/array``: a float Zarr array (v2 or v3).
 - ``images:DIR``: 8-bit PNG/JPEG files of one size, sorted by name, as CHW float32 in [-1, 1].
 - ``sklearn:digits``: the 1797 8x8 digits bundled with scikit-learn, flat 64, float32 in [-1, 1].
@@ -34,7 +37,7 @@ MiB = 1 << 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GRAY_MODES = {"1", "L", "LA"}
 RGB_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
-SPECS_HELP = "expected file.npy, store.zarr[/array], images:DIR or sklearn:digits"
+SPECS_HELP = "expected file.npy, npydir:DIR, store.zarr[/array], images:DIR or sklearn:digits"
 
 
 class Source(ABC):
@@ -56,8 +59,8 @@ class Source(ABC):
     def _read(self, start: int, stop: int) -> np.ndarray:
         """Samples ``[start, stop)`` (range already checked)."""
 
-    def _identity(self) -> list[Any]:
-        """Cheap facts hashed into the fingerprint besides the sample values."""
+    def _identity(self, n: int) -> list[Any]:
+        """Cheap facts about the first ``n`` samples hashed into the fingerprint besides values."""
         return []
 
     @property
@@ -73,40 +76,48 @@ class Source(ABC):
                             f"{n} samples (need 0 <= start <= stop <= {n})")
         return self._read(start, stop)
 
-    def fingerprint(self) -> str:
+    def fingerprint(self, n: int | None = None) -> str:
         """blake2b of shape, dtype and the values read (all, or sampled blocks if large).
+
+        ``n`` fingerprints only the first ``n`` samples (the extracted prefix of a growing
+        source): a source that grew has the same ``fingerprint(n)`` as before it grew.
 
         Array sources hash content only (the same values as .npy or .zarr hash alike); image
         sources also hash every file's name and byte size, which catches most edits between
         sampled blocks at the cost of one stat per file.
         """
+        n = len(self) if n is None else operator.index(n)
+        if not 0 <= n <= len(self):
+            raise DataError(f"{self.spec}: cannot fingerprint the first {n} samples of "
+                            f"{len(self)}")
         h = hashlib.blake2b(digest_size=20)
-        header = [len(self), list(self.sample_shape), self.dtype.str, self.quantization,
-                  *self._identity()]
+        header = [n, list(self.sample_shape), self.dtype.str, self.quantization,
+                  *self._identity(n)]
         h.update(json.dumps(header).encode())
-        for start, stop in self._hash_ranges():
+        for start, stop in self._hash_ranges(n):
             h.update(f"{start}:{stop};".encode())
             h.update(self.read(start, stop))
         return "blake2b:" + h.hexdigest()
 
-    def _hash_ranges(self) -> list[tuple[int, int]]:
-        """Sample ranges hashed by ``fingerprint``: all samples, or evenly spaced blocks."""
-        n, rows = len(self), max(1, self.hash_block_bytes // max(1, self.sample_nbytes))
+    def _hash_ranges(self, n: int | None = None) -> list[tuple[int, int]]:
+        """Ranges of the first ``n`` samples hashed by ``fingerprint``: all, or spaced blocks."""
+        n = len(self) if n is None else n
+        rows = max(1, self.hash_block_bytes // max(1, self.sample_nbytes))
         if n * self.sample_nbytes <= self.hash_full_bytes or n <= rows * self.hash_blocks:
             return [(i, min(n, i + rows)) for i in range(0, n, rows)]
         starts = np.unique(np.linspace(0, n - rows, self.hash_blocks).round().astype(np.int64))
         return [(int(s), int(s) + rows) for s in starts]
 
-    def check_finite(self, block: int = 65536) -> None:
-        """Scan all samples in blocks; raise ``DataError`` listing the first NaN/Inf samples."""
+    def check_finite(self, block: int = 65536, start: int = 0) -> None:
+        """Scan samples from ``start`` on in blocks; raise ``DataError`` naming NaN/Inf samples."""
         if self.quantization is not None:
             return  # integer pixels/counts scaled by a constant are always finite
         rows = max(1, min(block, 64 * MiB // max(1, self.sample_nbytes)))
         bad: list[int] = []
         total = 0
-        for start in range(0, len(self), rows):
-            x = self.read(start, min(len(self), start + rows))
-            idx = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) + start
+        for i0 in range(start, len(self), rows):
+            x = self.read(i0, min(len(self), i0 + rows))
+            idx = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) + i0
             total += idx.size
             bad.extend(int(i) for i in idx[: max(0, 10 - len(bad))])
         if total:
@@ -163,7 +174,7 @@ class ArraySource(Source):
         """Copy samples ``[start, stop)`` into memory as native ``self.dtype``."""
         return np.array(self._array[start:stop], dtype=self.dtype, order="C")
 
-    def _identity(self) -> list[Any]:
+    def _identity(self, n: int) -> list[Any]:
         """Source-specific facts given at construction."""
         return self._ident
 
@@ -197,6 +208,52 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype[Any]]:
             return tuple(shape), np.dtype(dtype)
     except (OSError, ValueError, EOFError) as exc:
         raise DataError(f"cannot read {path} as a .npy file: {exc}") from exc
+
+
+class NpyDirSource(Source):
+    """``*.npy`` files in a directory, sorted by name, concatenated along the sample axis.
+
+    Each file is memory-mapped; all must hold float samples of one shape. Content-only
+    fingerprint (like ``NpySource``), so ``fingerprint(n)`` does not depend on how the first
+    ``n`` samples are split into files.
+    """
+
+    def __init__(self, spec: str, directory: str) -> None:
+        root = Path(directory).expanduser()
+        if not root.is_dir():
+            raise DataError(f"npy directory not found: {root}")
+        self.files = sorted((p for p in root.iterdir() if p.suffix == ".npy"
+                             and not p.name.startswith(".") and p.is_file()), key=lambda p: p.name)
+        if not self.files:
+            raise DataError(f"no .npy files in {root}")
+        self.spec, self._arrays = spec, [NpySource(str(p))._array for p in self.files]
+        first = self._arrays[0]
+        self.sample_shape, self.dtype = tuple(int(d) for d in first.shape[1:]), _float_dtype(
+            spec, np.dtype(first.dtype))
+        for path, a in zip(self.files, self._arrays):
+            if tuple(a.shape[1:]) != self.sample_shape or _float_dtype(spec, a.dtype) != self.dtype:
+                raise DataError(f"{path} holds samples of shape {tuple(a.shape[1:])} and dtype "
+                                f"{a.dtype}, but {self.files[0].name} holds {self.sample_shape}, "
+                                f"{first.dtype}; all files in {root} must match")
+        self._ends = np.cumsum([len(a) for a in self._arrays])
+
+    def __len__(self) -> int:
+        """Total samples over all files."""
+        return int(self._ends[-1])
+
+    def _read(self, start: int, stop: int) -> np.ndarray:
+        """Copy samples ``[start, stop)``, spanning files where needed."""
+        out = np.empty((stop - start, *self.sample_shape), dtype=self.dtype)
+        first = int(np.searchsorted(self._ends, start, side="right"))
+        pos = start
+        for k in range(first, len(self._arrays)):
+            if pos >= stop:
+                break
+            f0 = int(self._ends[k]) - len(self._arrays[k])
+            take = min(stop, int(self._ends[k])) - pos
+            out[pos - start: pos - start + take] = self._arrays[k][pos - f0: pos - f0 + take]
+            pos += take
+        return out
 
 
 class ZarrSource(ArraySource):
@@ -282,9 +339,9 @@ class ImageSource(Source):
             out[i] = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)
         return out
 
-    def _identity(self) -> list[Any]:
-        """Names and byte sizes of all image files (cheap: one stat each)."""
-        return ["images", [[p.name, p.stat().st_size] for p in self.files]]
+    def _identity(self, n: int) -> list[Any]:
+        """Names and byte sizes of the first ``n`` image files (cheap: one stat each)."""
+        return ["images", [[p.name, p.stat().st_size] for p in self.files[:n]]]
 
 
 def _channels(path: Path, mode: str) -> int:
@@ -341,6 +398,8 @@ def open_source(spec: str | os.PathLike[str]) -> Source:
     text = os.fspath(spec)
     if text.startswith("images:"):
         return ImageSource(text, text[len("images:"):])
+    if text.startswith("npydir:"):
+        return NpyDirSource(text, text[len("npydir:"):])
     if text.startswith("sklearn:"):
         if text != "sklearn:digits":
             raise DataError(f"unknown scikit-learn dataset {text!r}; "

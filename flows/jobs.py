@@ -1,0 +1,205 @@
+"""One extraction job, shared by `pflatents extract`, `resume` and scheduled runs (`serve`).
+
+The steps every entry point takes: validate the inputs (before any lock or Prefect) -> lock the
+store -> open or create it, and for a growing source check the extracted prefix and grow the plan
+-> run the extract flow over the pending shards (earlier failures first, then new ones) -> publish
+the new sample count. Only this coordinator resizes arrays or rewrites the store attrs; tasks write
+their own shards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from flows.config import ExtractConfig, build_config
+from storage import LatentStore, default_shard_size, open_or_create, store_lock
+from tasks.errors import InputError
+from tasks.sources import Source, open_source
+
+__all__ = ["Job", "Prepared", "prepare", "make_store", "grow_to_source", "check_source", "locked",
+           "data_spec", "model_spec", "store_url"]
+
+
+@dataclass(frozen=True)
+class Job:
+    """What to extract and how (the CLI flags of `extract`, or a `serve` config file)."""
+
+    data: str
+    model: str
+    out: str
+    sde: str = "vp"
+    t_eps: float = 1e-5
+    solver: str = "dopri5"
+    rtol: float = 1e-5
+    atol: float = 1e-5
+    steps: int = 50
+    grid: str = "logsnr"
+    shard_size: int | None = None
+    batch_size: int = 1024
+    dtype: str = "float32"
+    incremental: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Job:
+        """Build from plain keys (``t-eps`` and ``t_eps`` alike); unknown keys are an InputError."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        norm = {str(k).replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(norm) - set(fields))
+        if unknown:
+            raise InputError(f"unknown job setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
+        missing = [k for k in ("data", "model", "out") if not norm.get(k)]
+        if missing:
+            raise InputError(f"the job needs {', '.join(missing)} (flags --{' --'.join(missing)} or config keys)")
+        return cls(**norm)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def resolved(self) -> Job:
+        """The job with local paths made absolute (runs may start in another directory)."""
+        return dataclasses.replace(self, data=data_spec(self.data), model=model_spec(self.model),
+                                   out=store_url(self.out))
+
+
+def store_url(out: str) -> str:
+    return out if "://" in out else str(Path(out).expanduser().resolve())
+
+
+def data_spec(spec: str) -> str:
+    """Make local paths absolute (images:DIR and npydir:DIR too), so a resume from another directory finds the data."""
+    for prefix in ("images:", "npydir:"):
+        if spec.startswith(prefix):
+            return prefix + str(Path(spec[len(prefix):]).expanduser().resolve())
+    if spec.startswith("sklearn:") or "://" in spec:
+        return spec
+    root, sep, inner = spec.partition(".zarr/")
+    if sep:
+        return str(Path(root + ".zarr").expanduser().resolve()) + "/" + inner
+    return str(Path(spec).expanduser().resolve())
+
+
+def model_spec(spec: str) -> str:
+    """Make the path in a model spec absolute (``gmm:``/``diffusers:`` prefixes and checkpoint dirs)."""
+    for prefix in ("gmm:", "diffusers:"):
+        if spec.startswith(prefix):
+            return prefix + str(Path(spec[len(prefix):]).expanduser().resolve())
+    return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """A validated job: its source, its frozen config and the store URL."""
+
+    job: Job
+    url: str
+    src: Source
+    cfg: ExtractConfig
+    shard_size: int
+
+    @property
+    def incremental(self) -> bool:
+        return bool(self.cfg.data.get("incremental"))
+
+
+def prepare(job: Job) -> Prepared:
+    """Validate the job against its data and model (nothing written, no lock, no Prefect).
+
+    A growing source (``npydir:``) is always incremental. Incremental jobs scan only new samples
+    for NaN/Inf, under the lock (``grow_to_source``); fixed jobs scan everything here.
+    """
+    src = open_source(data_spec(job.data))
+    incremental = job.incremental or src.spec.startswith("npydir:")
+    if not incremental:
+        src.check_finite()
+    sample_nbytes = 4
+    for n in src.sample_shape:
+        sample_nbytes *= n
+    shard_size = job.shard_size if job.shard_size is not None else default_shard_size(sample_nbytes, len(src))
+    cfg = build_config(source=src, model_spec=job.model, sde_name=job.sde, solver=job.solver, rtol=job.rtol,
+                       atol=job.atol, steps=job.steps, grid=job.grid, t_eps=job.t_eps, shard_size=shard_size,
+                       batch_size=job.batch_size, dtype=job.dtype, incremental=incremental)
+    return Prepared(job=job, url=store_url(job.out), src=src, cfg=cfg, shard_size=shard_size)
+
+
+def make_store(p: Prepared) -> LatentStore:
+    """Open the job's store if its pinned config matches, else create it (call under the lock for new stores)."""
+    prefix = None
+    if p.incremental:  # an existing store is only matched here (grown later); a new one needs the prefix
+        prefix = {}
+        if _absent(p.url):
+            p.src.check_finite()
+            prefix = {"n": len(p.src), "fingerprint": p.src.fingerprint()}
+    return open_or_create(p.url, config=p.cfg.to_dict(), n_samples=len(p.src), sample_shape=tuple(p.src.sample_shape),
+                          shard_size=p.shard_size, data_prefix=prefix)
+
+
+def _absent(url: str) -> bool:
+    from storage.store import _Location
+
+    return _Location.parse(url).classify() != "complete"
+
+
+def check_prefix(store: LatentStore, src: Source) -> int:
+    """Refuse a source whose already-planned prefix changed or shrank; returns the prefix length."""
+    prefix = store.data_prefix or {}
+    n_old = int(prefix.get("n", 0))
+    if len(src) < n_old:
+        raise InputError(f"the data {src.spec} now has {len(src)} samples, fewer than the {n_old} already planned "
+                         f"in {store.url}; refusing to continue (samples must only be appended)")
+    if src.fingerprint(n_old) != prefix.get("fingerprint"):
+        raise InputError(f"the data {src.spec} changed in its first {n_old} samples (already extracted into "
+                         f"{store.url}); refusing to extend the store. Restore the data, or extract into a new store")
+    return n_old
+
+
+def grow_to_source(store: LatentStore, src: Source) -> int:
+    """Coordinator step for a growing source: check the prefix, scan new samples, grow the plan; returns #new samples."""
+    n_old = check_prefix(store, src)
+    n_new = len(src)
+    if n_new == n_old:
+        return 0
+    src.check_finite(start=n_old)
+    store.grow(n_new, {"n": n_new, "fingerprint": src.fingerprint(n_new)})
+    return n_new - n_old
+
+
+def check_source(store: LatentStore, cfg: ExtractConfig, src: Source) -> None:
+    """For resume: the data must be what the store was planned on."""
+    if cfg.data.get("incremental"):
+        check_prefix(store, src)
+        return
+    if src.fingerprint() != cfg.data["fingerprint"] or len(src) != cfg.data["n_samples"]:
+        raise InputError(f"the data {cfg.data['spec']} changed since the store was created (fingerprint or length "
+                         f"differs); refusing to resume {store.url}")
+
+
+@contextlib.contextmanager
+def locked(open_store: Callable[[], LatentStore], url: str, owner: dict) -> Iterator[LatentStore]:
+    """Open (or create) the store under its lock. A store that does not exist yet is locked before it is
+    created, so two processes started at once cannot both create it; one refuses with a clear message.
+    Object-store locks are leases, renewed from a thread while held."""
+    absent = "://" not in url and not Path(url).exists()
+    if absent:
+        lock = store_lock(url)
+        lock.acquire(owner)
+        try:
+            store = open_store()
+        except BaseException:
+            lock.release()
+            if Path(url).is_dir() and not any(p for p in Path(url).rglob("*") if p.is_file()):
+                shutil.rmtree(url, ignore_errors=True)  # leave nothing behind on a refused create
+            raise
+    else:
+        store = open_store()
+        lock = store_lock(url)
+        lock.acquire(owner)
+    lock.keep_alive()
+    try:
+        yield store
+    finally:
+        lock.release()

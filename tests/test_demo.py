@@ -1,0 +1,25 @@
+"""`pflatents demo` end to end on the digits with a tiny training budget, then a rerun that reuses everything."""
+
+from __future__ import annotations
+
+import pytest
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_demo_runs_and_reruns_reusing_model_and_store(tmp_path, prefect_api, capsys):
+    from flows.cli import COMMANDS, main
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--train-steps", "20", "--no-progress"]) == 0
+    first = capsys.readouterr().out
+    assert "training a 3x256 MLP" in first and "pflatents demo: done" in first
+    models = list((out / "models").iterdir())
+    assert len(models) == 1 and (models[0] / "model.safetensors").is_file()
+    assert (out / "digits.zarr").is_dir()
+    if "analyze" in COMMANDS:
+        assert (out / "report").is_dir()
+    assert main(["demo", "--out", str(out), "--train-steps", "20", "--no-progress"]) == 0
+    second = capsys.readouterr().out
+    assert "reusing" in second and "nothing to do" in second
+    assert list((out / "models").iterdir()) == models
