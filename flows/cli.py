@@ -23,6 +23,9 @@ def _prefect_env() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    # OpenMP's spin-waiting threads made 2-thread torch 20-50x slower whenever another process
+    # competed for the cores (measured, benchmarks/solvers.py); passive waiting costs nothing alone.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -45,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sde", default="vp", choices=["vp", "ve", "edm"])
     e.add_argument("--t-eps", type=float, default=1e-5)
     e.add_argument("--solver", default="dopri5", help="dopri5 | rk4 | heun | euler | dpmpp2m")
-    e.add_argument("--rtol", type=float, default=1e-5)
-    e.add_argument("--atol", type=float, default=1e-5)
+    e.add_argument("--rtol", type=float, default=5e-7, help="dopri5 relative tolerance (5e-7 keeps the worst latent error under 1e-4, README)")
+    e.add_argument("--atol", type=float, default=5e-7)
     e.add_argument("--steps", type=int, default=50, help="steps of a fixed-step solver")
     e.add_argument("--grid", default="logsnr", help="time grid of fixed-step solvers: logsnr | edm | time")
     e.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: chunks of ~8 MiB)")

@@ -35,8 +35,8 @@ class Job:
     sde: str = "vp"
     t_eps: float = 1e-5
     solver: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
+    rtol: float = 5e-7
+    atol: float = 5e-7
     steps: int = 50
     grid: str = "logsnr"
     shard_size: int | None = None

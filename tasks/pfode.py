@@ -33,8 +33,8 @@ class SolverConfig:
     """How to integrate: solver name, tolerances (adaptive) or step count (fixed), grid, t_eps."""
 
     name: str = "dopri5"
-    rtol: float = 1e-5
-    atol: float = 1e-5
+    rtol: float = 5e-7
+    atol: float = 5e-7
     steps: int = 50
     grid: str = "logsnr"
     t_eps: float = 1e-5
