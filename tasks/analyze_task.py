@@ -1,0 +1,176 @@
+"""The units of analysis work as thin Prefect tasks: statistics, reconstruction chunks, ICA, report.
+
+Tasks receive the store URL, sample ranges and plain settings, never arrays; they write arrays into
+the store's ``analysis`` group (each reconstruction task owns whole chunks) and return small dicts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from storage import LatentStore
+from storage.analysis import analysis_group, read_sample_arrays, write_arrays, write_sample_chunk
+from tasks.ica import ica_table
+from tasks.models import load_model, resolve_device
+from tasks.reconstruct import read_rows, reconstruct_rows
+from tasks.sources import open_source
+from tasks.stats import StatsConfig, compute_stats, dcor_tests, select_pairs, summarise
+
+__all__ = ["compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
+           "latents_dask", "RECON_ARRAYS"]
+
+RECON_ARRAYS = ["recon_max_abs", "recon_rmse", "recon_nfe", "recon_status"]
+
+
+def _config(store: LatentStore) -> Any:
+    """The store's pinned extraction config (config (de)serialisation lives with the flows)."""
+    from flows.config import ExtractConfig
+
+    return ExtractConfig.from_dict(store.config)
+
+
+def usable_rows(ranges: list[list[int]]) -> np.ndarray:
+    """Every sample index in the given ``[start, stop)`` ranges."""
+    return np.concatenate([np.arange(a, b) for a, b in ranges]).astype(np.int64)
+
+
+def latents_dask(store: LatentStore, ranges: list[list[int]], rows: int | None) -> Any:
+    """The latents of the given ranges as one dask array (N_used, ...), chunk-aligned."""
+    import dask.array as da
+
+    x = store.latents_dask(rows or store.dask_rows(32 << 20))  # ~32 MiB float32 per chunk
+    parts = [x[a:b] for a, b in ranges]
+    return parts[0] if len(parts) == 1 else da.concatenate(parts)
+
+
+def read_latents(store: LatentStore, index: np.ndarray) -> np.ndarray:
+    """Latent rows ``index`` (sorted) as float64."""
+    return np.asarray(store.latents_array().oindex[np.asarray(index, dtype=np.int64)], dtype=np.float64)
+
+
+def _subsample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
+    """A seeded, sorted subsample of ``n`` of ``rows`` (all if fewer)."""
+    if n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng([seed, stream]).choice(rows, n, replace=False))
+
+
+def _stats_arrays(res: dict[str, Any]) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """The statistics as named arrays with dimension names for the analysis group."""
+    nm = res["normality"]
+    per_dim = {k: nm[k] for k in ("mean", "var", "skew", "kurt", "ks", "ad", "p_mean", "p_var", "p_jb",
+                                  "p_ks", "p_ad", "p_chi2", "p_dim")}
+    out = {("excess_kurtosis" if k == "kurt" else k): (np.asarray(v, np.float64), ("dim",))
+           for k, v in per_dim.items()}
+    out["normality_fail"] = (nm["fail"].astype(np.int8), ("dim",))
+    for key, name in (("corr_z", "corr"), ("corr_sq", "corr_squares"), ("corr_abs", "corr_abs")):
+        out[name] = (res[key], ("dim_i", "dim_j"))
+    for key in ("hsic", "hsic_p", "mi", "mi_p"):
+        out[key] = (res[key], ("pair_i", "pair_j"))
+    out["pair_dims"] = (np.asarray(res["pair_dims"], np.int64), ("pair_i",))
+    return out
+
+
+@task(name="compute_latent_stats", cache_policy=NO_CACHE, persist_result=False)
+def compute_latent_stats(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, Any],
+                         prior_std: float, rows: int | None = None) -> dict[str, Any]:
+    """One dask pass over the latents (divided by the prior std) plus dCor on a subsample."""
+    store = LatentStore.open(store_url, mode="r+")
+    cfg = StatsConfig(**stats_cfg)
+    res = compute_stats(latents_dask(store, ranges, rows) / prior_std, cfg)
+    sample = read_latents(store, _subsample(usable_rows(ranges), cfg.dcor_n, cfg.seed, 6)) / prior_std
+    dcor = dcor_tests(sample, select_pairs(res, cfg), cfg)
+    write_arrays(analysis_group(store, create=True), _stats_arrays(res))
+    return summarise(res, dcor, cfg)
+
+
+@task(name="reconstruct_chunk", cache_policy=NO_CACHE, persist_result=False)
+def reconstruct_chunk(store_url: str, chunk_id: int, device: str = "auto") -> dict[str, Any]:
+    """Decode one chunk of the analysis ``sample_index`` and write its per-sample errors."""
+    store = LatentStore.open(store_url, mode="r+")
+    cfg = _config(store)
+    idx_arr = analysis_group(store)["sample_index"]  # type: ignore[index]
+    size = idx_arr.chunks[0]
+    i0 = chunk_id * size
+    index = np.asarray(idx_arr[i0:i0 + size])
+    source, sde = open_source(cfg.data["spec"]), cfg.make_sde()
+    z = read_latents(store, index).astype(np.float32)
+    x = read_rows(source, index)
+    values = reconstruct_rows(load_model(cfg.model["spec"], sde), sde, z, x, cfg.make_solver(),
+                              cfg.batch_size, resolve_device(device), cfg.dtype, source.quantization)
+    write_sample_chunk(store, i0, values)
+    return {"chunk": chunk_id, "n": int(len(index)), "max_abs_error": float(values["recon_max_abs"].max())}
+
+
+@task(name="compare_ica", cache_policy=NO_CACHE, persist_result=False)
+def compare_ica(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, Any], ica_n: int,
+                sources: str | None, prior_std: float) -> dict[str, Any]:
+    """FastICA on a seeded subsample of the data; the comparison table on the same rows."""
+    store = LatentStore.open(store_url, mode="r")
+    cfg = StatsConfig(**stats_cfg)
+    index = _subsample(usable_rows(ranges), ica_n, cfg.seed, 7)
+    x = read_rows(open_source(_config(store).data["spec"]), index)
+    s = np.asarray(np.load(sources, mmap_mode="r")[index], np.float64) if sources else None
+    table = ica_table(x, read_latents(store, index) / prior_std, s, cfg)
+    return {"rows": int(len(index)), "sources": sources, "table": table}
+
+
+def recon_values(store: LatentStore) -> dict[str, np.ndarray]:
+    """The per-sample reconstruction arrays written so far, with ``sample_index``."""
+    names = ["sample_index", *RECON_ARRAYS, "recon_requantised_exact", "encode_max_abs", "encode_rmse"]
+    return read_sample_arrays(store, names)
+
+
+def image_shape(store: LatentStore) -> tuple[int, ...] | None:
+    """CHW shape to show samples as images: 3-D samples, or flat quantised square ones (digits)."""
+    shape = store.sample_shape
+    if len(shape) == 3:
+        return shape
+    side = int(round(np.sqrt(shape[0]))) if len(shape) == 1 else 0
+    quantised = ((store.config.get("data") or {}).get("spec", "")).startswith(("sklearn:", "images:"))
+    return (1, side, side) if side * side == shape[0] and side > 1 and quantised else None
+
+
+def _image_grids(store: LatentStore, index: np.ndarray, device: str, n: int = 8) -> dict[str, np.ndarray]:
+    """Originals, their reconstructions and decodes of fresh prior draws, as CHW images."""
+    import torch
+
+    from tasks.encode_batches import decode_block
+
+    cfg = _config(store)
+    sde, dev = cfg.make_sde(), resolve_device(device)
+    model, solver = load_model(cfg.model["spec"], sde), cfg.make_solver()
+    out: dict[str, np.ndarray] = {}
+    if len(index):
+        idx = index[:n]
+        out["original"] = read_rows(open_source(cfg.data["spec"]), idx)
+        z = read_latents(store, idx).astype(np.float32)
+        out["reconstructed"] = decode_block(model, sde, z, solver, cfg.batch_size, dev, cfg.dtype)[0]
+    gen = torch.Generator().manual_seed(0)
+    prior = sde.prior_sample((n, *store.sample_shape), generator=gen).numpy()  # prior_std-scaled
+    out["prior"] = decode_block(model, sde, prior, solver, cfg.batch_size, dev, cfg.dtype)[0]
+    shape = image_shape(store)
+    return {k: v.reshape(len(v), *shape) for k, v in out.items()}  # type: ignore[misc]
+
+
+@task(name="write_analysis_report", cache_policy=NO_CACHE, persist_result=False)
+def write_analysis_report(store_url: str, ranges: list[list[int]], summary: dict[str, Any], directory: str,
+                          prior_std: float, device: str = "auto", seed: int = 0) -> dict[str, str]:
+    """Plots from the stored analysis arrays and a seeded latent subsample; report.md + report.html."""
+    from tasks.report import write_report
+
+    store = LatentStore.open(store_url, mode="r")
+    group = analysis_group(store)
+    sample = read_latents(store, _subsample(usable_rows(ranges), 2000, seed, 8)) / prior_std
+    data: dict[str, Any] = {"sample": sample.reshape(len(sample), -1), "corr": np.asarray(group["corr"][:]),
+                            "corr_sq": np.asarray(group["corr_squares"][:])}
+    rec = recon_values(store)
+    if "recon_max_abs" in rec:
+        data["recon_err"] = rec["recon_max_abs"]
+    if image_shape(store) is not None:
+        data["images"] = _image_grids(store, rec.get("sample_index", np.empty(0, np.int64)), device)
+    return write_report(directory, summary, data)

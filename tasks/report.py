@@ -1,0 +1,224 @@
+"""The analysis report: Markdown and HTML pages with PNG plots (matplotlib Agg). No Prefect, no zarr."""
+
+from __future__ import annotations
+
+import html
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = ["summary_table", "write_report", "markdown_to_html"]
+
+ROUND_TRIP_NOTE = ("The round trip x -> z -> x' understates the encode error: encode and decode errors "
+                   "partly cancel (6-10x in docs/STATISTICS.md). Encode error is shown separately where "
+                   "an exact answer exists (a single-Gaussian model: the exact flow map is affine).")
+ICA_NOTE = ("Exact PF-ODE latents approach N(0, I), so they are independent in every rotation (see the "
+            "randomly rotated row): passing the independence tests does not identify sources. FastICA "
+            "recovers sources up to permutation, sign and scale (Amari distance near 0); PF-ODE latents "
+            "need not (Amari distance near that of a random rotation, about 0.5).")
+
+
+def _fmt(v: Any) -> str:
+    """A table cell."""
+    if v is None:
+        return "n/a"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(str(x) for x in v) or "none"
+    return str(v)
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    """A Markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(s: dict[str, Any]) -> str:
+    """The key figures with their pass lines (also the Prefect artifact)."""
+    nm, ind, rec = s["normality"], s["independence"], s.get("reconstruction") or {}
+    rows = [["samples x dims", f"{s['n_samples']} x {s['n_dims']}", ""],
+            ["max abs off-diagonal corr", ind["max_abs_offdiag_corr"], f"< {ind['corr_threshold']:.4g}"],
+            ["pairs over threshold", ind["n_pairs_over_threshold"], "0"],
+            ["Gaussian total correlation", ind["gaussian_total_correlation"],
+             f"null mean {ind['gaussian_total_correlation_null_mean']:.3g}; Bartlett p {ind['bartlett_p']:.3g}"],
+            ["max abs corr of squares", ind["max_abs_offdiag_corr_of_squares"], f"< {ind['corr_threshold']:.4g}"],
+            ["max abs corr of abs", ind["max_abs_offdiag_corr_of_abs"], f"< {ind['corr_threshold']:.4g}"],
+            ["HSIC pairs rejected", ind["hsic_n_pairs_rejected"], "0"],
+            ["binned MI pairs rejected", ind["mi_n_pairs_rejected"], "0"],
+            ["dCor pairs rejected", f"{ind['dcor_n_rejected']} of {ind['dcor_pairs_tested']}", "0"],
+            ["max abs mean", nm["max_abs_mean"], ""], ["max abs var - 1", nm["max_abs_var_minus_1"], ""],
+            ["mean abs excess kurtosis", nm["mean_abs_excess_kurtosis"], f"~ < {nm['kurtosis_threshold']:.3g}"],
+            ["dims failing normality", nm["n_dims_failing"], "0"]]
+    if rec:
+        rows += [["round-trip max abs error", rec.get("max_abs_error"), ""], ["round-trip RMSE", rec.get("rmse"), ""]]
+    return _table(["statistic", "value", "pass line (5%, Bonferroni)"], rows) + f"\n\n**Verdict:** {s['verdict']}\n"
+
+
+def _plots(out: Path, data: dict[str, Any]) -> list[tuple[str, str]]:
+    """Write the PNGs; returns (title, file name) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from scipy import stats
+
+    made: list[tuple[str, str]] = []
+    z = data["sample"]
+    k = min(16, z.shape[1])
+    cols = min(4, k)
+    rows = -(-k // cols)
+    grid = np.linspace(-4, 4, 200)
+    for name, title in (("hist.png", "Per-dim histograms vs N(0,1)"), ("qq.png", "QQ plots vs N(0,1)")):
+        fig, axes = plt.subplots(rows, cols, figsize=(3 * cols, 2.4 * rows), squeeze=False)
+        for j, ax in enumerate(axes.ravel()):
+            if j >= k:
+                ax.axis("off")
+                continue
+            if name == "hist.png":
+                ax.hist(z[:, j], bins=50, range=(-4, 4), density=True, alpha=0.6)
+                ax.plot(grid, stats.norm.pdf(grid), "k-", lw=1)
+            else:
+                q = np.sort(z[:, j])
+                ax.plot(stats.norm.ppf((np.arange(len(q)) + 0.5) / len(q)), q, ".", ms=2)
+                ax.plot([-4, 4], [-4, 4], "k-", lw=1)
+            ax.set_title(f"dim {j}", fontsize=8)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        made.append((title, name))
+    for key, name, title in (("corr", "corr.png", "Correlation matrix"),
+                             ("corr_sq", "corr_squares.png", "Correlation of squares")):
+        fig, ax = plt.subplots(figsize=(5, 4))
+        r = data[key].copy()
+        np.fill_diagonal(r, 0.0)
+        lim = max(float(np.abs(r).max()), 1e-3)
+        im = ax.imshow(r, cmap="RdBu_r", vmin=-lim, vmax=lim)
+        fig.colorbar(im)
+        ax.set_title(f"{title} (diagonal zeroed)", fontsize=9)
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        made.append((title, name))
+    if data.get("recon_err") is not None:
+        fig, ax = plt.subplots(figsize=(5, 3))
+        e = np.asarray(data["recon_err"], dtype=np.float64)
+        ax.hist(np.log10(np.maximum(e, 1e-12)), bins=40)
+        ax.set_xlabel("log10 per-sample max abs round-trip error")
+        fig.tight_layout()
+        fig.savefig(out / "recon_error.png", dpi=80)
+        plt.close(fig)
+        made.append(("Reconstruction error", "recon_error.png"))
+    made += _image_grids(out, data.get("images") or {}, plt)
+    return made
+
+
+def _to_image(x: np.ndarray) -> np.ndarray:
+    """CHW in [-1, 1] -> HWC (or HW) in [0, 1]."""
+    img = np.clip((np.asarray(x, dtype=np.float64) + 1) / 2, 0, 1)
+    return img[0] if img.shape[0] == 1 else np.moveaxis(img, 0, -1)
+
+
+def _image_grids(out: Path, images: dict[str, np.ndarray], plt: Any) -> list[tuple[str, str]]:
+    """Originals beside reconstructions, and decodes of fresh prior draws."""
+    made = []
+    for name, title, keys in (("images_recon.png", "Originals (top) and reconstructions (bottom)",
+                               ("original", "reconstructed")),
+                              ("images_prior.png", "Decodes of fresh prior draws", ("prior",))):
+        rows = [images[k] for k in keys if k in images]
+        if not rows or len(rows[0]) == 0:
+            continue
+        n = len(rows[0])
+        fig, axes = plt.subplots(len(rows), n, figsize=(1.2 * n, 1.2 * len(rows)), squeeze=False)
+        for r, row in enumerate(rows):
+            for c in range(n):
+                axes[r, c].imshow(_to_image(row[c]), cmap="gray", vmin=0, vmax=1)
+                axes[r, c].axis("off")
+        fig.savefig(out / name, dpi=80)
+        plt.close(fig)
+        made.append((title, name))
+    return made
+
+
+def _sections(s: dict[str, Any], plots: list[tuple[str, str]]) -> list[str]:
+    """The report body as Markdown blocks."""
+    nm, ind = s["normality"], s["independence"]
+    blocks = [f"# pflatents analysis\n\nStore `{s['store']}`: {s['n_samples']} samples x {s['n_dims']} dims"
+              f" ({s['rows_note']}).", summary_table(s), "## Notes", "\n".join([
+                  f"- Latents are divided by the SDE's prior std ({s['prior_std']:g}) before the normality "
+                  "statistics, so the target is N(0, I) for every SDE (VE/EDM latents have std sigma_max).",
+                  f"- Every test is at level {s['alpha']} with Bonferroni over dims (normality) or pairs "
+                  "(dependence); each family is tested separately, so on N(0, I) data a run now and then "
+                  "sees one family reject.",
+                  f"- HSIC and binned MI use {ind['pair_test_dims']} dims; distance correlation uses a seeded "
+                  "subsample of rows and pairs (the flagged ones first)."]),
+              "## Normality",
+              _table(["test (alone, level alpha/D)", "dims failing"], [[k, v] for k, v in nm["n_dims_failing_by_test"].items()]),
+              f"Failing dims: {_fmt(nm['failing_dims'])}. Max KS {nm['max_ks']:.4g} (5%: {nm['ks_threshold_5pct']:.4g}),"
+              f" max AD {nm['max_ad']:.4g} (5%: 2.492).", "## Distance correlation (subsample)",
+              _table(["pair", "dCor", "p", "rejected"],
+                     [[t["pair"], t["dcor"], t["p"], t["rejected"]] for t in ind["dcor_tests"]])]
+    rec = s.get("reconstruction")
+    if rec:
+        blocks += ["## Reconstruction", ROUND_TRIP_NOTE,
+                   _table(["figure", "value"], [[k, v] for k, v in rec.items() if not isinstance(v, (dict, list))]),
+                   _table(["quantile", "max abs error"], [[k, v] for k, v in rec["max_abs_error_quantiles"].items()]),
+                   _table(["worst sample", "max abs error", "rmse"],
+                          [[w["sample"], w["max_abs_error"], w["rmse"]] for w in rec["worst_samples"]])]
+    if s.get("ica"):
+        blocks += ["## ICA comparison", ICA_NOTE, _table(
+            ["representation", "rows", "max abs corr", "max abs corr of squares", "mean abs excess kurtosis",
+             "Amari distance to sources", "dependence tests rejecting"],
+            [[r["representation"], r["n"], r["max_abs_corr"], r["max_abs_corr_of_squares"],
+              r["mean_abs_excess_kurtosis"], r["amari_distance"], r["dependence_tests_rejecting"]]
+             for r in s["ica"]["table"]])]
+    blocks += ["## Plots"] + [f"### {t}\n\n![{t}]({f})" for t, f in plots]
+    return blocks
+
+
+def markdown_to_html(md: str, title: str = "pflatents analysis") -> str:
+    """Render the report's Markdown subset (headings, tables, lists, images, paragraphs) as HTML."""
+    def inline(t: str) -> str:
+        t = html.escape(t)
+        t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', t)
+        t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
+        return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+
+    out = []
+    for block in md.split("\n\n"):
+        lines = block.strip().splitlines()
+        if not lines:
+            continue
+        if lines[0].startswith("#"):
+            level = len(lines[0]) - len(lines[0].lstrip("#"))
+            out.append(f"<h{level}>{inline(lines[0].lstrip('#').strip())}</h{level}>")
+            lines = lines[1:]
+            if not lines:
+                continue
+        if lines[0].startswith("|"):
+            cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if not ln.startswith("|---")]
+            head = "".join(f"<th>{inline(c)}</th>" for c in cells[0])
+            body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+            out.append(f"<table><tr>{head}</tr>{body}</table>")
+        elif lines[0].startswith("- "):
+            out.append("<ul>" + "".join(f"<li>{inline(ln[2:])}</li>" for ln in lines) + "</ul>")
+        else:
+            out.append(f"<p>{inline(' '.join(lines))}</p>")
+    style = "body{font-family:sans-serif;max-width:60em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
+    return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+
+
+def write_report(directory: str | Path, summary: dict[str, Any], data: dict[str, Any]) -> dict[str, str]:
+    """Write report.md, report.html and the PNGs into ``directory``; returns their paths."""
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    md = "\n\n".join(_sections(summary, _plots(out, data))) + "\n"
+    (out / "report.md").write_text(md)
+    (out / "report.html").write_text(markdown_to_html(md))
+    return {"markdown": str(out / "report.md"), "html": str(out / "report.html")}

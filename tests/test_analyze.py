@@ -1,0 +1,151 @@
+"""`pflatents analyze` end to end: a real extraction, crafted stores (Laplace oracle, VE, partial), bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+from scipy import special, stats
+
+from extract_helpers import write_gmm_job
+from flows.cli import main
+from flows.config import build_config
+from storage import open_or_create
+from tasks.encode_batches import encode_block
+from tasks.pfode import SolverConfig
+from tasks.reconstruct import exact_gaussian_latents, requantise_exact
+from tasks.scores import GaussianMixtureScore
+from tasks.sde import VPSDE
+from tasks.sources import open_source
+
+KEYS = ["independence.max_abs_offdiag_corr", "independence.n_pairs_over_threshold",
+        "independence.gaussian_total_correlation", "independence.max_abs_offdiag_corr_of_squares",
+        "normality.max_abs_mean", "normality.max_abs_var_minus_1", "normality.mean_abs_excess_kurtosis",
+        "normality.n_dims_failing", "reconstruction.max_abs_error", "reconstruction.rmse"]
+
+
+def _get(d: dict, dotted: str):
+    for part in dotted.split("."):
+        d = d[part]
+    return d
+
+
+def _analyze(args, capsys) -> tuple[int, dict | None, str]:
+    capsys.readouterr()
+    code = main(["analyze", *args, "--json"])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else None), out.err
+
+
+def craft_store(tmp, x, z, sde="vp", shard=500, done=None):
+    """A store holding the given latents ``z`` of data ``x`` (a K=1 identity GMM pinned as model)."""
+    np.save(tmp / "x.npy", x.astype(np.float32))
+    d = int(np.prod(x.shape[1:]))
+    (tmp / "gmm.json").write_text(json.dumps({"weights": [1.0], "means": [[0.0] * d],
+                                              "covariances": [np.eye(d).tolist()]}))
+    cfg = build_config(source=open_source(str(tmp / "x.npy")), model_spec=f"gmm:{tmp / 'gmm.json'}",
+                       sde_name=sde, solver="rk4", steps=10, shard_size=shard)
+    url = str(tmp / "crafted.zarr")
+    store = open_or_create(url, config=cfg.to_dict(), n_samples=len(x), sample_shape=x.shape[1:], shard_size=shard)
+    for sid in range(store.n_shards):
+        if done is None or sid in done:
+            i0, i1 = store.shard_range(sid)
+            store.write_shard(sid, z[i0:i1], np.zeros(i1 - i0, np.int32))
+    return url
+
+
+def test_exact_gaussian_latents_match_a_tight_integration():
+    data_mu, a = np.array([1.0, -2.0, 0.5]), np.random.default_rng(0).normal(size=(3, 3))
+    cov = a @ a.T + 0.1 * np.eye(3)
+    sde = VPSDE()
+    model = GaussianMixtureScore([1.0], [data_mu.tolist()], [cov.tolist()], sde)
+    x = np.random.default_rng(1).multivariate_normal(data_mu, cov, 20)
+    z, _, _ = encode_block(model, sde, x, SolverConfig("dopri5", rtol=1e-9, atol=1e-9), 20,
+                           torch.device("cpu"), "float64")
+    np.testing.assert_allclose(exact_gaussian_latents(x, data_mu, cov, sde, 1e-5), z, atol=1e-6)
+
+
+def test_requantise_exact():
+    x = -1 + 2 * np.array([[0, 3, 16], [5, 5, 5]]) / 16
+    assert requantise_exact(x, x + 0.03, 17).tolist() == [True, True]
+    assert requantise_exact(x, x + np.array([[0, 0.07, 0], [0, 0, 0]]), 17).tolist() == [False, True]
+
+
+def test_analyze_extracted_store_end_to_end(tmp_path, prefect_api, capsys):
+    data, model = write_gmm_job(tmp_path, n=600, dim=4, k=1, seed=3)
+    np.save(data, np.load(data).reshape(600, 1, 2, 2))  # image-shaped samples: the report shows grids
+    out = str(tmp_path / "s.zarr")
+    assert main(["extract", "--data", str(data), "--model", f"gmm:{model}", "--out", out, "--solver", "rk4",
+                 "--steps", "20", "--shard-size", "200", "--no-progress"]) == 0
+    report = tmp_path / "report"
+    code, s, err = _analyze([out, "--reconstruct", "150", "--report", str(report)], capsys)
+    assert code == 0, err
+    for key in KEYS + ["n_samples", "n_dims", "verdict"]:
+        assert _get(s, key) is not None, key
+    assert (s["n_samples"], s["n_dims"]) == (600, 4)
+    rec = s["reconstruction"]
+    assert rec["n_checked"] == 150 and rec["max_abs_error"] < 1e-2 and len(rec["worst_samples"]) == 10
+    assert rec["encode_max_abs_error"] < 1e-2  # exact encoder of a single Gaussian exists
+    ds = xr.open_zarr(out, group="analysis", consolidated=False)
+    assert ds["recon_max_abs"].dims == ("sample",) and ds.sizes["sample"] == 150
+    idx = ds["sample_index"].values
+    assert np.all(np.diff(idx) > 0) and idx.max() < 600
+    assert ds["corr"].dims == ("dim_i", "dim_j") and ds["mean"].dims == ("dim",)
+    assert ds.attrs["pflatents_analysis"]["summary"]["verdict"] == s["verdict"]
+    assert float(ds["recon_max_abs"].max()) == pytest.approx(rec["max_abs_error"], rel=1e-6)
+    for name in ("report.html", "report.md", "hist.png", "qq.png", "corr.png", "corr_squares.png",
+                 "recon_error.png", "images_recon.png", "images_prior.png"):
+        assert (report / name).stat().st_size > 0, name
+    assert "understates" in (report / "report.md").read_text()
+    # different settings on the same store: refused, naming the field; --overwrite replaces
+    code, _, err = _analyze([out], capsys)
+    assert code == 2 and "analysis.reconstruct" in err and "--overwrite" in err and "Traceback" not in err
+    code, s2, _ = _analyze([out, "--overwrite"], capsys)
+    assert code == 0 and s2["reconstruction"]["max_abs_error"] is None
+    assert "recon_max_abs" not in xr.open_zarr(out, group="analysis", consolidated=False)
+
+
+def test_partial_store_ve_prior_std_and_bad_paths(tmp_path, prefect_api, capsys):
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(2000, 6))
+    url = craft_store(tmp_path, x, 50.0 * rng.normal(size=(2000, 6)), sde="ve", shard=500, done={0, 1, 3})
+    code, _, err = _analyze([url], capsys)
+    assert code == 2 and "incomplete" in err and "--partial" in err
+    code, s, _ = _analyze([url, "--partial"], capsys)
+    assert code == 0 and s["n_samples"] == 1500 and "--partial" in s["rows_note"]
+    assert s["prior_std"] == 50.0 and s["normality"]["max_abs_var_minus_1"] < 0.15  # standardised
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file.txt").write_text("x")
+    for bad in (tmp_path / "junk", tmp_path / "absent.zarr"):
+        code, _, err = _analyze([str(bad)], capsys)
+        assert code == 2 and "pflatents store" in err and "Traceback" not in err
+    code, _, err = _analyze([url, "--partial", "--overwrite", "--reconstruct", "zero"], capsys)
+    assert code == 2 and "--reconstruct" in err
+
+
+def test_laplace_oracle_ica_conclusions(tmp_path, prefect_api, capsys):
+    """STATISTICS.md: ICA recovers the sources, PF-ODE latents are independent and Gaussian but are not them."""
+    rng = np.random.default_rng(11)
+    n, d = 20000, 4
+    s = rng.laplace(size=(n, d)) / np.sqrt(2)
+    a = stats.ortho_group.rvs(d, random_state=12)
+    x = s @ a.T
+    g = special.ndtri(stats.laplace.cdf(s, scale=1 / np.sqrt(2)))  # exact encoder at T: z = A G(A^T x)
+    z = g @ a.T
+    np.save(tmp_path / "sources.npy", s)
+    url = craft_store(tmp_path, x, z, shard=5000)
+    code, out, err = _analyze([url, "--ica", "--sources", str(tmp_path / "sources.npy")], capsys)
+    assert code == 0, err
+    rows = {r["representation"]: r for r in out["ica"]["table"]}
+    raw, ica, lat = rows["raw data"], rows["FastICA(data)"], rows["PF-ODE latents"]
+    rot = rows["PF-ODE latents, randomly rotated"]
+    assert ica["amari_distance"] < 0.05                                # ICA finds the sources
+    assert lat["amari_distance"] > 0.3 and rot["amari_distance"] > 0.3  # latents are not them
+    assert raw["max_abs_corr_of_squares"] > 0.1 and "correlation of squares" in raw["dependence_tests_rejecting"]
+    for r in (lat, rot):                                               # ... yet independent, Gaussian
+        assert r["dependence_tests_rejecting"] == [] and r["mean_abs_excess_kurtosis"] < r["kurtosis_threshold"]
+    assert ica["mean_abs_excess_kurtosis"] > 2 and raw["mean_abs_excess_kurtosis"] > 0.5
+    assert out["independence"]["n_pairs_over_threshold"] == 0 and out["normality"]["n_dims_failing"] == 0
