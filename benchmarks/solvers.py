@@ -237,7 +237,7 @@ def run_ours(p: Problem, cfg: SolverConfig, dtype: str, both: bool = True) -> Ro
         dec_err, nfe_dec = sample_err(dec.x, p.x0).max().item(), dec.nfe.double().mean().item()
     setting = f"tol {cfg.rtol:.0e}" if cfg.adaptive else f"{cfg.steps} steps"
     bad = int((~enc.ok).sum())
-    return Row("ours", cfg.name, setting, "s" if cfg.adaptive else cfg.grid, dtype, x.shape[0],
+    return Row("ours", cfg.name, setting, ("t" if cfg.time_var == "auto" else cfg.time_var) if cfg.adaptive else cfg.grid, dtype, x.shape[0],
                cfg.rtol if cfg.adaptive else cfg.steps, enc.nfe.double().mean().item(), int(enc.nfe.max()), m.calls,
                err.max().item(), err.median().item(), dec_err, rt, nfe_dec, tm.wall, tm.cpu,
                note=f"{bad} failed" if bad else "")

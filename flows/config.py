@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 from tasks.errors import InputError
 from tasks.models import model_info, native_sde
-from tasks.pfode import SolverConfig
+from tasks.pfode import ADAPTIVE, SolverConfig
 from tasks.sde import SDE, make_sde
 
 __all__ = ["ExtractConfig", "build_config", "sde_from_dict", "solver_from_dict"]
@@ -66,7 +66,12 @@ def choose_sde(sde_name: str, model_spec: str) -> SDE:
 
 
 def solver_from_dict(d: dict) -> SolverConfig:
-    """Rebuild a SolverConfig from its ``to_dict`` form."""
+    """Rebuild a SolverConfig from its ``to_dict`` form.
+
+    Adaptive configs pinned before ``time_var`` existed integrated in s: they keep doing so."""
+    d = dict(d)
+    if d.get("name") in ADAPTIVE and "time_var" not in d:
+        d["time_var"] = "s"
     return SolverConfig(**d)
 
 

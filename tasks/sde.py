@@ -32,6 +32,7 @@ class SDE:
 
     name: str = "base"
     T: float = 1.0
+    preferred_time_var = "t"  # the adaptive solver's time variable under SolverConfig(time_var="auto")
 
     # -- schedule (float64) --------------------------------------------------------------------
     def log_alpha(self, t: torch.Tensor) -> torch.Tensor:

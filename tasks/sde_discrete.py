@@ -39,6 +39,8 @@ class DiscreteVPSDE(SDE):
     name = "vp_discrete"
     T = 1.0
 
+    preferred_time_var = "s"  # log alpha_bar is piecewise linear in t: smooth in s, kinked in t
+
     def __post_init__(self) -> None:
         ab = tuple(float(a) for a in self.alphas_cumprod)
         object.__setattr__(self, "alphas_cumprod", ab)

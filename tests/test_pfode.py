@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -25,19 +26,25 @@ def gauss():
     return g, g.sample(16, seed=1), np.random.default_rng(3).standard_normal((16, 4))
 
 
+@pytest.mark.parametrize("time_var", ["t", "s"])
 @pytest.mark.parametrize("name", ["vp", "ve", "edm"])
-def test_gaussian_encode_decode_match_exact_map(gauss, name):
+def test_gaussian_encode_decode_match_exact_map(gauss, name, time_var):
     g, x0, z = gauss
     sde = SDES[name]()
     m = g.model(sde)
-    enc = encode(m, sde, t64(x0), EXACT)
+    cfg = dataclasses.replace(EXACT, time_var=time_var)
+    enc = encode(m, sde, t64(x0), cfg)
     assert bool(enc.ok.all()) and enc.logp is None and enc.bpd is None
-    assert np.abs(enc.x.numpy() - g.flow(sde, x0, T_EPS, sde.T)).max() <= 1e-5
+    ref = g.flow(sde, x0, T_EPS, sde.T)
+    # the default time variable (t) meets 1e-5 outright; in s, EDM's O(100) latents (sigma_max 80) end
+    # 1.3e-7 relative off at rtol 1e-7 (1.3e-5 absolute): that option is held to 1e-5 + 1e-7 |z|
+    slack = 0.0 if time_var == "t" else 1e-7 * np.abs(ref)
+    assert (np.abs(enc.x.numpy() - ref) - slack).max() <= 1e-5
     z = z * sde.prior_std
-    dec = decode(m, sde, t64(z), EXACT)
+    dec = decode(m, sde, t64(z), cfg)
     assert bool(dec.ok.all())
     assert np.abs(dec.x.numpy() - g.flow(sde, z, sde.T, T_EPS)).max() <= 1e-5
-    back = decode(m, sde, enc.x, EXACT)
+    back = decode(m, sde, enc.x, cfg)
     assert np.abs(back.x.numpy() - x0).max() <= 1e-5
 
 
@@ -75,12 +82,13 @@ def assert_latents_close(got: np.ndarray, ref: np.ndarray) -> None:
     np.testing.assert_allclose(got, ref, rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("time_var", ["t", "s"])
 @pytest.mark.parametrize("name", ["vp", "ve", "edm"])
-def test_gmm_matches_solve_ivp_reference(mixture, name):
+def test_gmm_matches_solve_ivp_reference(mixture, name, time_var):
     gm, x0, z = mixture
     sde = SDES[name]()
     m = gm.model(sde)
-    cfg = SolverConfig("dopri5", rtol=1e-6, atol=1e-6, t_eps=T_EPS)
+    cfg = SolverConfig("dopri5", rtol=1e-6, atol=1e-6, t_eps=T_EPS, time_var=time_var)
     enc = encode(m, sde, t64(x0), cfg)
     assert_latents_close(enc.x.numpy(), gm.reference_flow(sde, x0, T_EPS, sde.T))
     z = z * sde.prior_std
@@ -228,6 +236,7 @@ def test_grid_kinds_are_what_they_say():
     (dict(name="euler", steps=2.5), r"steps must be an integer >= 1 .*got 2\.5"),
     (dict(grid="cosine"), r"unknown time grid 'cosine'"),
     (dict(max_steps=0), r"max_steps must be an integer >= 1; got 0"),
+    (dict(time_var="logsnr"), r"unknown time variable 'logsnr'; choose one of auto, t, s"),
 ])
 def test_bad_solver_settings(kwargs, message):
     with pytest.raises(SolverError, match=message):
@@ -267,3 +276,25 @@ def test_empty_or_unbatched_input(gauss):
     for bad in (torch.zeros(0, 4, dtype=F64), torch.zeros(4, dtype=F64)):
         with pytest.raises(SolverError, match="non-empty batch"):
             integrate(g.model(sde), sde, bad, T_EPS, 1.0, EXACT)
+
+
+def test_time_variable_changes_the_path_not_the_answer(mixture):
+    """t and s are two integrations of one ODE: latents agree to the tolerance, the NFE differ, and
+    "auto" is t for the VP SDE."""
+    gm, x0, _ = mixture
+    sde = SDES["vp"]()
+    m = gm.model(sde)
+    runs = {tv: encode(m, sde, t64(x0), SolverConfig(rtol=1e-8, atol=1e-8, time_var=tv)) for tv in ("t", "s", "auto")}
+    torch.testing.assert_close(runs["t"].x, runs["s"].x, rtol=0, atol=1e-6)
+    assert not torch.equal(runs["t"].nfe, runs["s"].nfe)
+    assert torch.equal(runs["auto"].x, runs["t"].x) and torch.equal(runs["auto"].nfe, runs["t"].nfe)
+
+
+def test_pinned_configs_without_time_var_keep_integrating_in_s():
+    """Stores pinned before time_var existed integrated dopri5 in s; resuming them must not switch."""
+    from flows.config import solver_from_dict
+
+    legacy = {"name": "dopri5", "t_eps": 1e-5, "rtol": 5e-7, "atol": 5e-7, "max_steps": 10000}
+    assert solver_from_dict(legacy).time_var == "s"
+    assert solver_from_dict(SolverConfig().to_dict()) == SolverConfig()
+    assert solver_from_dict({"name": "rk4", "t_eps": 1e-5, "steps": 8, "grid": "logsnr"}).time_var == "auto"
