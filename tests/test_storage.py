@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import dask.array as da
+import google_crc32c
 import numpy as np
 import pytest
 import xarray as xr
@@ -28,6 +29,7 @@ from storage import (
     StoreError,
     StoreLock,
     StoreLockedError,
+    checksum,
     config_hash,
     default_shard_size,
     open_or_create,
@@ -208,7 +210,7 @@ def test_write_shard_read_back_three_ways(tmp_path: Path) -> None:
     data = {i: shard_data(store, i) for i in range(3)}
     for i, (x, nfe) in data.items():
         record = store.write_shard(i, x, nfe, {"device": "cpu", "timings": {"ode_s": 0.5}})
-        assert record["state"] == "done" and record["checksum"].startswith("blake2b:")
+        assert record["state"] == "done" and record["checksum"].startswith("crc32c:")
     x_all = np.concatenate([data[i][0] for i in range(3)]).astype(np.float32)
     nfe_all = np.concatenate([data[i][1] for i in range(3)])
     group = zarr.open_group(path, mode="r", zarr_format=3)
@@ -287,6 +289,58 @@ def test_verify_catches_a_corrupted_chunk(tmp_path: Path, corruption: str) -> No
         shutil.copyfile(path / "latents" / "c" / "2" / "0", chunk)  # decodes fine, wrong data
     assert not store.verify_shard(1)
     assert LatentStore.open(path, mode="r").verify_shard(0)
+
+
+def test_checksum_formats() -> None:
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) - 5.5
+    n = np.array([7, 8, 9], dtype=np.int32)
+    data = x.astype("<f4").tobytes() + n.astype("<i4").tobytes()
+    assert checksum(x, n) == f"crc32c:{google_crc32c.value(data):08x}"  # the default, stable
+    assert checksum(x, n, "blake2b") == "blake2b:" + hashlib.blake2b(data, digest_size=20).hexdigest()
+    assert checksum(x.astype(">f4"), n.astype(np.int64)) == checksum(x, n)  # bytes, not dtypes
+    with pytest.raises(StoreError, match="unknown checksum algorithm"):
+        checksum(x, n, "md5")
+
+
+def test_old_blake2b_record_still_verifies(tmp_path: Path) -> None:
+    path = tmp_path / "s.zarr"
+    store = _make(path, n=12, shape=(4,), shard=4)
+    for i in range(3):
+        store.write_shard(i, *shard_data(store, i))
+    for i in range(3):  # records as the previous release wrote them
+        x, nfe = shard_data(store, i)
+        record = {**store.shard_record(i), "checksum": checksum(x.astype(np.float32), nfe, "blake2b")}
+        store._put_record(i, record)
+    assert all(store.verify_shard(i) for i in range(3))
+    chunk = path / "latents" / "c" / "1" / "0"
+    shutil.copyfile(path / "latents" / "c" / "2" / "0", chunk)  # decodes fine, wrong data
+    result = store.verify()
+    assert (result["ok"], [c["id"] for c in result["corrupt"]]) == (2, [1])
+    assert "blake2b:" in result["corrupt"][0]["error"] and store.pending_shards() == [1]
+    store._put_record(0, {**store.shard_record(0), "checksum": "sha1:00"})
+    assert "no known checksum" in store.shard_problem(0, store.shard_record(0))
+
+
+def test_read_back_mismatch_is_not_done(tmp_path: Path, monkeypatch) -> None:
+    store = _make(tmp_path / "s.zarr")
+    x, nfe = shard_data(store, 1)
+    real = LatentStore._read_chunk
+
+    def flipped(self, i0, i1):  # the store hands back something else than was written
+        y, m = real(self, i0, i1)
+        y = y.copy()
+        y[2, 1] = -y[2, 1]
+        return y, m
+
+    monkeypatch.setattr(LatentStore, "_read_chunk", flipped)
+    with pytest.raises(ShardVerifyError, match=r"verification: latents .* samples 6; not marked done"):
+        store.write_shard(1, x, nfe)
+    assert store.shard_record(1)["state"] == "writing" and 1 in store.pending_shards()
+    monkeypatch.setattr(LatentStore, "_read_chunk", lambda self, i0, i1: "cannot read the chunk back (boom)")
+    with pytest.raises(ShardVerifyError, match="boom"):
+        store.write_shard(1, x, nfe)
+    monkeypatch.undo()
+    assert store.write_shard(1, x, nfe)["state"] == "done" and store.verify_shard(1)
 
 
 def test_rewrite_is_idempotent(tmp_path: Path) -> None:
