@@ -700,7 +700,7 @@ def print_report(p: Problem, cfg: dict, args: argparse.Namespace, tables: dict, 
     print("Errors: max-abs over a sample's D values, then max or median over samples. Latent err = encode vs the "
           "reference latents; decode err = decode(reference latents) vs the data; round trip = decode(encode(x)) vs "
           "x, same settings both ways ('-': encode-only scan row). NFE = score evaluations per sample; batched "
-          "calls = model calls on the batch in the encode (sequential depth). Ours integrates in s = log(sigma/alpha) "
+          "calls = model calls on the batch in the encode (sequential depth). Ours: dopri5 in plain t (fixed-step solvers on grids in s = log(sigma/alpha)) "
           "with per-sample control; torchdiffeq in plain t with one error norm over the batch (every sample pays "
           "every call); its decode lands on t_eps via step_t (vanilla odeint steps past t_eps into t < 0, where "
           "sigma is NaN). scipy: per sample, float64, wall time extrapolated from a subset.\n")

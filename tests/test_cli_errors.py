@@ -136,3 +136,23 @@ def test_config_json_is_plain(job, capsys, prefect_api):
     assert rc == 0
     doc = json.loads((tmp / "o.zarr" / "zarr.json").read_text())
     assert doc["attributes"]["pflatents"]["config"]["shard_size"] == 300
+
+
+def test_console_script_exit_codes(tmp_path, cli_env):
+    """The installed `pflatents` (which skips the interpreter's teardown) keeps main's exit codes:
+    1 naming the failed shard, 0 after resume, 2 for bad input without a traceback."""
+    from extract_helpers import cli, env_with, no_traceback
+
+    data, model = write_gmm_job(tmp_path, n=600, dim=4)
+    out = tmp_path / "o.zarr"
+    args = ["extract", "--data", str(data), "--model", f"gmm:{model}", "--out", str(out), "--solver", "rk4",
+            "--steps", "4", "--shard-size", "200", "--no-progress"]
+    res = cli(args, env=env_with(cli_env, PFLATENTS_FAIL_SHARDS="1"))
+    assert res.returncode == 1, res.stderr[-2000:]
+    assert "[1]" in res.stderr and "resume" in res.stderr
+    res = cli(["resume", str(out), "--no-progress"], env=cli_env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "done: 200 samples" in res.stdout
+    res = cli(["extract", "--data", str(tmp_path / "missing.npy"), "--model", f"gmm:{model}", "--out",
+               str(tmp_path / "m.zarr")], env=cli_env)
+    assert res.returncode == 2 and no_traceback(res.stderr) and "missing.npy" in res.stderr
