@@ -1,13 +1,18 @@
-"""Write throughput of the latent store (write + read-back verification + record) vs np.save + fsync.
+"""Write throughput of the latent store vs np.save + fsync of the same array.
 
-    .venv/bin/python benchmarks/store_write.py [--rows 1000000] [--dim 64]
+    .venv/bin/python benchmarks/store_write.py [--rows 1000000] [--dim 64] [--repeats 3]
 
-Prints MB/s for: np.save of the whole array with os.fsync (the fair baseline: without fsync np.save
-only fills the page cache), the store's write_shard over all shards (default 8 MiB chunks: zstd
-write of latents and nfe into new chunk files, read back and decode, bitwise compare with the
-input, crc32c, "writing" and "done" records; no fsync), and the store's raw chunk writes without
-verification or records (overwriting the chunks just written; no fsync), plus the ratios (goal >= 0.8).
-Timings on shared or virtualised machines vary a lot from run to run: repeat and report the spread.
+Every repeat writes fresh files (a new .npy, a new store) and the kinds alternate, because this VM's
+speed drifts between minutes and fresh page-cache pages cost more than reused ones. Rows (MB/s,
+median over repeats, and the ratio of medians to np.save + fsync; goal >= 0.8):
+
+- np.save of the whole array, then os.fsync (the fair baseline: without fsync np.save only fills the
+  page cache);
+- store writes: the chunk writes of ``write_shard`` (zstd encode + new chunk files, the store's
+  ``write_s`` timings) plus an fsync of every chunk file, so both sides end on disk;
+- the same without fsync (what ``write_shard`` does: a SIGKILL cannot lose page-cache data);
+- the whole verified ``write_shard`` path: write, read back and decode, bitwise compare with the
+  input, crc32c, the "writing" and "done" records (no fsync).
 """
 
 from __future__ import annotations
@@ -34,47 +39,67 @@ def bench_npsave(x: np.ndarray, d: Path) -> float:
     return time.perf_counter() - t0
 
 
-def bench_store(x: np.ndarray, d: Path, shard: int) -> tuple[float, float]:
-    """(seconds through write_shard incl. verification and records, seconds of the raw array writes)."""
+def fsync_tree(root: Path) -> float:
+    t0 = time.perf_counter()
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    return time.perf_counter() - t0
+
+
+def bench_store(x: np.ndarray, root: Path, shard: int) -> dict:
+    """Seconds: write_shard in total, its chunk writes (write_s), its verification, and an fsync after."""
     n = x.shape[0]
     nfe = np.zeros(n, dtype=np.int32)
-    store = open_or_create(str(d / "s.zarr"), config={"bench": 1}, n_samples=n, sample_shape=x.shape[1:],
-                           shard_size=shard)
+    store = open_or_create(str(root), config={"bench": 1}, n_samples=n, sample_shape=x.shape[1:], shard_size=shard)
+    write = verify = 0.0
     t0 = time.perf_counter()
     for i in range(store.n_shards):
         i0, i1 = store.shard_range(i)
-        store.write_shard(i, x[i0:i1], nfe[i0:i1], {})
+        rec = store.write_shard(i, x[i0:i1], nfe[i0:i1], {})
+        write, verify = write + rec["timings"]["write_s"], verify + rec["timings"]["verify_s"]
     full = time.perf_counter() - t0
-    raw_arr = zarr.open_group(str(d / "s.zarr"), mode="r+")["latents"]
-    t0 = time.perf_counter()
-    for i0 in range(0, n, shard):
-        raw_arr[i0:i0 + shard] = x[i0:i0 + shard]
-    raw = time.perf_counter() - t0
-    return full, raw
+    return {"full": full, "write": write, "verify": verify, "fsync": fsync_tree(root / "latents") + fsync_tree(root / "nfe")}
 
 
 def main() -> None:
+    import statistics
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=1_000_000)
     ap.add_argument("--dim", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     x = np.random.default_rng(0).standard_normal((a.rows, a.dim), dtype=np.float32)
     mb = x.nbytes / 1e6
     d = Path(tempfile.mkdtemp(prefix="pfl-write-"))
+    shard = default_shard_size(4 * a.dim, a.rows)
+    t_np, runs = [], []
     try:
-        shard = default_shard_size(4 * a.dim, a.rows)
-        t_np = bench_npsave(x, d)
-        t_full, t_raw = bench_store(x, d, shard)
+        for rep in range(a.repeats):
+            t_np.append(bench_npsave(x, d))
+            (d / "x.npy").unlink()
+            runs.append(bench_store(x, d / f"s{rep}.zarr", shard))
+            shutil.rmtree(d / f"s{rep}.zarr")
     finally:
         shutil.rmtree(d, ignore_errors=True)
-    print(f"| {a.rows} x {a.dim} float32 ({mb:.0f} MB), chunks of {shard} rows | MB/s | ratio to np.save+fsync |")
-    print("|---|---|---|")
+    med = statistics.median
+    base = med(t_np)
     rows = [("np.save + fsync", t_np),
-            ("store write_shard (new chunks; write, read-back + compare, crc32c, records; no fsync)",
-             t_full),
-            ("store raw chunk writes (zstd, overwrite; no verify, no records, no fsync)", t_raw)]
-    for label, t in rows:
-        print(f"| {label} | {mb / t:.0f} | {t_np / t:.2f} |")
+            ("store chunk writes (zstd, new files) + fsync", [r["write"] + r["fsync"] for r in runs]),
+            ("store chunk writes (zstd, new files), no fsync", [r["write"] for r in runs]),
+            ("store write_shard, verified (write, read back + compare, crc32c, records; no fsync)",
+             [r["full"] for r in runs])]
+    print(f"{a.rows} x {a.dim} float32 ({mb:.0f} MB), chunks of {shard} rows, median of {a.repeats} alternating runs\n")
+    print("| write | MB/s (median) | MB/s (min-max) | ratio to np.save + fsync (medians) |\n|---|---|---|---|")
+    for label, ts in rows:
+        print(f"| {label} | {mb / med(ts):.0f} | {mb / max(ts):.0f}-{mb / min(ts):.0f} | {base / med(ts):.2f} |")
+    v = med([r["verify"] for r in runs])
+    print(f"\nverification (read back, decode, compare, crc32c) alone: {mb / v:.0f} MB/s")
 
 
 if __name__ == "__main__":
