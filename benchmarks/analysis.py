@@ -45,9 +45,9 @@ def log(msg: str) -> None:
 
 def make_store(path: Path, rows: int, dims: int, seed: int = 0) -> None:
     """An N(0, I) float32 store written shard by shard (memory ~ one shard)."""
-    from storage import LatentStore, default_shard_size
-    from tasks.pfode import SolverConfig
-    from tasks.sde import VPSDE
+    from pflatents.storage import LatentStore, default_shard_size
+    from pflatents.tasks.ode.pfode import SolverConfig
+    from pflatents.tasks.ode.sde import VPSDE
 
     shard = default_shard_size(4 * dims, rows)
     config = {"data": {"spec": "benchmark:none", "n_samples": rows, "sample_shape": [dims]},
@@ -62,10 +62,10 @@ def make_store(path: Path, rows: int, dims: int, seed: int = 0) -> None:
 
 def measure_stats(store_url: str) -> dict:
     """The analyze statistics task body (one dask pass + dCor), no Prefect."""
-    from storage import LatentStore
-    from storage.analysis import done_ranges
-    from tasks.analyze_task import compute_latent_stats
-    from tasks.stats import StatsConfig
+    from pflatents.storage import LatentStore
+    from pflatents.storage.analysis import done_ranges
+    from pflatents.tasks.wrappers.analyze import compute_latent_stats
+    from pflatents.tasks.analysis.stats import StatsConfig
 
     store = LatentStore.open(store_url, mode="r+")
     ranges = [list(r) for r in done_ranges(store, False)]
@@ -81,7 +81,7 @@ def measure_numpy(store_url: str) -> dict:
     import zarr
     from scipy import special, stats
 
-    from tasks.stats import StatsConfig, make_plan, _rff
+    from pflatents.tasks.analysis.stats import StatsConfig, make_plan, _rff
 
     x = np.asarray(zarr.open_group(store_url, mode="r")["latents"][:], dtype=np.float64)
     n, d = x.shape

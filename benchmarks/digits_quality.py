@@ -23,11 +23,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from tasks.encode_batches import decode_block, encode_block
-from tasks.pfode import SolverConfig
-from tasks.sde import VPSDE
-from tasks.sources import open_source
-from tasks.train import TrainConfig, fit
+from pflatents.tasks.ode.batches import decode_block, encode_block
+from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.ode.sde import VPSDE
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.training.train import TrainConfig, fit
 
 
 def requantise(x: np.ndarray) -> np.ndarray:
@@ -65,7 +65,7 @@ def grid_png(x: np.ndarray, path: Path, title: str) -> None:
 
 
 def run_budget(data: np.ndarray, steps: int, sampling: str, out: Path, n_draws: int, seed: int) -> dict:
-    from flows.demo import demo_train_config
+    from pflatents.flows.demo import demo_train_config
 
     sde = VPSDE()
     base = demo_train_config(steps, seed)
@@ -73,7 +73,7 @@ def run_budget(data: np.ndarray, steps: int, sampling: str, out: Path, n_draws: 
     t0 = time.perf_counter()
     net = fit(data, sde, cfg).net
     t_train = time.perf_counter() - t0
-    from tasks.checkpoint import CheckpointScore
+    from pflatents.tasks.models.checkpoint import CheckpointScore
 
     model = CheckpointScore(net, sde, {"content_hash": "-"})
     solver, dev = SolverConfig(), torch.device("cpu")

@@ -34,10 +34,10 @@ BIN = Path(sys.executable).parent
 
 BARE = r"""
 import sys, os, time, numpy as np, torch
-from tasks.encode_batches import encode_block
-from tasks.pfode import SolverConfig
-from tasks.scores import GaussianMixtureScore
-from tasks.sde import VPSDE
+from pflatents.tasks.ode.batches import encode_block
+from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.models.scores import GaussianMixtureScore
+from pflatents.tasks.ode.sde import VPSDE
 data, model, out, steps, batch, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
 x = np.load(data, mmap_mode="r")
 gmm = GaussianMixtureScore.from_json(model, VPSDE())

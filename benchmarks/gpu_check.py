@@ -13,9 +13,9 @@ import time
 
 import torch
 
-from tasks.pfode import SolverConfig, encode
-from tasks.scores import GaussianMixtureScore
-from tasks.sde import VPSDE
+from pflatents.tasks.ode.pfode import SolverConfig, encode
+from pflatents.tasks.models.scores import GaussianMixtureScore
+from pflatents.tasks.ode.sde import VPSDE
 
 
 def make_gmm(dim: int, k: int, seed: int = 0):

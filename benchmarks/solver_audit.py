@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import solvers as B  # noqa: E402  (benchmarks/solvers.py: the problem, the reference, interpolation)
 
-from tasks import solvers as S  # noqa: E402
+from pflatents.tasks.ode import solvers as S  # noqa: E402
 
 F64 = torch.float64
 LADDER = [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8]

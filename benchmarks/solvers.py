@@ -51,10 +51,10 @@ import torch  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tasks import solvers as S  # noqa: E402
-from tasks.pfode import SolverConfig, decode, encode, make_grid, ode_func  # noqa: E402
-from tasks.scores import GaussianMixtureScore  # noqa: E402
-from tasks.sde import VPSDE, _bcast  # noqa: E402
+from pflatents.tasks.ode import solvers as S  # noqa: E402
+from pflatents.tasks.ode.pfode import SolverConfig, decode, encode, make_grid, ode_func  # noqa: E402
+from pflatents.tasks.models.scores import GaussianMixtureScore  # noqa: E402
+from pflatents.tasks.ode.sde import VPSDE, _bcast  # noqa: E402
 
 F64 = torch.float64
 TARGET = 1e-4  # per-sample max-abs latent error the goals are stated at
@@ -732,7 +732,7 @@ def run_study(p: Problem, cfg: dict) -> tuple[str, dict]:
           f"Step counts doubled from {STEP_LADDER[0]} to {STEP_LADDER[-1]}, then 3/4 of the first passing count "
           "tried; 'interp.' = log-log interpolation of NFE at 1e-4. Decode = decode of the reference latents vs the "
           "data. dpm2m-eps / dpm3m-eps: multistep DPM-Solver with noise prediction, 2nd / 3rd order; dpmpp3m: "
-          "DPM-Solver++(3M), data prediction; dpmpp2m(local): the update of tasks.pfode's dpmpp2m.\n\n"
+          "DPM-Solver++(3M), data prediction; dpmpp2m(local): the update of pflatents.tasks.ode.pfode's dpmpp2m.\n\n"
           f"{t_fixed}\n\n### Our dopri5 (per-sample control) in other time variables\n\n"
           "Same solver and controller, F scaled by ds/du; tolerances tightened until encode and decode both "
           f"reach {TARGET:g}.\n\n{t_tv}\n\n### Error control x time variable\n\n"

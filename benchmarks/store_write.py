@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from storage import default_shard_size, open_or_create
+from pflatents.storage import default_shard_size, open_or_create
 
 
 def bench_npsave(x: np.ndarray, d: Path) -> float:

@@ -59,7 +59,7 @@ def register(subparsers: Any) -> dict[str, Any]:
 # ---- validation (before Prefect) -------------------------------------------------------------
 
 def _reconstruct_arg(value: str | None) -> int | str | None:
-    from tasks.errors import InputError
+    from pflatents.tasks.errors import InputError
 
     if value is None or value == "all":
         return value
@@ -73,7 +73,7 @@ def _reconstruct_arg(value: str | None) -> int | str | None:
 
 
 def _sources_arg(path: str | None, n_samples: int) -> str | None:
-    from tasks.errors import DataError
+    from pflatents.tasks.errors import DataError
 
     if path is None:
         return None
@@ -89,8 +89,8 @@ def _sources_arg(path: str | None, n_samples: int) -> str | None:
 
 
 def _options(a: argparse.Namespace, n_samples: int) -> AnalyzeOptions:
-    from tasks.errors import InputError
-    from tasks.stats import StatsConfig
+    from pflatents.tasks.errors import InputError
+    from pflatents.tasks.analysis.stats import StatsConfig
 
     try:
         stats = StatsConfig(alpha=a.alpha, dcor_pairs=a.dcor_pairs, seed=a.seed)
@@ -106,9 +106,9 @@ def _options(a: argparse.Namespace, n_samples: int) -> AnalyzeOptions:
 
 def _check_inputs(store: Any, opts: AnalyzeOptions, device: str) -> None:
     """The data (and the model) must open when reconstruction or ICA needs them."""
-    from flows.config import ExtractConfig
-    from tasks.models import load_model, resolve_device
-    from tasks.sources import open_source
+    from pflatents.tasks.config import ExtractConfig
+    from pflatents.tasks.models.registry import load_model, resolve_device
+    from pflatents.tasks.data.sources import open_source
 
     cfg = ExtractConfig.from_dict(store.config)
     if opts.reconstruct or opts.ica:
@@ -135,10 +135,10 @@ def _json_safe(v: Any) -> Any:
 
 def _recon_names(store: Any) -> list[str]:
     """Per-sample arrays the reconstruction writes for this store's data and model."""
-    from tasks.analyze_task import RECON_ARRAYS, _config
-    from tasks.models import load_model
-    from tasks.reconstruct import gaussian_params
-    from tasks.sources import open_source
+    from pflatents.tasks.wrappers.analyze import RECON_ARRAYS, _config
+    from pflatents.tasks.models.registry import load_model
+    from pflatents.tasks.analysis.reconstruct import gaussian_params
+    from pflatents.tasks.data.sources import open_source
 
     cfg = _config(store)
     names = list(RECON_ARRAYS)
@@ -153,9 +153,9 @@ def _reconstruct(store: Any, ranges: list[list[int]], opts: AnalyzeOptions, devi
     """Map decode chunks over a seeded subset (or all rows); summarise the stored errors."""
     import numpy as np
 
-    from storage.analysis import analysis_group, create_sample_arrays
-    from tasks.analyze_task import reconstruct_chunk, recon_values, usable_rows
-    from tasks.reconstruct import error_summary, subset_indices
+    from pflatents.storage.analysis import analysis_group, create_sample_arrays
+    from pflatents.tasks.wrappers.analyze import reconstruct_chunk, recon_values, usable_rows
+    from pflatents.tasks.analysis.reconstruct import error_summary, subset_indices
 
     n = None if opts.reconstruct == "all" else int(opts.reconstruct)  # type: ignore[arg-type]
     index = subset_indices(usable_rows(ranges), n, int(opts.stats.get("seed", 0)))
@@ -187,12 +187,12 @@ def _make_flow() -> Any:
         """Statistics, reconstruction, ICA and report of one store; returns the JSON summary."""
         from prefect.artifacts import create_markdown_artifact
 
-        from flows.config import ExtractConfig
-        from storage import LatentStore
-        from storage.analysis import analysis_group, reset_analysis, write_analysis_attrs
-        from tasks.analyze_task import compare_ica, compute_latent_stats, write_analysis_report
-        from tasks.report import summary_table
-        from tasks.stats import verdict
+        from pflatents.tasks.config import ExtractConfig
+        from pflatents.storage import LatentStore
+        from pflatents.storage.analysis import analysis_group, reset_analysis, write_analysis_attrs
+        from pflatents.tasks.wrappers.analyze import compare_ica, compute_latent_stats, write_analysis_report
+        from pflatents.tasks.analysis.report import summary_table
+        from pflatents.tasks.analysis.stats import verdict
 
         opts = AnalyzeOptions(**{**options, "ica_n": options.get("ica_n") or 20000})
         store = LatentStore.open(store_url, mode="r+")
@@ -219,7 +219,7 @@ def _make_flow() -> Any:
 
 
 def __getattr__(name: str) -> Any:
-    """``flows.analyze.analyze`` builds the flow on first use (keeps the CLI import light)."""
+    """``pflatents.flows.analyze.analyze`` builds the flow on first use (keeps the CLI import light)."""
     if name == "analyze":
         return _make_flow()
     raise AttributeError(name)
@@ -227,9 +227,9 @@ def __getattr__(name: str) -> Any:
 
 def cmd_analyze(a: argparse.Namespace) -> int:
     """Validate, run the flow, print the summary (JSON or a table)."""
-    from flows.cli import _prefect_env, _store_url
-    from storage import LatentStore
-    from storage.analysis import check_analysis_config, done_ranges
+    from pflatents.flows.cli import _prefect_env, _store_url
+    from pflatents.storage import LatentStore
+    from pflatents.storage.analysis import check_analysis_config, done_ranges
 
     url = _store_url(a.store)
     store = LatentStore.open(url, mode="r+")
@@ -238,7 +238,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     check_analysis_config(store, opts.to_dict(), a.overwrite)
     _check_inputs(store, opts, a.device)
     _prefect_env()
-    from flows.extract import make_runner
+    from pflatents.flows.extract import make_runner
 
     flow = _make_flow().with_options(task_runner=make_runner(a.runner, a.workers))
     summary = flow(store_url=url, options=opts.to_dict(), ranges=ranges, device=a.device, rows=a.rows,
@@ -246,7 +246,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     if a.json:
         print(json.dumps(summary, indent=2))
     else:
-        from tasks.report import summary_table
+        from pflatents.tasks.analysis.report import summary_table
 
         print(summary_table(summary))
         if a.report:

@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Subcommands that live in their own modules: each exposes ``register(subparsers) -> {name: handler}``
 # where handler(args) -> exit code. Imports stay light: heavy imports belong inside the handlers.
-PLUGINS = ("flows.analyze", "flows.train", "flows.demo", "flows.serve", "flows.verify")
+PLUGINS = ("pflatents.flows.analyze", "pflatents.flows.train", "pflatents.flows.demo", "pflatents.flows.serve", "pflatents.flows.verify")
 
 
 def _plugin_modules():
@@ -88,14 +88,14 @@ def _plugin_modules():
 
 
 def _store_url(out: str) -> str:
-    from flows.jobs import store_url
+    from pflatents.flows.coordinator import store_url
 
     return store_url(out)
 
 
 def job_from_args(a: argparse.Namespace):
     """The extraction job named by `extract` flags."""
-    from flows.jobs import Job
+    from pflatents.flows.coordinator import Job
 
     return Job(data=a.data, model=a.model, out=a.out, sde=a.sde, t_eps=a.t_eps, solver=a.solver, rtol=a.rtol,
                atol=a.atol, steps=a.steps, grid=a.grid, shard_size=a.shard_size, batch_size=a.batch_size,
@@ -103,7 +103,7 @@ def job_from_args(a: argparse.Namespace):
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
-    from flows.jobs import grow_to_source, make_store, prepare
+    from pflatents.flows.coordinator import grow_to_source, make_store, prepare
 
     p = prepare(job_from_args(a))
     _check_run_args(a)
@@ -112,12 +112,12 @@ def cmd_extract(a: argparse.Namespace) -> int:
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
-    from flows.config import ExtractConfig
-    from flows.jobs import check_source
-    from storage import LatentStore
-    from tasks.errors import InputError
-    from tasks.models import model_info
-    from tasks.sources import open_source
+    from pflatents.tasks.config import ExtractConfig
+    from pflatents.flows.coordinator import check_source
+    from pflatents.storage import LatentStore
+    from pflatents.tasks.errors import InputError
+    from pflatents.tasks.models.registry import model_info
+    from pflatents.tasks.data.sources import open_source
 
     url = _store_url(a.store)
     store = LatentStore.open(url)
@@ -133,8 +133,8 @@ def cmd_resume(a: argparse.Namespace) -> int:
 
 
 def _check_run_args(a: argparse.Namespace) -> None:
-    from tasks.errors import InputError
-    from tasks.models import resolve_device
+    from pflatents.tasks.errors import InputError
+    from pflatents.tasks.models.registry import resolve_device
 
     if a.workers < 1:
         raise InputError(f"--workers must be >= 1; got {a.workers}")
@@ -147,8 +147,8 @@ def _check_run_args(a: argparse.Namespace) -> None:
 
 @contextlib.contextmanager
 def _locked(make_store, url: str, owner: dict):
-    """Open (or create) the store under its lock (see flows.jobs.locked)."""
-    from flows.jobs import locked
+    """Open (or create) the store under its lock (see pflatents.flows.coordinator.locked)."""
+    from pflatents.flows.coordinator import locked
 
     with locked(make_store, url, owner) as store:
         yield store
@@ -170,9 +170,9 @@ def _run(make_store, url: str, a: argparse.Namespace, grow=None) -> int:
         if new:
             print(f"{new} new samples: store grows to {store.n_planned} samples")
         _prefect_env()
-        from flows import extract as ex
-        from flows import progress
-        from tasks.models import resolve_device
+        from pflatents.flows import extract as ex
+        from pflatents.flows import progress
+        from pflatents.tasks.models.registry import resolve_device
 
         gpu = a.runner.startswith("dask") and resolve_device(a.device).type == "cuda"
         n_pending = sum(stop - start for start, stop in (store.shard_range(i) for i in pending))
@@ -215,7 +215,7 @@ class _progress:
 
 
 def cmd_status(a: argparse.Namespace) -> int:
-    from storage import LatentStore
+    from pflatents.storage import LatentStore
 
     st = LatentStore.open(_store_url(a.store), mode="r").status()
     if a.json:
@@ -239,8 +239,8 @@ COMMANDS: dict = {"extract": cmd_extract, "resume": cmd_resume, "status": cmd_st
 def main(argv: list[str] | None = None) -> int:
     _prefect_env()
     args = build_parser().parse_args(argv)
-    from storage.errors import StoreError
-    from tasks.errors import InputError
+    from pflatents.storage.errors import StoreError
+    from pflatents.tasks.errors import InputError
 
     try:
         return COMMANDS[args.cmd](args)

@@ -36,7 +36,7 @@ def register(sub) -> dict:
 
 def demo_train_config(steps: int, seed: int = 0):
     """The demo's training settings: a 3-block, 256-wide residual MLP, batch 256, logSNR-uniform times."""
-    from tasks.train import TrainConfig
+    from pflatents.tasks.training.train import TrainConfig
 
     return TrainConfig(arch="mlp", arch_params={"hidden": 256, "depth": 3}, steps=steps, batch_size=256, lr=2e-3,
                        seed=seed)
@@ -49,11 +49,11 @@ def _model_dir(out: Path, cfg, sde, src) -> Path:
 
 def _ensure_model(out: Path, steps: int, seed: int, progress: bool) -> tuple[Path, float, bool]:
     """The cached checkpoint for these settings, training it first when absent."""
-    from flows.train import run_train
-    from tasks.checkpoint import load_checkpoint
-    from tasks.errors import ModelError
-    from tasks.sde import VPSDE
-    from tasks.sources import open_source
+    from pflatents.flows.train import run_train
+    from pflatents.tasks.models.checkpoint import load_checkpoint
+    from pflatents.tasks.errors import ModelError
+    from pflatents.tasks.ode.sde import VPSDE
+    from pflatents.tasks.data.sources import open_source
 
     src, sde = open_source(DATA), VPSDE()
     cfg = demo_train_config(steps, seed)
@@ -74,8 +74,8 @@ def _ensure_model(out: Path, steps: int, seed: int, progress: bool) -> tuple[Pat
 
 def cmd_demo(a: argparse.Namespace) -> int:
     """Train (or reuse), extract, analyse, summarise."""
-    from flows import cli
-    from tasks.errors import InputError
+    from pflatents.flows import cli
+    from pflatents.tasks.errors import InputError
 
     if a.train_steps < 1:
         raise InputError(f"--train-steps must be >= 1; got {a.train_steps}")
@@ -115,7 +115,7 @@ def _summary(mdir: Path, store: Path, report: Path | None, reused: bool, t_train
              t_analyze: float, total: float) -> None:
     import numpy as np
 
-    from storage import LatentStore
+    from pflatents.storage import LatentStore
 
     z = np.asarray(LatentStore.open(str(store), mode="r").latents_array()[:], dtype=np.float64)
     z = z.reshape(z.shape[0], -1)

@@ -16,10 +16,10 @@ from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import progress
-from storage import LatentStore
-from tasks.errors import InputError
-from tasks.extract_task import integrate_shard
+from pflatents.flows import progress
+from pflatents.storage import LatentStore
+from pflatents.tasks.errors import InputError
+from pflatents.tasks.wrappers.extract import integrate_shard
 
 __all__ = ["extract", "make_runner", "ShardsFailed"]
 

@@ -65,7 +65,7 @@ def register(sub) -> dict:
 
 def load_settings(path: str | None) -> dict[str, Any]:
     """Flat settings from a TOML/YAML file (tables job/schedule/run are merged into one level)."""
-    from tasks.errors import InputError
+    from pflatents.tasks.errors import InputError
 
     if not path:
         return {}
@@ -101,7 +101,7 @@ def load_settings(path: str | None) -> dict[str, Any]:
 
 def _settings(a: argparse.Namespace) -> tuple[dict, dict, dict]:
     """(job, schedule, run) settings: the config file, overridden by flags given."""
-    from tasks.errors import InputError
+    from pflatents.tasks.errors import InputError
 
     s = load_settings(a.config)
     for key in (*JOB_FLAGS, *RUN_KEYS, *SCHEDULE_KEYS):
@@ -127,7 +127,7 @@ def _api_url() -> str | None:
 def _check_server(url: str) -> None:
     import urllib.request
 
-    from tasks.errors import InputError
+    from pflatents.tasks.errors import InputError
 
     try:
         with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=10) as r:
@@ -143,9 +143,9 @@ def _check_server(url: str) -> None:
 def cmd_serve(a: argparse.Namespace) -> int:
     from datetime import timedelta
 
-    from flows.cli import _check_run_args
-    from flows.jobs import Job, prepare
-    from tasks.errors import InputError
+    from pflatents.flows.cli import _check_run_args
+    from pflatents.flows.coordinator import Job, prepare
+    from pflatents.tasks.errors import InputError
 
     url = _api_url()
     if not url:
@@ -182,9 +182,9 @@ def _describe(when: dict) -> str:
 def run_scheduled(job: dict, runner: str = "local", workers: int = 1, device: str = "auto",
                   retries: int = 2) -> tuple[bool, str, dict]:
     """One scheduled run: lock, grow, extract pending shards, publish. Returns (ok, message, summary)."""
-    from flows import extract as ex
-    from flows.jobs import Job, grow_to_source, locked, make_store, prepare
-    from tasks.models import resolve_device
+    from pflatents.flows import extract as ex
+    from pflatents.flows.coordinator import Job, grow_to_source, locked, make_store, prepare
+    from pflatents.tasks.models.registry import resolve_device
 
     p = prepare(Job.from_dict(job))
     with locked(lambda: make_store(p), p.url, {"command": "serve"}) as store:
@@ -241,7 +241,7 @@ def _scheduled_flow():
 
 
 def __getattr__(name: str):
-    # the deployment's entrypoint is ``flows.serve.scheduled_extract``
+    # the deployment's entrypoint is ``pflatents.flows.serve.scheduled_extract``
     if name == "scheduled_extract":
         return _scheduled_flow()
     raise AttributeError(name)

@@ -43,7 +43,7 @@ def register(sub) -> dict:
 
 def build_train_config(a: argparse.Namespace):
     """A validated TrainConfig from the parsed arguments."""
-    from tasks.train import TrainConfig
+    from pflatents.tasks.training.train import TrainConfig
 
     params: dict = {}
     if a.arch == "mlp":
@@ -53,7 +53,7 @@ def build_train_config(a: argparse.Namespace):
     for name in ("hidden", "depth", "channels"):
         v = getattr(a, name)
         if v is not None and v < 1:
-            from tasks.errors import InputError
+            from pflatents.tasks.errors import InputError
 
             raise InputError(f"--{name} must be >= 1; got {v}")
     return TrainConfig(arch=a.arch, arch_params=params, steps=a.steps, batch_size=a.batch_size, lr=a.lr,
@@ -62,16 +62,16 @@ def build_train_config(a: argparse.Namespace):
 
 
 def _data_spec(spec: str) -> str:
-    from flows.jobs import data_spec
+    from pflatents.flows.coordinator import data_spec
 
     return data_spec(spec)
 
 
 def cmd_train(a: argparse.Namespace) -> int:
     """Validate, then run the train flow with a progress bar; prints where the checkpoint is."""
-    from tasks.errors import InputError
-    from tasks.sde import make_sde
-    from tasks.sources import open_source
+    from pflatents.tasks.errors import InputError
+    from pflatents.tasks.ode.sde import make_sde
+    from pflatents.tasks.data.sources import open_source
 
     cfg = build_train_config(a)
     sde = make_sde(a.sde)
@@ -97,7 +97,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = False, progress: bool = True) -> dict:
     """Run the Prefect ``train`` flow (with a rich progress bar unless disabled); returns the checkpoint config."""
-    from flows.cli import _prefect_env
+    from pflatents.flows.cli import _prefect_env
 
     _prefect_env()
     with _Bar(cfg["steps"], disabled=not progress) as hook:
@@ -150,9 +150,9 @@ def _define():
     @task(name="fit_score_model", cache_policy=NO_CACHE, persist_result=False)
     def fit_score_model(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool) -> dict:
         """Train on the data and write the checkpoint; returns its config document."""
-        from tasks.checkpoint import sde_from_dict
-        from tasks.sources import open_source
-        from tasks.train import TrainConfig, train_checkpoint
+        from pflatents.tasks.models.checkpoint import sde_from_dict
+        from pflatents.tasks.data.sources import open_source
+        from pflatents.tasks.training.train import TrainConfig, train_checkpoint
 
         def progress(step: int, total: int, loss: float) -> None:
             for h in list(hooks):

@@ -24,8 +24,8 @@ def register(sub) -> dict:
 
 
 def cmd_verify(a: argparse.Namespace) -> int:
-    from flows.jobs import locked, store_url
-    from storage import LatentStore
+    from pflatents.flows.coordinator import locked, store_url
+    from pflatents.storage import LatentStore
 
     url = store_url(a.store)
     if a.check_only:

@@ -1,15 +1,15 @@
 """pflatents storage: the Zarr v3 latent store (layout, config pinning, shard records, lock)."""
 
-from storage.config import config_diff, to_json
-from storage.errors import (
+from pflatents.storage.config import config_diff, to_json
+from pflatents.storage.errors import (
     ConfigMismatchError,
     NotAStoreError,
     ShardVerifyError,
     StoreError,
     StoreLockedError,
 )
-from storage.lock import StoreLock
-from storage.store import (
+from pflatents.storage.lock import StoreLock
+from pflatents.storage.store import (
     FORMAT_VERSION,
     LatentStore,
     checksum,

@@ -23,9 +23,9 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.config import config_diff, format_diff, to_json
-from storage.errors import ConfigMismatchError, StoreError
-from storage.store import LatentStore
+from pflatents.storage.config import config_diff, format_diff, to_json
+from pflatents.storage.errors import ConfigMismatchError, StoreError
+from pflatents.storage.store import LatentStore
 
 __all__ = ["ANALYSIS_ATTR", "AnalysisConfigError", "IncompleteStoreError", "analysis_group",
            "check_analysis_config", "done_ranges", "write_arrays", "create_sample_arrays",

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-from storage.errors import StoreError
+from pflatents.storage.errors import StoreError
 
 __all__ = ["to_json", "config_hash", "config_diff", "format_diff"]
 

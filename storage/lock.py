@@ -23,8 +23,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from storage.config import to_json
-from storage.errors import StoreError, StoreLockedError
+from pflatents.storage.config import to_json
+from pflatents.storage.errors import StoreError, StoreLockedError
 
 __all__ = ["StoreLock", "pid_alive"]
 

@@ -45,14 +45,14 @@ import numpy as np
 import zarr
 from zarr.codecs import ZstdCodec
 
-from storage.config import config_diff, config_hash, format_diff, to_json
-from storage.errors import (
+from pflatents.storage.config import config_diff, config_hash, format_diff, to_json
+from pflatents.storage.errors import (
     ConfigMismatchError,
     NotAStoreError,
     ShardVerifyError,
     StoreError,
 )
-from storage.lock import StoreLock
+from pflatents.storage.lock import StoreLock
 
 __all__ = [
     "FORMAT_VERSION",

@@ -3,7 +3,7 @@
 Everything here is plain numpy/scipy written from the formulas, independent of ``tasks``: the SDE
 schedules are restated, the Gaussian flow map is the closed form, and the mixture reference
 integrates the PF-ODE in plain t with ``scipy.integrate.solve_ivp``. Only parameters (beta_min,
-sigma_max, ...) are read from the ``tasks.sde`` objects under test.
+sigma_max, ...) are read from the ``pflatents.tasks.ode.sde`` objects under test.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import torch
 from scipy.integrate import solve_ivp
 from scipy.special import logsumexp
 
-from tasks.scores import DenoiserScore, EpsScore, GaussianMixtureScore, VScore
-from tasks.sde import EDMSDE, SDE, VESDE, VPSDE
+from pflatents.tasks.models.scores import DenoiserScore, EpsScore, GaussianMixtureScore, VScore
+from pflatents.tasks.ode.sde import EDMSDE, SDE, VESDE, VPSDE
 
 Fn = Callable[[np.ndarray], np.ndarray]
 

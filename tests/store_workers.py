@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from storage import LatentStore
+from pflatents.storage import LatentStore
 
 
 def shard_data(store: LatentStore, shard_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -11,15 +11,15 @@ import xarray as xr
 from scipy import special, stats
 
 from extract_helpers import write_gmm_job
-from flows.cli import main
-from flows.config import build_config
-from storage import open_or_create
-from tasks.encode_batches import encode_block
-from tasks.pfode import SolverConfig
-from tasks.reconstruct import exact_gaussian_latents, requantise_exact
-from tasks.scores import GaussianMixtureScore
-from tasks.sde import VPSDE
-from tasks.sources import open_source
+from pflatents.flows.cli import main
+from pflatents.tasks.config import build_config
+from pflatents.storage import open_or_create
+from pflatents.tasks.ode.batches import encode_block
+from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.analysis.reconstruct import exact_gaussian_latents, requantise_exact
+from pflatents.tasks.models.scores import GaussianMixtureScore
+from pflatents.tasks.ode.sde import VPSDE
+from pflatents.tasks.data.sources import open_source
 
 KEYS = ["independence.max_abs_offdiag_corr", "independence.n_pairs_over_threshold",
         "independence.gaussian_total_correlation", "independence.max_abs_offdiag_corr_of_squares",

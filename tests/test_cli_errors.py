@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from extract_helpers import write_gmm_job
-from flows.cli import main
+from pflatents.flows.cli import main
 
 
 @pytest.fixture

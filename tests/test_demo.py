@@ -8,7 +8,7 @@ import pytest
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_demo_runs_and_reruns_reusing_model_and_store(tmp_path, prefect_api, capsys):
-    from flows.cli import COMMANDS, main
+    from pflatents.flows.cli import COMMANDS, main
 
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--train-steps", "20", "--no-progress"]) == 0

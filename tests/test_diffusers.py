@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from tasks.errors import ModelError
-from tasks.models import load_model, model_info, native_sde, resolve_model_spec
-from tasks.sde_discrete import DiscreteVPSDE
+from pflatents.tasks.errors import ModelError
+from pflatents.tasks.models.registry import load_model, model_info, native_sde, resolve_model_spec
+from pflatents.tasks.ode.discrete import DiscreteVPSDE
 
 F64 = torch.float64
 
@@ -38,7 +38,7 @@ def test_discrete_vp_passes_through_the_knots_and_inverts():
     ds2 = (sde.sigma(t0 + h) ** 2 - sde.sigma(t0 - h) ** 2) / (2 * h)
     torch.testing.assert_close(sde.g2(t0), ds2 - 2 * sde.f(t0) * sde.sigma(t0) ** 2, rtol=1e-6, atol=0)
     # rebuilt from its dict form (what a store pins)
-    from flows.config import sde_from_dict
+    from pflatents.tasks.config import sde_from_dict
 
     assert sde_from_dict(json.loads(json.dumps(sde.to_dict()))) == sde
 
@@ -125,7 +125,7 @@ def test_clip_sample_is_never_applied(diffusers_mod, tmp_path):
         x0 = model.x0(x, t)
         assert x0.min() > 1.5
         torch.testing.assert_close(model.sigma2_score(x, t), sde.alpha(t) * x0 - x)
-    from tasks import models
+    from pflatents.tasks.models import registry as models
 
     models._load_cached.cache_clear()  # the bias edit must not leak into other tests
 
@@ -167,8 +167,8 @@ def test_extract_cli_runs_under_the_models_schedule(diffusers_mod, tmp_path, pre
     """`extract --model diffusers:DIR` pins the discrete VP SDE; a mismatching --sde is refused."""
     import numpy as np
 
-    from flows.cli import main
-    from storage import LatentStore
+    from pflatents.flows.cli import main
+    from pflatents.storage import LatentStore
 
     root = _save(diffusers_mod, tmp_path / "m")
     data = tmp_path / "x.npy"

@@ -12,11 +12,11 @@ import xarray as xr
 import zarr
 
 from extract_helpers import tree_hash, write_gmm_job
-from flows.cli import main
-from tasks.encode_batches import encode_block
-from tasks.pfode import SolverConfig
-from tasks.scores import GaussianMixtureScore
-from tasks.sde import VPSDE
+from pflatents.flows.cli import main
+from pflatents.tasks.ode.batches import encode_block
+from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.models.scores import GaussianMixtureScore
+from pflatents.tasks.ode.sde import VPSDE
 
 FIXED = ["--solver", "rk4", "--steps", "12"]
 

@@ -7,8 +7,8 @@ import pytest
 import zarr
 
 from extract_helpers import tree_hash, write_gmm_job
-from flows.cli import main
-from storage import LatentStore, StoreError
+from pflatents.flows.cli import main
+from pflatents.storage import LatentStore, StoreError
 
 ARGS = ["--shard-size", "300", "--batch-size", "100", "--solver", "rk4", "--steps", "6", "--no-progress"]
 

@@ -14,10 +14,10 @@ import torch
 import zarr
 
 from extract_helpers import BIN, cli, env_with, no_traceback, tree_hash, write_gmm_job
-from tasks.encode_batches import encode_block
-from tasks.pfode import SolverConfig
-from tasks.scores import GaussianMixtureScore
-from tasks.sde import VPSDE
+from pflatents.tasks.ode.batches import encode_block
+from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.models.scores import GaussianMixtureScore
+from pflatents.tasks.ode.sde import VPSDE
 
 pytestmark = pytest.mark.slow
 

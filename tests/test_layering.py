@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE_MATH = ["tasks.errors", "tasks.sde", "tasks.scores", "tasks.solvers", "tasks.pfode"]
+PURE_MATH = ["pflatents.tasks.errors", "pflatents.tasks.ode.sde", "pflatents.tasks.models.scores", "pflatents.tasks.ode.solvers", "pflatents.tasks.ode.pfode"]
 
 
 def imported_after(modules: list[str]) -> set[str]:
@@ -23,7 +23,7 @@ def imported_after(modules: list[str]) -> set[str]:
         "import importlib, json, sys\n"
         f"for name in {modules!r}:\n"
         "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))\n"
+        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} | {m.split('.')[1] for m in sys.modules if m.startswith('pflatents.')})))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
@@ -38,7 +38,7 @@ def test_pure_math_imports_neither_prefect_nor_zarr():
 
 def storage_modules() -> list[str]:
     pkg = ROOT / "storage"
-    return sorted(f"storage.{p.stem}" for p in pkg.glob("*.py") if p.stem != "__init__")
+    return sorted(f"pflatents.storage.{p.stem}" for p in pkg.glob("*.py") if p.stem != "__init__")
 
 
 def test_storage_imports_neither_tasks_nor_prefect():

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.checkpoint import WEIGHTS, load_checkpoint
-from tasks.errors import ModelError
-from tasks.models import is_pickle_file, load_model, model_info, native_sde, resolve_model_spec
-from tasks.sde import VPSDE, VESDE
-from tasks.sources import open_source
-from tasks.train import TrainConfig, train_checkpoint
+from pflatents.tasks.models.checkpoint import WEIGHTS, load_checkpoint
+from pflatents.tasks.errors import ModelError
+from pflatents.tasks.models.registry import is_pickle_file, load_model, model_info, native_sde, resolve_model_spec
+from pflatents.tasks.ode.sde import VPSDE, VESDE
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.training.train import TrainConfig, train_checkpoint
 
 F64 = torch.float64
 ROOT = Path(__file__).resolve().parents[1]
@@ -181,8 +181,8 @@ def test_cli_refuses_pickle_without_running_it(tmp_path):
 
 def test_model_modules_are_pure():
     """Model loading and training import neither Prefect nor zarr (nor diffusers until a diffusers model)."""
-    code = ("import sys, json\nimport tasks.models, tasks.train, tasks.checkpoint, tasks.networks, tasks.adapters, "
-            "tasks.sde_discrete, tasks.diffusers_model\n"
+    code = ("import sys, json\nimport pflatents.tasks.models.registry, pflatents.tasks.training.train, pflatents.tasks.models.checkpoint, pflatents.tasks.models.networks, pflatents.tasks.models.adapters, "
+            "pflatents.tasks.ode.discrete, pflatents.tasks.models.diffusers\n"
             "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))

@@ -1,4 +1,4 @@
-"""tasks.pfode: encode/decode against exact answers, adapters end to end, likelihood, grids, bad input."""
+"""pflatents.tasks.ode.pfode: encode/decode against exact answers, adapters end to end, likelihood, grids, bad input."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from problems import SDES, gaussian, make_adapters, random_gmm, t64
-from tasks.errors import DataError, SolverError
-from tasks.pfode import GRIDS, SolverConfig, decode, encode, integrate, make_grid
+from pflatents.tasks.errors import DataError, SolverError
+from pflatents.tasks.ode.pfode import GRIDS, SolverConfig, decode, encode, integrate, make_grid
 
 F64 = torch.float64
 T_EPS = 1e-5
@@ -292,7 +292,7 @@ def test_time_variable_changes_the_path_not_the_answer(mixture):
 
 def test_pinned_configs_without_time_var_keep_integrating_in_s():
     """Stores pinned before time_var existed integrated dopri5 in s; resuming them must not switch."""
-    from flows.config import solver_from_dict
+    from pflatents.tasks.config import solver_from_dict
 
     legacy = {"name": "dopri5", "t_eps": 1e-5, "rtol": 5e-7, "atol": 5e-7, "max_steps": 10000}
     assert solver_from_dict(legacy).time_var == "s"

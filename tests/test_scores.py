@@ -1,4 +1,4 @@
-"""tasks.scores: the exact GMM score and density, the network adapters, and model-file validation."""
+"""pflatents.tasks.models.scores: the exact GMM score and density, the network adapters, and model-file validation."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from problems import SDES, make_adapters, random_gmm, t64
-from tasks.errors import DataError, ModelError
-from tasks.scores import GaussianMixtureScore, load_gmm
+from pflatents.tasks.errors import DataError, ModelError
+from pflatents.tasks.models.scores import GaussianMixtureScore, load_gmm
 
 F64 = torch.float64
 TIMES = {"vp": [1e-5, 1e-3, 0.1, 0.5, 1.0], "ve": [1e-5, 1e-3, 0.1, 0.5, 1.0], "edm": [1e-5, 1e-2, 1.0, 10.0, 80.0]}

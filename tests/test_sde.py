@@ -1,4 +1,4 @@
-"""tasks.sde: schedule constants, s <-> t inversion, and the PF-ODE coefficients against finite differences."""
+"""pflatents.tasks.ode.sde: schedule constants, s <-> t inversion, and the PF-ODE coefficients against finite differences."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from problems import SDES, schedule
-from tasks.errors import SolverError
-from tasks.sde import EDMSDE, VESDE, VPSDE, make_sde
+from pflatents.tasks.errors import SolverError
+from pflatents.tasks.ode.sde import EDMSDE, VESDE, VPSDE, make_sde
 
 F64 = torch.float64
 

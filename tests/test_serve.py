@@ -13,11 +13,11 @@ import torch
 import zarr
 
 from extract_helpers import BIN, cli, env_with, write_gmm_job
-from storage import LatentStore
-from tasks.encode_batches import encode_block
-from tasks.pfode import SolverConfig
-from tasks.scores import GaussianMixtureScore
-from tasks.sde import VPSDE
+from pflatents.storage import LatentStore
+from pflatents.tasks.ode.batches import encode_block
+from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.models.scores import GaussianMixtureScore
+from pflatents.tasks.ode.sde import VPSDE
 
 pytestmark = pytest.mark.slow
 
@@ -58,9 +58,9 @@ def _save(folder, name, x):
 def test_serve_settings_from_toml_and_yaml_with_flag_overrides(tmp_path):
     import argparse
 
-    from flows.jobs import Job
-    from flows.serve import _settings
-    from tasks.errors import InputError
+    from pflatents.flows.coordinator import Job
+    from pflatents.flows.serve import _settings
+    from pflatents.tasks.errors import InputError
 
     (tmp_path / "job.toml").write_text('[job]\ndata = "npydir:in"\nmodel = "gmm:m.json"\nout = "s3://b/x.zarr"\n'
                                        'solver = "rk4"\nsteps = 20\n[schedule]\ninterval = 3600\n'

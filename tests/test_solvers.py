@@ -1,4 +1,4 @@
-"""tasks.solvers (and DPM-Solver++ in tasks.pfode): tableaux, convergence orders, per-sample control."""
+"""pflatents.tasks.ode.solvers (and DPM-Solver++ in pflatents.tasks.ode.pfode): tableaux, convergence orders, per-sample control."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from problems import SDES, gaussian, mixed_batch, mixed_difficulty_gmm, random_gmm, t64
-from tasks import solvers as S
-from tasks.pfode import SolverConfig, decode, encode, ode_func
+from pflatents.tasks.ode import solvers as S
+from pflatents.tasks.ode.pfode import SolverConfig, decode, encode, ode_func
 
 F64 = torch.float64
 

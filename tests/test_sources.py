@@ -14,8 +14,8 @@ import pytest
 import zarr
 from PIL import Image
 
-from tasks.errors import DataError
-from tasks.sources import ImageSource, NpySource, open_source
+from pflatents.tasks.errors import DataError
+from pflatents.tasks.data.sources import ImageSource, NpySource, open_source
 
 
 def _save(path: Path, x: np.ndarray) -> str:
@@ -268,7 +268,7 @@ def test_pickles_as_its_spec(tmp_path: Path) -> None:
 
 
 def test_module_imports_neither_zarr_nor_prefect() -> None:
-    code = ("import sys, tasks.sources; "
+    code = ("import sys, pflatents.tasks.data.sources; "
             "bad = [m for m in ('zarr', 'prefect', 'PIL', 'sklearn') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

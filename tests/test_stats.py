@@ -9,7 +9,7 @@ import pytest
 from scipy import special, stats
 from sklearn.metrics import mutual_info_score
 
-from tasks import stats as S
+from pflatents.tasks.analysis import stats as S
 
 CFG = S.StatsConfig()
 
@@ -176,7 +176,7 @@ def test_amari_distance():
 def test_stats_and_report_modules_import_neither_prefect_nor_zarr():
     from test_layering import imported_after
 
-    loaded = imported_after(["tasks.stats", "tasks.ica", "tasks.reconstruct", "tasks.report"])
+    loaded = imported_after(["pflatents.tasks.analysis.stats", "pflatents.tasks.analysis.ica", "pflatents.tasks.analysis.reconstruct", "pflatents.tasks.analysis.report"])
     assert "tasks" in loaded and not {"prefect", "zarr", "storage", "flows"} & loaded
 
 

@@ -424,7 +424,7 @@ def test_stale_lock_of_killed_process_taken_over(tmp_path: Path) -> None:
     store = _make(path)
     code = textwrap.dedent(f"""
         import time
-        from storage import LatentStore
+        from pflatents.storage import LatentStore
         LatentStore.open({str(path)!r}).acquire_lock()
         print("locked", flush=True)
         time.sleep(60)

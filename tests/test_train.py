@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from tasks.errors import InputError
-from tasks.networks import build_network
-from tasks.sde import VPSDE
-from tasks.sources import open_source
-from tasks.train import TrainConfig, eval_loss, fit, train_checkpoint
+from pflatents.tasks.errors import InputError
+from pflatents.tasks.models.networks import build_network
+from pflatents.tasks.ode.sde import VPSDE
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.training.train import TrainConfig, eval_loss, fit, train_checkpoint
 
 TINY = {"hidden": 32, "depth": 2, "emb_dim": 16}
 
@@ -95,8 +95,8 @@ def test_train_flow_checkpoint_extract_and_resume_refusal(tmp_path, prefect_api,
     replacing the checkpoint makes `resume` refuse."""
     import asyncio
 
-    from flows.cli import main
-    from storage import LatentStore
+    from pflatents.flows.cli import main
+    from pflatents.storage import LatentStore
 
     x = correlated(120)
     np.save(tmp_path / "x.npy", x)

@@ -8,8 +8,8 @@ import numpy as np
 import zarr
 
 from extract_helpers import write_gmm_job
-from flows.cli import main
-from storage import LatentStore
+from pflatents.flows.cli import main
+from pflatents.storage import LatentStore
 
 ARGS = ["--shard-size", "300", "--batch-size", "100", "--solver", "rk4", "--steps", "6", "--no-progress"]
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import ModelError
-from tasks.scores import GaussianMixtureScore, ScoreModel
-from tasks.sde import SDE
+from pflatents.tasks.errors import ModelError
+from pflatents.tasks.models.scores import GaussianMixtureScore, ScoreModel
+from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["ModelInfo", "resolve_model_spec", "model_info", "load_model", "resolve_device", "native_sde",
            "is_pickle_file"]
@@ -81,7 +81,7 @@ def resolve_model_spec(spec: str) -> str:
     plain = Path(spec).expanduser()
     if ":" not in spec or plain.exists():
         if plain.is_dir():
-            from tasks.checkpoint import is_checkpoint_dir
+            from pflatents.tasks.models.checkpoint import is_checkpoint_dir
 
             if is_checkpoint_dir(plain):
                 return f"ckpt:{plain.resolve()}"
@@ -129,11 +129,11 @@ def _load_cached(spec: str, sde: SDE, stamp: tuple) -> ScoreModel:
     if kind == "gmm":
         return GaussianMixtureScore.from_json(rest, sde)
     if kind == "ckpt":
-        from tasks.checkpoint import load_checkpoint
+        from pflatents.tasks.models.checkpoint import load_checkpoint
 
         return load_checkpoint(rest, sde)
     if kind == "diffusers":
-        from tasks.diffusers_model import load_diffusers
+        from pflatents.tasks.models.diffusers import load_diffusers
 
         return load_diffusers(rest, sde)
     raise ModelError(f"unknown model kind {kind!r}")
@@ -152,11 +152,11 @@ def native_sde(spec: str) -> SDE | None:
     """The SDE a model was trained under (checkpoints, diffusers); None when it takes any (gmm)."""
     kind, _, rest = resolve_model_spec(spec).partition(":")
     if kind == "ckpt":
-        from tasks.checkpoint import checkpoint_sde
+        from pflatents.tasks.models.checkpoint import checkpoint_sde
 
         return checkpoint_sde(rest)
     if kind == "diffusers":
-        from tasks.diffusers_model import diffusers_sde
+        from pflatents.tasks.models.diffusers import diffusers_sde
 
         return diffusers_sde(rest)
     return None

@@ -16,10 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from flows.config import ExtractConfig, build_config
-from storage import LatentStore, default_shard_size, open_or_create, store_lock
-from tasks.errors import InputError
-from tasks.sources import Source, open_source
+from pflatents.tasks.config import ExtractConfig, build_config
+from pflatents.storage import LatentStore, default_shard_size, open_or_create, store_lock
+from pflatents.tasks.errors import InputError
+from pflatents.tasks.data.sources import Source, open_source
 
 __all__ = ["Job", "Prepared", "prepare", "make_store", "grow_to_source", "check_source", "locked",
            "data_spec", "model_spec", "store_url"]
@@ -139,7 +139,7 @@ def make_store(p: Prepared) -> LatentStore:
 
 
 def _absent(url: str) -> bool:
-    from storage.store import _Location
+    from pflatents.storage.store import _Location
 
     return _Location.parse(url).classify() != "complete"
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import ortho_group
 
-from tasks.stats import StatsConfig, amari_distance, compute_stats, independence_failures, summarise
+from pflatents.tasks.analysis.stats import StatsConfig, amari_distance, compute_stats, independence_failures, summarise
 
 __all__ = ["fit_ica", "mixing_to_sources", "representation_row", "ica_table"]
 

@@ -18,8 +18,8 @@ from typing import Callable, Protocol
 
 import torch
 
-from tasks.errors import DataError, ModelError
-from tasks.sde import SDE, _bcast
+from pflatents.tasks.errors import DataError, ModelError
+from pflatents.tasks.ode.sde import SDE, _bcast
 
 __all__ = ["ScoreModel", "GaussianMixtureScore", "EpsScore", "VScore", "DenoiserScore", "load_gmm"]
 

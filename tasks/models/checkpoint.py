@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.adapters import DeviceNet
-from tasks.errors import ModelError
-from tasks.networks import GaussianPrecond, build_network
-from tasks.scores import EpsScore
-from tasks.sde import SDE, make_sde
+from pflatents.tasks.models.adapters import DeviceNet
+from pflatents.tasks.errors import ModelError
+from pflatents.tasks.models.networks import GaussianPrecond, build_network
+from pflatents.tasks.models.scores import EpsScore
+from pflatents.tasks.ode.sde import SDE, make_sde
 
 __all__ = ["save_checkpoint", "load_checkpoint", "read_config", "is_checkpoint_dir", "CheckpointScore",
            "checkpoint_sde", "sde_from_dict", "WEIGHTS", "CONFIG", "FORMAT"]
@@ -37,7 +37,7 @@ UNHASHED = ("content_hash", "provenance")
 def sde_from_dict(d: dict) -> SDE:
     """Rebuild any SDE from its ``to_dict`` form (vp, ve, edm, vp_discrete)."""
     if d.get("name") == "vp_discrete":
-        from tasks.sde_discrete import DiscreteVPSDE
+        from pflatents.tasks.ode.discrete import DiscreteVPSDE
 
         return DiscreteVPSDE(alphas_cumprod=tuple(d["alphas_cumprod"]))
     return make_sde(d["name"], **{k: v for k, v in d.items() if k != "name"})

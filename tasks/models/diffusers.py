@@ -9,7 +9,7 @@ The mapping to the PF-ODE (exact at the trained noise levels):
 
 - schedule: the scheduler's ``alphas_cumprod`` (as diffusers computes them from ``beta_schedule``,
   ``beta_start``, ``beta_end``, ``trained_betas``, ``num_train_timesteps`` = N) become a
-  ``DiscreteVPSDE``: ``log alpha_bar`` piecewise linear in t through ``t = (i + 1)/N`` (see ``tasks.sde_discrete``);
+  ``DiscreteVPSDE``: ``log alpha_bar`` piecewise linear in t through ``t = (i + 1)/N`` (see ``pflatents.tasks.ode.discrete``);
 - time label: diffusers trains with ``add_noise(x0, eps, i)`` and calls ``unet(x_i, i)``, so the UNet is
   called with the (float) timestep ``i = t N - 1``;
 - ``prediction_type``: ``epsilon`` -> ``EpsScore``; ``v_prediction`` (v = alpha eps - sigma x0, diffusers'
@@ -26,10 +26,10 @@ import json
 import os
 from pathlib import Path
 
-from tasks.adapters import DeviceNet, X0Score
-from tasks.errors import ModelError
-from tasks.scores import EpsScore, VScore
-from tasks.sde_discrete import DiscreteVPSDE
+from pflatents.tasks.models.adapters import DeviceNet, X0Score
+from pflatents.tasks.errors import ModelError
+from pflatents.tasks.models.scores import EpsScore, VScore
+from pflatents.tasks.ode.discrete import DiscreteVPSDE
 
 __all__ = ["load_diffusers", "diffusers_sde", "find_layout", "PREDICTION_TYPES"]
 

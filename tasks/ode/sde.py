@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tasks.errors import SolverError
+from pflatents.tasks.errors import SolverError
 
 __all__ = ["SDE", "VPSDE", "VESDE", "EDMSDE", "make_sde", "SDE_NAMES"]
 

@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from tasks.encode_batches import decode_block
-from tasks.pfode import SolverConfig
-from tasks.sde import SDE
+from pflatents.tasks.ode.batches import decode_block
+from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["exact_gaussian_latents", "gaussian_params", "read_rows", "sample_errors",
            "requantise_exact", "reconstruct_rows", "subset_indices", "error_summary"]

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.errors import DataError
+from pflatents.tasks.errors import DataError
 
 __all__ = ["Source", "ArraySource", "NpySource", "ZarrSource", "ImageSource", "DigitsSource",
            "open_source"]

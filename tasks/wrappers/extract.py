@@ -20,10 +20,10 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage import LatentStore
-from tasks.encode_batches import encode_block
-from tasks.models import load_model, resolve_device
-from tasks.sources import open_source
+from pflatents.storage import LatentStore
+from pflatents.tasks.ode.batches import encode_block
+from pflatents.tasks.models.registry import load_model, resolve_device
+from pflatents.tasks.data.sources import open_source
 
 __all__ = ["run_shard", "integrate_shard", "InjectedFault"]
 
@@ -79,7 +79,7 @@ def _source(spec: str, stop: int = 0):
 
 def run_shard(store_url: str, shard_id: int, device: str = "auto") -> dict:
     """Encode shard ``shard_id`` of the store's pinned job and write it; returns a small summary."""
-    from flows.config import ExtractConfig  # config (de)serialisation lives with the flows
+    from pflatents.tasks.config import ExtractConfig  # config (de)serialisation lives with the flows
 
     t0 = time.perf_counter()
     _inject_fault(shard_id)

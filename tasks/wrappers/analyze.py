@@ -12,13 +12,13 @@ import numpy as np
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from storage import LatentStore
-from storage.analysis import analysis_group, read_sample_arrays, write_arrays, write_sample_chunk
-from tasks.ica import ica_table
-from tasks.models import load_model, resolve_device
-from tasks.reconstruct import read_rows, reconstruct_rows
-from tasks.sources import open_source
-from tasks.stats import StatsConfig, compute_stats, dcor_tests, select_pairs, summarise
+from pflatents.storage import LatentStore
+from pflatents.storage.analysis import analysis_group, read_sample_arrays, write_arrays, write_sample_chunk
+from pflatents.tasks.analysis.ica import ica_table
+from pflatents.tasks.models.registry import load_model, resolve_device
+from pflatents.tasks.analysis.reconstruct import read_rows, reconstruct_rows
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.analysis.stats import StatsConfig, compute_stats, dcor_tests, select_pairs, summarise
 
 __all__ = ["compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
            "latents_dask", "RECON_ARRAYS"]
@@ -28,7 +28,7 @@ RECON_ARRAYS = ["recon_max_abs", "recon_rmse", "recon_nfe", "recon_status"]
 
 def _config(store: LatentStore) -> Any:
     """The store's pinned extraction config (config (de)serialisation lives with the flows)."""
-    from flows.config import ExtractConfig
+    from pflatents.tasks.config import ExtractConfig
 
     return ExtractConfig.from_dict(store.config)
 
@@ -139,7 +139,7 @@ def _image_grids(store: LatentStore, index: np.ndarray, device: str, n: int = 8)
     """Originals, their reconstructions and decodes of fresh prior draws, as CHW images."""
     import torch
 
-    from tasks.encode_batches import decode_block
+    from pflatents.tasks.ode.batches import decode_block
 
     cfg = _config(store)
     sde, dev = cfg.make_sde(), resolve_device(device)
@@ -161,7 +161,7 @@ def _image_grids(store: LatentStore, index: np.ndarray, device: str, n: int = 8)
 def write_analysis_report(store_url: str, ranges: list[list[int]], summary: dict[str, Any], directory: str,
                           prior_std: float, device: str = "auto", seed: int = 0) -> dict[str, str]:
     """Plots from the stored analysis arrays and a seeded latent subsample; report.md + report.html."""
-    from tasks.report import write_report
+    from pflatents.tasks.analysis.report import write_report
 
     store = LatentStore.open(store_url, mode="r")
     group = analysis_group(store)

@@ -9,7 +9,7 @@ sizes stay in float64 and are cast at the state boundary.
   step size: each sample accepts, rejects and sizes its steps from its own error alone, so its result
   does not depend on its batch mates, and finished samples drop out of the score evaluations.
 - ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022), a multistep exponential integrator for the
-  semi-linear PF-ODE; lives in ``tasks.pfode`` because it needs the data prediction, not F.
+  semi-linear PF-ODE; lives in ``pflatents.tasks.ode.pfode`` because it needs the data prediction, not F.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from tasks.errors import SolverError
+from pflatents.tasks.errors import SolverError
 
 __all__ = ["Tableau", "TABLEAUS", "SolveResult", "rk_step", "solve_fixed", "solve_adaptive",
            "OK", "STEP_LIMIT", "NONFINITE", "STATUS_NAMES"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tasks.errors import InputError
-from tasks.models import model_info, native_sde
-from tasks.pfode import ADAPTIVE, SolverConfig
-from tasks.sde import SDE, make_sde
+from pflatents.tasks.errors import InputError
+from pflatents.tasks.models.registry import model_info, native_sde
+from pflatents.tasks.ode.pfode import ADAPTIVE, SolverConfig
+from pflatents.tasks.ode.sde import SDE, make_sde
 
 __all__ = ["ExtractConfig", "build_config", "sde_from_dict", "solver_from_dict"]
 
@@ -47,7 +47,7 @@ class ExtractConfig:
 
 def sde_from_dict(d: dict) -> SDE:
     """Rebuild an SDE from its ``to_dict`` form (vp, ve, edm, and vp_discrete of diffusers models)."""
-    from tasks.checkpoint import sde_from_dict as _from_dict
+    from pflatents.tasks.models.checkpoint import sde_from_dict as _from_dict
 
     return _from_dict(d)
 

@@ -24,9 +24,9 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tasks.errors import InputError
-from tasks.networks import ARCHS, GaussianPrecond, build_network
-from tasks.sde import SDE
+from pflatents.tasks.errors import InputError
+from pflatents.tasks.models.networks import ARCHS, GaussianPrecond, build_network
+from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["TrainConfig", "TrainResult", "fit", "family_of", "TIME_SAMPLING"]
 
@@ -120,7 +120,7 @@ def _lr_at(step: int, cfg: TrainConfig) -> float:
 
 def dsm_loss(net: GaussianPrecond, x0: torch.Tensor, s: torch.Tensor, eps: torch.Tensor, family: str) -> torch.Tensor:
     """Mean over the batch of || eps_hat(alpha x0 + sigma eps, s) - eps ||^2 / D."""
-    from tasks.networks import alpha_sigma_of_s
+    from pflatents.tasks.models.networks import alpha_sigma_of_s
 
     a, sg = alpha_sigma_of_s(s.to(torch.float32), family)
     shape = (-1, *([1] * (x0.ndim - 1)))
@@ -212,7 +212,7 @@ def _resolved_arch_params(arch: str, params: dict) -> dict:
     """The architecture's keyword defaults overlaid with ``params`` (so a checkpoint never depends on defaults)."""
     import inspect
 
-    from tasks.networks import MLPTrunk, UNetTrunk
+    from pflatents.tasks.models.networks import MLPTrunk, UNetTrunk
 
     cls = MLPTrunk if arch == "mlp" else UNetTrunk
     skip = {"self", "dim", "channels"}
@@ -232,7 +232,7 @@ def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress
         InputError: bad settings, or a sample shape the architecture cannot take.
         ModelError: ``out`` exists and ``overwrite`` is false.
     """
-    from tasks.checkpoint import read_config, save_checkpoint
+    from pflatents.tasks.models.checkpoint import read_config, save_checkpoint
 
     shape = tuple(source.sample_shape)
     if cfg.arch == "unet" and len(shape) != 3:

@@ -1,4 +1,4 @@
-"""More network adapters (besides ``tasks.scores``): data prediction, and device/dtype placement.
+"""More network adapters (besides ``pflatents.tasks.models.scores``): data prediction, and device/dtype placement.
 
 - ``X0Score``: a network that predicts the clean sample x0 (diffusers ``prediction_type="sample"``):
   ``sigma^2 score = alpha x0_hat - x`` (Tweedie), ``score = (alpha x0_hat - x) / sigma^2``.
@@ -14,8 +14,8 @@ from typing import Callable
 
 import torch
 
-from tasks.scores import EpsScore
-from tasks.sde import _bcast
+from pflatents.tasks.models.scores import EpsScore
+from pflatents.tasks.ode.sde import _bcast
 
 __all__ = ["X0Score", "DeviceNet"]
 

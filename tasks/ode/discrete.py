@@ -18,8 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
-from tasks.errors import ModelError
-from tasks.sde import SDE
+from pflatents.tasks.errors import ModelError
+from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["DiscreteVPSDE"]
 

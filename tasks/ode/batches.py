@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from tasks.pfode import SolverConfig, decode, encode
-from tasks.scores import ScoreModel
-from tasks.sde import SDE
+from pflatents.tasks.ode.pfode import SolverConfig, decode, encode
+from pflatents.tasks.models.scores import ScoreModel
+from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["encode_block", "decode_block", "DTYPES"]
 

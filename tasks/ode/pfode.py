@@ -4,7 +4,7 @@
 back to the **same** ``t_eps`` with no extra denoising step, so the round trip can close.
 The adaptive solver steps in the SDE's own time t by default (``time_var="s"``: in s = log(sigma/alpha),
 the default for a discrete diffusers schedule);
-fixed-step solvers step on grids in s (see ``tasks.sde``).
+fixed-step solvers step on grids in s (see ``pflatents.tasks.ode.sde``).
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from tasks import solvers as S
-from tasks.errors import SolverError
-from tasks.scores import ScoreModel
-from tasks.sde import SDE, _bcast
+from pflatents.tasks.ode import solvers as S
+from pflatents.tasks.errors import SolverError
+from pflatents.tasks.models.scores import ScoreModel
+from pflatents.tasks.ode.sde import SDE, _bcast
 
 __all__ = ["SolverConfig", "PFResult", "encode", "decode", "integrate", "make_grid", "SOLVER_NAMES", "GRIDS"]
 

@@ -1,0 +1,1 @@
+"""pflatents.tasks.training."""
