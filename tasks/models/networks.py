@@ -10,8 +10,13 @@ weights), ``d = sqrt(alpha^2 v + sigma^2)``,
 
 the first term being the exact noise prediction for Gaussian data N(mu, diag v) and the second a
 learned correction at its natural scale (zero where v = 0, e.g. constant pixels). ``F``'s last layer
-starts at zero, so an untrained network is the per-dim Gaussian model. The trunk runs in float32;
-inputs and outputs are cast at the boundary.
+starts at zero, so an untrained network is the per-dim Gaussian model.
+
+Precision: the trunk runs in its weights' dtype. A float64 time label ``s`` (what the ODE passes;
+``takes_float64_label``) is never rounded to the weights' dtype before use: alpha, sigma, d, the
+preconditioning and the embedding's phase ``w_k s`` are computed in float64 and only the results are
+cast (sin/cos to the trunk's dtype, eps to the input's dtype). A float32 label (training) takes the
+float32 path unchanged, so training results do not depend on this.
 """
 
 from __future__ import annotations
@@ -41,8 +46,9 @@ class SinusoidalEmbedding(nn.Module):
         self.register_buffer("w", w, persistent=False)
 
     def forward(self, s: torch.Tensor) -> torch.Tensor:
-        a = s[:, None] * self.w[None]
-        return torch.cat([torch.sin(a), torch.cos(a)], dim=1)
+        # the phase in s's dtype (float64 labels are not rounded first); the result in the weights' dtype
+        a = s[:, None] * self.w.to(s.dtype)[None]
+        return torch.cat([torch.sin(a), torch.cos(a)], dim=1).to(self.w.dtype)
 
 
 class TimeMLP(nn.Module):
@@ -158,15 +164,19 @@ class GaussianPrecond(nn.Module):
         self.data_var.copy_(var.clamp_min(0).reshape(self.sample_shape))
 
     def forward(self, x: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        x32 = x.to(torch.float32)
-        s32 = torch.as_tensor(s, device=x.device).to(torch.float32).expand(x.shape[0])
-        a, sg = alpha_sigma_of_s(s32, self.family)
+        wdt = self.data_mean.dtype  # the weights' dtype: the trunk runs in it
+        s = torch.as_tensor(s, device=x.device)
+        s = (s if s.is_floating_point() else s.to(torch.float64)).expand(x.shape[0])
+        cd = torch.float64 if torch.float64 in (s.dtype, wdt) else wdt  # preconditioning dtype
+        a, sg = alpha_sigma_of_s(s.to(cd), self.family)
         a, sg = a.reshape(-1, *([1] * (x.ndim - 1))), sg.reshape(-1, *([1] * (x.ndim - 1)))
-        d = torch.sqrt(a * a * self.data_var + sg * sg)
-        y = (x32 - a * self.data_mean) / d
-        eps = (sg / d) * y + (a * self.data_var.sqrt() / d) * self.trunk(y, s32)
-        return eps.to(dtype)
+        var = self.data_var.to(cd)
+        d = torch.sqrt(a * a * var + sg * sg)
+        y = (x.to(cd) - a * self.data_mean.to(cd)) / d
+        eps = (sg / d) * y + (a * var.sqrt() / d) * self.trunk(y.to(wdt), s).to(cd)
+        return eps.to(x.dtype)
+
+    takes_float64_label = True  # callers (DeviceNet) pass the time label unrounded (module docstring)
 
 
 ARCHS = ("mlp", "unet")

@@ -171,8 +171,9 @@ class EpsScore:
         self.net, self.sde, self.time_fn = net, sde, time_fn
 
     def _label(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """The time label on x's device, in the net's ``label_dtype`` if it declares one, else x's dtype."""
         lab = self.time_fn(t) if self.time_fn is not None else t
-        return lab.to(device=x.device, dtype=x.dtype)
+        return lab.to(device=x.device, dtype=getattr(self.net, "label_dtype", None) or x.dtype)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         return -self.eps(x, t) / _bcast(self.sde.sigma(t), x)
