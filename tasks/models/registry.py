@@ -143,9 +143,40 @@ def _load(spec: str, sde: SDE) -> ScoreModel:
     return _load_cached(spec, sde, _file_stamp(spec))
 
 
-def load_model(spec: str, sde: SDE) -> ScoreModel:
-    """The score model for a spec; cached, so a worker process loads each model once."""
-    return _load(resolve_model_spec(spec), sde)
+def load_model(spec: str, sde: SDE, precision: str | None = None, compile: str = "off") -> ScoreModel:
+    """The score model for a spec; cached, so a worker process loads each model once.
+
+    ``precision`` / ``compile`` (``pflatents.tasks.models.precision``) set how a network is evaluated;
+    the default (None, off) runs it in its own dtype, uncompiled. An exact (gmm) score runs in the
+    state's dtype and takes only None, fp32 or fp64 (checked against the dtype by ``resolve_precision``).
+    """
+    spec = resolve_model_spec(spec)
+    stamp = _file_stamp(spec)
+    if precision is None and compile == "off":
+        return _load_cached(spec, sde, stamp)
+    return _configured(spec, sde, stamp, precision, compile)
+
+
+@functools.lru_cache(maxsize=8)
+def _configured(spec: str, sde: SDE, stamp: tuple, precision: str | None, compile: str) -> ScoreModel:
+    """A shallow copy of the cached model whose network adapter runs at ``precision`` / ``compile``."""
+    import copy
+
+    from pflatents.tasks.models.adapters import DeviceNet
+    from pflatents.tasks.models.precision import check_compile, check_precision
+
+    check_precision(precision)
+    check_compile(compile)
+    base = _load_cached(spec, sde, stamp)
+    net = getattr(base, "net", None)
+    if not isinstance(net, DeviceNet):
+        if precision in ("tf32", "bf16"):
+            raise ModelError(f"--precision {precision} applies to networks; {spec} is an exact score "
+                             "evaluated in the ODE state's dtype (use fp32 or fp64 with the matching --dtype)")
+        return base
+    model = copy.copy(base)
+    model.net = net.with_settings(precision, compile)
+    return model
 
 
 def native_sde(spec: str) -> SDE | None:

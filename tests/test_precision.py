@@ -1,0 +1,153 @@
+"""Network precision and compilation of the network adapter (DeviceNet) and the model registry."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.errors import InputError, ModelError
+from pflatents.tasks.models import precision as P
+from pflatents.tasks.models.adapters import DeviceNet
+from pflatents.tasks.models.registry import load_model
+from pflatents.tasks.ode.sde import VPSDE
+from pflatents.tasks.training.train import TrainConfig, train_checkpoint
+
+F64 = torch.float64
+
+
+class Net(nn.Module):
+    """x, label -> W2 silu(W1 x + label): every operation follows the weights' dtype."""
+
+    def __init__(self, d: int = 6) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.l1, self.l2 = nn.Linear(d, 32), nn.Linear(32, d)
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g) * 0.5
+
+    def forward(self, x, lab):
+        return self.l2(nn.functional.silu(self.l1(x) + lab[:, None]))
+
+
+def _inputs(dtype=F64, n: int = 64, d: int = 6):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, d, generator=g, dtype=dtype), torch.rand(n, generator=g, dtype=dtype)
+
+
+def test_fp64_evaluates_the_network_in_float64_end_to_end():
+    net = Net()
+    x, lab = _inputs()
+    with torch.no_grad():
+        ref = Net().double()(x, lab)  # same seeded weights, built in float64 by hand
+        fp64 = DeviceNet(net, precision="fp64")(x, lab)
+        fp32 = DeviceNet(net, precision="fp32")(x, lab)
+    assert fp64.dtype == F64 and fp32.dtype == F64
+    assert (fp64 - ref).abs().max() < 1e-12
+    err32 = (fp32 - ref).abs().max()
+    assert 1e-9 < err32 < 1e-4  # float32 rounding, which fp64 removes
+    assert net.l1.weight.dtype == torch.float32  # the given module is not cast in place
+
+
+def test_default_and_fp32_match_the_plain_float32_call_bitwise_and_tf32_is_fp32_on_cpu():
+    net = Net()
+    x, lab = _inputs()
+    with torch.no_grad():
+        plain = net(x.float(), lab.float()).double()
+        for prec in (None, "fp32", "tf32"):
+            assert torch.equal(DeviceNet(net, precision=prec)(x, lab), plain), prec
+
+
+def test_bf16_runs_under_autocast_with_bf16_sized_error():
+    net = Net()
+    x, lab = _inputs(torch.float32)
+    with torch.no_grad():
+        ref = Net().double()(x.double(), lab.double())
+        out = DeviceNet(net, precision="bf16")(x, lab)
+    assert out.dtype == torch.float32
+    rel = ((out.double() - ref).abs().max() / ref.abs().max()).item()
+    assert 1e-4 < rel < 5e-2  # bfloat16 has 8 mantissa bits: ~4e-3 relative per rounding
+
+
+def test_a_failing_compile_falls_back_to_eager_with_a_clear_warning(monkeypatch):
+    def broken(module, *a, **k):
+        def call(*args, **kw):
+            raise RuntimeError("inductor backend unavailable")
+        return call
+
+    monkeypatch.setattr(torch, "compile", broken)
+    net = Net()
+    x, lab = _inputs()
+    dn = DeviceNet(net, precision="fp32", compile="on")
+    with pytest.warns(RuntimeWarning, match="torch.compile of the network failed on cpu.*inductor backend"):
+        out = dn(x, lab)
+    with torch.no_grad():
+        assert torch.equal(out, net(x.float(), lab.float()).double())
+    assert dn.compile_status["cpu"].startswith("failed: RuntimeError")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert torch.equal(dn(x, lab), out)  # no second attempt, no second warning
+
+
+def test_compile_auto_is_off_on_cpu():
+    assert not P.use_compile("auto", torch.device("cpu"))
+    assert P.use_compile("auto", torch.device("cuda", 0)) and P.use_compile("on", torch.device("cpu"))
+    dn = DeviceNet(Net(), compile="auto")
+    dn(*_inputs())
+    assert dn.compile_status == {"cpu": "eager"}
+
+
+def test_precision_resolution_and_refusals():
+    assert P.resolve_precision(None, "float32") == "fp32"
+    assert P.resolve_precision(None, "float64") == "fp64"
+    assert P.resolve_precision("bf16", "float32") == "bf16"
+    assert P.resolve_precision("fp64", "float32") == "fp64"  # a network may run above the state's dtype
+    with pytest.raises(InputError, match="unknown network precision 'fp16'.*fp32, tf32, bf16, fp64"):
+        P.resolve_precision("fp16", "float32")
+    with pytest.raises(InputError, match="--precision bf16 applies to networks; a gmm model"):
+        P.resolve_precision("bf16", "float32", kind="gmm")
+    with pytest.raises(InputError, match="unknown compile mode 'yes'"):
+        P.check_compile("yes")
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("prec")
+    x = np.random.default_rng(0).standard_normal((200, 5)).astype(np.float32) * [1, 2, 0.5, 1, 3]
+    np.save(d / "x.npy", x)
+    cfg = TrainConfig(arch_params={"hidden": 16, "depth": 1, "emb_dim": 8}, steps=30, batch_size=32, seed=0)
+    train_checkpoint(open_source(str(d / "x.npy")), VPSDE(), cfg, d / "m")
+    return d / "m"
+
+
+def test_registry_gives_a_configured_model_and_caches_it(ckpt):
+    sde = VPSDE()
+    base = load_model(str(ckpt), sde)
+    m64 = load_model(str(ckpt), sde, precision="fp64")
+    assert load_model(str(ckpt), sde, precision="fp64") is m64 and m64 is not base
+    assert base.net.precision is None and m64.net.precision == "fp64"
+    assert m64.content_hash == base.content_hash
+    x = torch.randn(8, 5, dtype=F64)
+    t = torch.linspace(0.01, 1.0, 8, dtype=F64)
+    with torch.no_grad():
+        out = m64(x, t)
+    assert out.dtype == F64
+    assert next(m64.net.on(torch.device("cpu")).parameters()).dtype == F64
+    assert next(base.module.parameters()).dtype == torch.float32
+    torch.testing.assert_close(out, base(x, t), rtol=1e-4, atol=1e-5)
+
+
+def test_exact_scores_refuse_network_precisions(tmp_path):
+    import json
+
+    p = tmp_path / "g.json"
+    p.write_text(json.dumps({"weights": [1.0], "means": [[0.0, 0.0]], "covariances": [[[1.0, 0.0], [0.0, 1.0]]]}))
+    sde = VPSDE()
+    assert load_model(f"gmm:{p}", sde, precision="fp64") is load_model(f"gmm:{p}", sde)
+    with pytest.raises(ModelError, match="--precision bf16 applies to networks"):
+        load_model(f"gmm:{p}", sde, precision="bf16")
