@@ -81,7 +81,7 @@ def measure_numpy(store_url: str) -> dict:
     import zarr
     from scipy import special, stats
 
-    from pflatents.tasks.analysis.stats import StatsConfig, make_plan, _rff
+    from pflatents.tasks.analysis.stats import StatsConfig, make_plan, rff_features
 
     x = np.asarray(zarr.open_group(store_url, mode="r")["latents"][:], dtype=np.float64)
     n, d = x.shape
@@ -97,7 +97,7 @@ def measure_numpy(store_url: str) -> dict:
     i = np.arange(1, n + 1)[:, None]
     ad = -n - ((2 * i - 1) * special.log_ndtr(xs) + (2 * (n - i) + 1) * special.log_ndtr(-xs)).sum(0) / n
     del xs
-    f = _rff(x, plan.freqs)
+    f = rff_features(x, plan.freqs)
     f -= f.mean(0)
     (f.T @ f) / n
     del f

@@ -9,7 +9,10 @@ import pytest
 from scipy import special, stats
 from sklearn.metrics import mutual_info_score
 
+from pflatents.tasks.analysis import dependence as Dep
+from pflatents.tasks.analysis import normality as Nm
 from pflatents.tasks.analysis import stats as S
+from pflatents.tasks.analysis import summary as Sm
 
 CFG = S.StatsConfig()
 
@@ -47,7 +50,7 @@ def test_moments_match_scipy(data, res):
 def test_correlations_match_numpy(data, res):
     for key, f in (("corr_z", data), ("corr_sq", data ** 2), ("corr_abs", np.abs(data))):
         np.testing.assert_allclose(res[key], np.corrcoef(f.T), rtol=0, atol=1e-12)
-    s = S.summarise(res, [], CFG)["independence"]
+    s = Sm.summarise(res, [], CFG)["independence"]
     sign, logdet = np.linalg.slogdet(np.corrcoef(data.T))
     assert sign > 0 and rel(s["gaussian_total_correlation"], -0.5 * logdet) < 1e-9
     n, d = data.shape
@@ -73,7 +76,7 @@ def test_ks_and_anderson_darling_from_the_phi_histogram(data, res):
                                 statistic="ad", n_mc_samples=99, rng=0)
     one = S.compute_stats(data[:500, :1], CFG, scheduler="sync")["normality"]["ad"][0]
     assert one == pytest.approx(ref.statistic, rel=2e-3)
-    assert S.ad_cdf(np.array([2.492]))[0] == pytest.approx(0.95, abs=2e-4)
+    assert Nm.ad_cdf(np.array([2.492]))[0] == pytest.approx(0.95, abs=2e-4)
     assert list(np.flatnonzero(nm["fail"])) == [2, 3]  # the Laplace dim and x4^2 - 1 + noise
 
 
@@ -96,7 +99,7 @@ def test_hsic_matches_the_kernel_formula(data):
     n = len(data)
     h = np.eye(n) - 1.0 / n
     for i, j in ((0, 1), (3, 4), (0, 5)):
-        fi, fj = (S._rff(data[:, [k]], plan.freqs) for k in (i, j))
+        fi, fj = (S.rff_features(data[:, [k]], plan.freqs) for k in (i, j))
         k_, l_ = fi @ fi.T, fj @ fj.T
         ref = np.trace(k_ @ h @ l_ @ h) / n ** 2  # biased HSIC of the RFF kernel
         assert rel(res["hsic"][i, j], ref) < 1e-6
@@ -106,7 +109,7 @@ def test_hsic_matches_the_kernel_formula(data):
 def test_distance_correlation_matches_dcor(data):
     for i, j in ((0, 1), (3, 4), (0, 5)):
         x, y = data[:400, i], data[:400, j]
-        assert rel(S.distance_correlation(x, y), dcor.distance_correlation(x, y)) < 1e-9
+        assert rel(Dep.distance_correlation(x, y), dcor.distance_correlation(x, y)) < 1e-9
 
 
 def test_results_do_not_depend_on_chunking(data):
@@ -131,7 +134,7 @@ def test_false_positive_rate_near_nominal_on_gaussian_data():
             p_dims[t] += list(r["normality"][t])
         for t in p_pairs:
             p_pairs[t] += list(r[t][iu])
-        s = S.summarise(r, [], CFG)
+        s = Sm.summarise(r, [], CFG)
         family += s["independence"]["n_pairs_over_threshold"] > 0
     for name, ps in {**p_dims, **p_pairs}.items():
         rate = np.mean(np.asarray(ps) < 0.05)
@@ -142,10 +145,10 @@ def test_false_positive_rate_near_nominal_on_gaussian_data():
 def test_dcor_permutation_test_is_calibrated_and_powerful():
     rng = np.random.default_rng(7)
     cfg = S.StatsConfig(dcor_permutations=99, dcor_n=200)
-    ps = [S.dcor_permutation_test(rng.normal(size=200), rng.normal(size=200), 99, rng)[1] for _ in range(40)]
+    ps = [Dep.dcor_permutation_test(rng.normal(size=200), rng.normal(size=200), 99, rng)[1] for _ in range(40)]
     assert 0.3 < np.mean(ps) < 0.7 and np.mean(np.asarray(ps) < 0.05) <= 0.15
     x = rng.normal(size=200)
-    assert S.dcor_permutation_test(x, x ** 2 + 0.3 * rng.normal(size=200), cfg.dcor_permutations, rng)[1] == 0.01
+    assert Dep.dcor_permutation_test(x, x ** 2 + 0.3 * rng.normal(size=200), cfg.dcor_permutations, rng)[1] == 0.01
 
 
 def test_uncorrelated_dependence_is_caught_by_nonlinear_stats_only():
@@ -153,30 +156,30 @@ def test_uncorrelated_dependence_is_caught_by_nonlinear_stats_only():
     x = rng.normal(size=(3000, 4))
     x[:, 1] = (x[:, 0] ** 2 - 1 + 0.5 * x[:, 1]) / np.sqrt(2.25)  # z2 = z1^2 + noise
     r = S.compute_stats(x, CFG, scheduler="sync")
-    s = S.summarise(r, S.dcor_tests(x[:500], S.select_pairs(r, CFG), CFG), CFG)["independence"]
+    s = Sm.summarise(r, Dep.dcor_tests(x[:500], Dep.select_pairs(r, CFG), CFG), CFG)["independence"]
     thr = s["corr_threshold"]
     assert abs(r["corr_z"][0, 1]) < thr and s["n_pairs_over_threshold"] == 0
     assert abs(r["corr_sq"][0, 1]) > thr and abs(r["corr_abs"][0, 1]) > thr
     m = 6
     assert r["hsic_p"][0, 1] < 0.05 / m and r["mi_p"][0, 1] < 0.05 / m
     assert s["dcor_tests"][0]["pair"] == [0, 1] and s["dcor_tests"][0]["rejected"]
-    assert "linear correlation" not in S.independence_failures(s)
+    assert "linear correlation" not in Sm.independence_failures(s)
 
 
 def test_amari_distance():
     rng = np.random.default_rng(0)
     perm = np.eye(4)[[2, 0, 3, 1]] * np.array([1.5, -2.0, 0.3, 4.0])
-    assert S.amari_distance(perm) == pytest.approx(0.0, abs=1e-12)
+    assert Dep.amari_distance(perm) == pytest.approx(0.0, abs=1e-12)
     rot = stats.ortho_group.rvs(4, random_state=1)
-    assert 0.25 < S.amari_distance(rot) <= 1.0
-    assert S.amari_distance(np.ones((4, 4))) == pytest.approx(1.0)
-    assert S.amari_distance(rng.normal(size=(1, 1))) == 0.0
+    assert 0.25 < Dep.amari_distance(rot) <= 1.0
+    assert Dep.amari_distance(np.ones((4, 4))) == pytest.approx(1.0)
+    assert Dep.amari_distance(rng.normal(size=(1, 1))) == 0.0
 
 
 def test_stats_and_report_modules_import_neither_prefect_nor_zarr():
     from test_layering import imported_after
 
-    loaded = imported_after(["pflatents.tasks.analysis.stats", "pflatents.tasks.analysis.ica", "pflatents.tasks.analysis.reconstruct", "pflatents.tasks.analysis.report"])
+    loaded = imported_after(["pflatents.tasks.analysis.stats", "pflatents.tasks.analysis.summary", "pflatents.tasks.analysis.normality", "pflatents.tasks.analysis.dependence", "pflatents.tasks.analysis.ica", "pflatents.tasks.analysis.reconstruct", "pflatents.tasks.analysis.report"])
     assert "tasks" in loaded and not {"prefect", "zarr", "storage", "flows"} & loaded
 
 
@@ -184,6 +187,6 @@ def test_a_constant_dim_fails_normality_without_nan_in_the_summary():
     x = np.random.default_rng(2).normal(size=(1000, 3))
     x[:, 1] = 0.25
     r = S.compute_stats(x, CFG, scheduler="sync")
-    s = S.summarise(r, [], CFG)["normality"]
+    s = Sm.summarise(r, [], CFG)["normality"]
     assert 1 in s["failing_dims"] and s["n_constant_dims"] == 1
     assert np.isfinite(s["mean_abs_excess_kurtosis"]) and np.isfinite(s["mean_abs_skew"])

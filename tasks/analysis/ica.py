@@ -13,7 +13,9 @@ from typing import Any
 import numpy as np
 from scipy.stats import ortho_group
 
-from pflatents.tasks.analysis.stats import StatsConfig, amari_distance, compute_stats, independence_failures, summarise
+from pflatents.tasks.analysis.dependence import amari_distance
+from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
+from pflatents.tasks.analysis.summary import independence_failures, summarise
 
 __all__ = ["fit_ica", "mixing_to_sources", "representation_row", "ica_table"]
 

@@ -158,7 +158,7 @@ def _sections(s: dict[str, Any], plots: list[tuple[str, str]]) -> list[str]:
                   f"- HSIC and binned MI use {ind['pair_test_dims']} dims; distance correlation uses a seeded "
                   "subsample of rows and pairs (the flagged ones first)."]),
               "## Normality",
-              _table(["test (alone, level alpha/D)", "dims failing"], [[k, v] for k, v in nm["n_dims_failing_by_test"].items()]),
+              _table([f"test (alone, level alpha/(6D) = {nm.get('per_test_level', 0):.3g})", "dims failing"], [[k, v] for k, v in nm["n_dims_failing_by_test"].items()]),
               f"Failing dims: {_fmt(nm['failing_dims'])}. Max KS {nm['max_ks']:.4g} (5%: {nm['ks_threshold_5pct']:.4g}),"
               f" max AD {nm['max_ad']:.4g} (5%: 2.492).", "## Distance correlation (subsample)",
               _table(["pair", "dCor", "p", "rejected"],

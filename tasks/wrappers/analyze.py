@@ -18,7 +18,9 @@ from pflatents.tasks.analysis.ica import ica_table
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.analysis.reconstruct import read_rows, reconstruct_rows
 from pflatents.tasks.data.sources import open_source
-from pflatents.tasks.analysis.stats import StatsConfig, compute_stats, dcor_tests, select_pairs, summarise
+from pflatents.tasks.analysis.dependence import dcor_tests, select_pairs
+from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
+from pflatents.tasks.analysis.summary import summarise
 
 __all__ = ["compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
            "latents_dask", "RECON_ARRAYS"]
