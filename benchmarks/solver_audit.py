@@ -1,4 +1,4 @@
-"""Where dopri5's worst latent error comes from, and what the time variable costs (README, "Solvers").
+"""Where dopri5's worst latent error comes from, and what the time variable costs (benchmarks/README.md, "Solver audit").
 
     .venv/bin/python benchmarks/solver_audit.py [--n 1024] [--vars t,s,sqrt_t,log_t] [--audit-tol 1e-5]
 

@@ -552,7 +552,7 @@ SCAN_HDR = ["encode: cheapest tol", "NFE mean", "NFE max", "latent err max", "NF
 # ---- main -----------------------------------------------------------------------------------------
 
 def settings(quick: bool) -> dict:
-    """Which settings run: quick is a smoke run (1024 samples), full is the README table (4096)."""
+    """Which settings run: quick is a smoke run (1024 samples), full is the table in benchmarks/README.md (4096)."""
     if quick:
         return dict(n=1024, tols=[1e-4, 1e-6], scipy_n=16, study_n=256,
                     fixed=[("euler", "logsnr", 128), ("heun", "logsnr", 64), ("rk4", "logsnr", 32), ("rk4", "logsnr", 128),

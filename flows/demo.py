@@ -20,7 +20,7 @@ from pathlib import Path
 __all__ = ["register", "cmd_demo", "demo_train_config", "DEFAULT_TRAIN_STEPS"]
 
 DATA = "sklearn:digits"
-DEFAULT_TRAIN_STEPS = 600  # ~1 min on 2 CPU threads; see README for the budget comparison
+DEFAULT_TRAIN_STEPS = 600  # ~1 min on 2 CPU threads; see benchmarks/README.md (digits quality) for the budget comparison
 
 
 def register(sub) -> dict:
@@ -120,7 +120,7 @@ def _summary(mdir: Path, store: Path, report: Path | None, reused: bool, t_train
     z = np.asarray(LatentStore.open(str(store), mode="r").latents_array()[:], dtype=np.float64)
     z = z.reshape(z.shape[0], -1)
     var = z.var(0)
-    live = var > 1e-3  # constant pixels have constant latents (STATISTICS.md: lam << sigma(t_eps)^2)
+    live = var > 1e-3  # constant pixels have constant latents (docs/math.md: lam << sigma(t_eps)^2)
     r = np.corrcoef(z[:, live], rowvar=False)
     off = np.abs(r - np.eye(r.shape[0])).max() if r.ndim == 2 else 0.0
     print()

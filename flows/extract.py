@@ -60,7 +60,7 @@ def make_runner(runner: str = "local", workers: int = 1):
 
     if runner == "dask":
         # Process workers each need a Prefect API to report to; without PREFECT_API_URL use threads
-        # (ENVIRONMENT.md: process workers would each start a temporary server).
+        # (process workers would each start their own temporary server).
         processes = bool(os.environ.get("PREFECT_API_URL"))
         return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1,
                                               "processes": processes, "dashboard_address": ":0"})

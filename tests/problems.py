@@ -1,4 +1,4 @@
-"""Analytic test problems with exact (or independently computed) answers (docs/STATISTICS.md).
+"""Analytic test problems with exact (or independently computed) answers (closed forms in docs/math.md).
 
 Everything here is plain numpy/scipy written from the formulas, independent of ``tasks``: the SDE
 schedules are restated, the Gaussian flow map is the closed form, and the mixture reference
@@ -40,7 +40,7 @@ class Schedule:
 
 
 def schedule(sde: SDE) -> Schedule:
-    """numpy re-statement of VP / VE / EDM schedules (STATISTICS.md, score_sde, EDM)."""
+    """numpy re-statement of VP / VE / EDM schedules (docs/math.md, score_sde, EDM)."""
     if isinstance(sde, VPSDE):
         b0, b1 = sde.beta_min, sde.beta_max
         log_a = lambda t: -0.25 * t**2 * (b1 - b0) - 0.5 * t * b0  # noqa: E731

@@ -127,7 +127,7 @@ def test_partial_store_ve_prior_std_and_bad_paths(tmp_path, prefect_api, capsys)
 
 
 def test_laplace_oracle_ica_conclusions(tmp_path, prefect_api, capsys):
-    """STATISTICS.md: ICA recovers the sources, PF-ODE latents are independent and Gaussian but are not them."""
+    """docs/statistics.md: ICA recovers the sources, PF-ODE latents are independent and Gaussian but are not them."""
     rng = np.random.default_rng(11)
     n, d = 20000, 4
     s = rng.laplace(size=(n, d)) / np.sqrt(2)

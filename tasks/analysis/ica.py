@@ -2,7 +2,7 @@
 
 Exact PF-ODE latents approach N(0, I): they are independent in every rotation, so passing the
 independence tests does not make them the sources; ICA recovers sources up to permutation, sign and
-scale. The table shows both facts (docs/STATISTICS.md, "The ICA question"). Pure numpy/sklearn.
+scale. The table shows both facts (docs/statistics.md, "The ICA comparison"). Pure numpy/sklearn.
 """
 
 from __future__ import annotations

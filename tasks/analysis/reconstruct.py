@@ -1,7 +1,7 @@
 """Reconstruction checks: decode stored latents, compare with the data; exact Gaussian latents.
 
 Pure torch/numpy (no Prefect, no zarr). The round trip x -> z -> x' understates the encode error
-(encode and decode errors partly cancel, docs/STATISTICS.md), so where an exact flow map exists
+(encode and decode errors partly cancel, docs/statistics.md), so where an exact flow map exists
 (a single Gaussian) the encode error is measured against it separately.
 """
 
@@ -28,7 +28,7 @@ def _alpha_sigma(sde: SDE, t: float) -> tuple[float, float]:
 
 def exact_gaussian_latents(x0: np.ndarray, mu: np.ndarray, cov: np.ndarray, sde: SDE, t_eps: float
                            ) -> np.ndarray:
-    """Exact PF-ODE map t_eps -> T of N(mu, cov) data (STATISTICS.md closed form):
+    """Exact PF-ODE map t_eps -> T of N(mu, cov) data (docs/math.md closed form):
     x_T = alpha_T mu + U diag(sqrt(v_T / v_s)) U^T (x_s - alpha_s mu), v_t = alpha_t^2 lam + sigma_t^2."""
     x = np.asarray(x0, dtype=np.float64).reshape(len(x0), -1)
     lam, u = np.linalg.eigh(np.asarray(cov, dtype=np.float64))

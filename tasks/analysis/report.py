@@ -12,7 +12,7 @@ import numpy as np
 __all__ = ["summary_table", "write_report", "markdown_to_html"]
 
 ROUND_TRIP_NOTE = ("The round trip x -> z -> x' understates the encode error: encode and decode errors "
-                   "partly cancel (6-10x in docs/STATISTICS.md). Encode error is shown separately where "
+                   "partly cancel (docs/statistics.md). Encode error is shown separately where "
                    "an exact answer exists (a single-Gaussian model: the exact flow map is affine).")
 ICA_NOTE = ("Exact PF-ODE latents approach N(0, I), so they are independent in every rotation (see the "
             "randomly rotated row): passing the independence tests does not identify sources. FastICA "

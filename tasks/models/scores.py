@@ -33,7 +33,7 @@ class ScoreModel(Protocol):
 
 
 class GaussianMixtureScore:
-    """Exact score of sum_k w_k N(alpha mu_k, alpha^2 C_k + sigma^2 I) (STATISTICS.md).
+    """Exact score of sum_k w_k N(alpha mu_k, alpha^2 C_k + sigma^2 I) (docs/math.md).
 
     Each covariance is diagonalised once, C_k = U_k diag(lam_k) U_k^T, so the diffused covariance
     S_k = U_k diag(alpha^2 lam_k + sigma^2) U_k^T is inverted exactly for every sample's own t at

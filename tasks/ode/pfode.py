@@ -109,7 +109,8 @@ def ode_func_t(model: ScoreModel, sde: SDE, sample_shape: tuple[int, ...]) -> Ca
     """G(y, t) = dx/dt = f(t) x - g(t)^2/(2 sigma^2) (sigma^2 score), on flat states (B, M); t per sample.
 
     The same ODE as ``ode_func`` with ds/dt = g^2 / (2 sigma^2) applied; in plain t the VP flow needs
-    ~15 % fewer dopri5 steps than in s for the same worst latent error (benchmarks/solvers.py).
+    ~26 % fewer dopri5 score evaluations than in s for the same worst latent error
+    (benchmarks/solver_audit.py; docs/solver-audit.md).
     """
     scaled = getattr(model, "sigma2_score", None)
 

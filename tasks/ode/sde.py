@@ -2,9 +2,11 @@
 
 Every SDE here is written as x_t = alpha(t) x_0 + sigma(t) eps. Its PF-ODE is
 ``dx/dt = f(t) x - 1/2 g(t)^2 score_t(x)`` with ``f = dlog(alpha)/dt`` and
-``g^2 = d(sigma^2)/dt - 2 f sigma^2``. Solvers integrate in the log noise-to-signal time
+``g^2 = d(sigma^2)/dt - 2 f sigma^2``. The second time variable is the log noise-to-signal time
 ``s = log(sigma/alpha)`` (= -lambda, the negative half log-SNR), where the ODE reads
-``dx/ds = dlog(alpha)/ds * x - sigma^2 score`` and is smooth at both ends.
+``dx/ds = dlog(alpha)/ds * x - sigma^2 score``. Fixed-step solvers step on grids in s; dopri5 steps
+in t by default (in s for a discrete schedule: ``preferred_time_var``, ``SolverConfig.time_var``).
+Conventions: docs/math.md.
 
 Schedule quantities are computed in float64 whatever the state's dtype.
 """
