@@ -9,6 +9,13 @@ sigma eps, s) - eps ||^2``, i.e. score matching with weight ``sigma(t)^2``. Time
 
 Reproducible on CPU: one ``torch.Generator`` seeds the initialisation, batches and noise, so the same
 seed and settings give bit-identical weights. ``fit`` reports progress through a callback.
+
+Device: ``fit(..., device=...)`` trains on a GPU with the data held on the device, batches and noise
+drawn from a generator on that device (seeded the same way), and the network's forward pass under
+bfloat16 autocast (weights, optimiser state and the loss stay float32). The initial weights are
+built on the CPU, so they do not depend on the device. The CPU path is the same computation as
+before the device option existed (bitwise, tested). The device is recorded in the checkpoint's
+provenance, outside the content hash.
 """
 
 from __future__ import annotations
@@ -103,10 +110,12 @@ Progress = Callable[[int, int, float], None]  # (step, total, smoothed loss)
 
 
 def _sample_s(n: int, sde: SDE, cfg: TrainConfig, gen: torch.Generator) -> torch.Tensor:
-    u = torch.rand(n, generator=gen, dtype=F64)
+    dev = gen.device
+    u = torch.rand(n, generator=gen, dtype=F64, device=dev)
     if cfg.time_sampling == "uniform":
         return sde.s_of_t(cfg.t_eps + u * (sde.T - cfg.t_eps))
-    s_lo, s_hi = sde.s_of_t(torch.tensor(cfg.t_eps, dtype=F64)), sde.s_of_t(torch.tensor(sde.T, dtype=F64))
+    s_lo = sde.s_of_t(torch.tensor(cfg.t_eps, dtype=F64, device=dev))
+    s_hi = sde.s_of_t(torch.tensor(sde.T, dtype=F64, device=dev))
     return s_lo + u * (s_hi - s_lo)
 
 
@@ -128,15 +137,27 @@ def dsm_loss(net: GaussianPrecond, x0: torch.Tensor, s: torch.Tensor, eps: torch
     return ((net(x, s.to(torch.float32)) - eps) ** 2).mean()
 
 
-def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None = None) -> TrainResult:
-    """Train an eps-network on ``data`` (N, *sample_shape) under ``sde``; returns the EMA network."""
+def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None = None,
+        device: str | torch.device = "cpu", amp: str | None = "auto") -> TrainResult:
+    """Train an eps-network on ``data`` (N, *sample_shape) under ``sde``; returns the EMA network (on the CPU).
+
+    ``device``: where to train (module docstring). ``amp``: ``"bf16"`` runs the forward pass under
+    bfloat16 autocast, None in float32; ``"auto"`` is bf16 on CUDA and None elsewhere.
+    """
+    from pflatents.tasks.models.precision import autocast, set_matmul_flags
+
+    dev = torch.device(device)
+    if amp == "auto":
+        amp = "bf16" if dev.type == "cuda" else None
+    if amp not in (None, "bf16"):
+        raise InputError(f"training autocast must be bf16 or none; got {amp!r}")
     data_t = torch.from_numpy(np.ascontiguousarray(data, dtype=np.float32))
     n, sample_shape = data_t.shape[0], tuple(data_t.shape[1:])
     if n < 2:
         raise InputError(f"training needs at least 2 samples; got {n}")
     sde.check_t_eps(cfg.t_eps)
     family = family_of(sde)
-    gen = torch.Generator().manual_seed(cfg.seed)
+    gen = torch.Generator(device=dev).manual_seed(cfg.seed)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed)
         try:
@@ -145,6 +166,9 @@ def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None 
             raise InputError(f"bad architecture settings for {cfg.arch}: {e}") from None
     mean, var = data_t.to(F64).mean(0), data_t.to(F64).var(0, unbiased=False)
     net.set_data_stats(mean.float(), var.float())
+    net = net.to(dev)
+    data_t = data_t.to(dev)
+    set_matmul_flags(amp, dev)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     t0, smooth, best, best_step, losses = time.perf_counter(), None, math.inf, 0, []
@@ -153,11 +177,12 @@ def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None 
     for step in range(cfg.steps):
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, cfg)
-        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen)
+        idx = torch.randint(0, n, (cfg.batch_size,), generator=gen, device=dev)
         x0 = data_t[idx]
         s = _sample_s(cfg.batch_size, sde, cfg, gen)
-        eps = torch.randn(x0.shape, generator=gen)
-        loss = dsm_loss(net, x0, s, eps, family)
+        eps = torch.randn(x0.shape, generator=gen, device=dev)
+        with autocast(amp, dev):
+            loss = dsm_loss(net, x0, s, eps, family)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if cfg.grad_clip > 0:
@@ -182,7 +207,7 @@ def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None 
     summary = {"steps_done": step + 1, "stopped": stopped, "final_loss_smoothed": smooth,
                "loss_first_100": float(np.mean(losses[:100])), "loss_last_100": float(np.mean(losses[-100:])),
                "n_train": n, "seconds": time.perf_counter() - t0}
-    return TrainResult(net=ema, summary=summary)
+    return TrainResult(net=ema.to("cpu"), summary=summary)
 
 
 @torch.no_grad()
@@ -225,7 +250,7 @@ def _resolved_arch_params(arch: str, params: dict) -> dict:
 
 
 def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress | None = None,
-                     overwrite: bool = False) -> dict:
+                     overwrite: bool = False, device: str | torch.device = "cpu") -> dict:
     """Train on every sample of ``source`` and write a checkpoint dir; returns its config document.
 
     Raises:
@@ -241,7 +266,8 @@ def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress
     params = _resolved_arch_params(cfg.arch, cfg.arch_params)
     cfg = TrainConfig(**{**asdict(cfg), "arch_params": params})
     data = source.read(0, len(source))
-    result = fit(data, sde, cfg, progress)
+    dev = torch.device(device)
+    result = fit(data, sde, cfg, progress, device=dev)
     x = data.astype(np.float64)
     doc = {
         "network": {"arch": cfg.arch, "params": params, "family": family_of(sde), "sample_shape": list(shape),
@@ -258,7 +284,8 @@ def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress
         "train": cfg.to_dict(),
         "summary": {k: v for k, v in result.summary.items() if k != "seconds"},
         "provenance": {"seconds": round(result.summary["seconds"], 3), "torch": torch.__version__,
-                       "threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z")},
+                       "threads": torch.get_num_threads(), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                       "device": str(dev), "autocast": "bf16" if dev.type == "cuda" else "none"},
     }
     save_checkpoint(out, result.net, doc, overwrite=overwrite)
     return read_config(out)
