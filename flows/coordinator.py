@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from pflatents.tasks.config import ExtractConfig, build_config
-from pflatents.storage import LatentStore, default_shard_size, open_or_create, store_lock
+from pflatents.storage import (
+    LatentStore,
+    StoreError,
+    default_shard_size,
+    open_or_create,
+    store_kind,
+    store_lock,
+)
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.data.sources import Source, open_source
 
@@ -110,38 +117,91 @@ def prepare(job: Job) -> Prepared:
     """Validate the job against its data and model (nothing written, no lock, no Prefect).
 
     A growing source (``npydir:``) is always incremental. Incremental jobs scan only new samples
-    for NaN/Inf, under the lock (``grow_to_source``); fixed jobs scan everything here.
+    for NaN/Inf, under the lock (``grow_to_source``); fixed jobs scan everything here. Without an
+    explicit shard size an existing store keeps the one it was made with (the default depends on
+    the data's length, which grows); a new store gets chunks of ~8 MiB, clipped to N.
     """
     src = open_source(data_spec(job.data))
     incremental = job.incremental or src.spec.startswith("npydir:")
     if not incremental:
         src.check_finite()
-    sample_nbytes = 4
-    for n in src.sample_shape:
-        sample_nbytes *= n
-    shard_size = job.shard_size if job.shard_size is not None else default_shard_size(sample_nbytes, len(src))
+    url = store_url(job.out)
+    shard_size = job.shard_size
+    if shard_size is None:
+        shard_size = _pinned_shard_size(url) or default_shard_size(_sample_nbytes(src), len(src))
     cfg = build_config(source=src, model_spec=job.model, sde_name=job.sde, solver=job.solver, rtol=job.rtol,
                        atol=job.atol, steps=job.steps, grid=job.grid, t_eps=job.t_eps, shard_size=shard_size,
                        batch_size=job.batch_size, dtype=job.dtype, incremental=incremental)
-    return Prepared(job=job, url=store_url(job.out), src=src, cfg=cfg, shard_size=shard_size)
+    return Prepared(job=job, url=url, src=src, cfg=cfg, shard_size=shard_size)
+
+
+def _sample_nbytes(src: Source) -> int:
+    """Bytes of one float32 latent sample."""
+    n = 4
+    for d in src.sample_shape:
+        n *= d
+    return n
+
+
+def _pinned_shard_size(url: str) -> int | None:
+    """The shard size of the store at ``url`` if one is there (read without the lock: a hint only,
+    the pinned config is checked again under the lock)."""
+    if store_kind(url) != "complete":
+        return None
+    try:
+        return LatentStore.open(url, mode="r").shard_size
+    except StoreError:
+        return None
 
 
 def make_store(p: Prepared) -> LatentStore:
-    """Open the job's store if its pinned config matches, else create it (call under the lock for new stores)."""
-    prefix = None
-    if p.incremental:  # an existing store is only matched here (grown later); a new one needs the prefix
-        prefix = {}
-        if _absent(p.url):
+    """Open the job's store if its pinned config matches, else create it. Call under the store lock.
+
+    A fixed-length store whose data grew (the first N samples unchanged, by the pinned fingerprint)
+    is refused with what to do, or, when the job is incremental, becomes an incremental store: its
+    latents are kept and the next growth step appends the new samples.
+    """
+    if store_kind(p.url) != "complete":
+        prefix = None
+        if p.incremental:
             p.src.check_finite()
             prefix = {"n": len(p.src), "fingerprint": p.src.fingerprint()}
+        return open_or_create(p.url, config=p.cfg.to_dict(), n_samples=len(p.src),
+                              sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size, data_prefix=prefix)
+    store = LatentStore.open(p.url, mode="r+")
+    if store.incremental and not p.incremental:
+        raise InputError(f"{p.url} is an incremental store (it follows a growing source): run extract with "
+                         f"--incremental to append new samples, or use a new --out for a fixed-length store")
+    if not store.incremental:
+        _check_fixed_store(store, p)
     return open_or_create(p.url, config=p.cfg.to_dict(), n_samples=len(p.src), sample_shape=tuple(p.src.sample_shape),
-                          shard_size=p.shard_size, data_prefix=prefix)
+                          shard_size=p.shard_size, data_prefix={} if p.incremental else None)
 
 
-def _absent(url: str) -> bool:
-    from pflatents.storage.store import _Location
+def _check_fixed_store(store: LatentStore, p: Prepared) -> None:
+    """A fixed-length store and data that are not the ones it was made from: grew, or changed.
 
-    return _Location.parse(url).classify() != "complete"
+    Grown data with an incremental job converts the store (everything else in the config must match)."""
+    pinned = store.config.get("data", {})
+    n_old, n_new = int(pinned.get("n_samples", store.n_samples)), len(p.src)
+    if n_new == n_old and not p.incremental:
+        return  # the same length: the config check names any difference
+    grew = n_new >= n_old and p.src.fingerprint(n_old) == pinned.get("fingerprint")
+    if not grew:
+        if n_new == n_old:
+            return
+        raise InputError(f"the data {p.src.spec} now has {n_new} samples and its first {min(n_new, n_old)} are not "
+                         f"those {store.url} was made from ({n_old} samples); use a new --out for this data")
+    if not p.incremental:
+        raise InputError(f"the data {p.src.spec} grew from {n_old} to {n_new} samples since {store.url} was made "
+                         f"(its first {n_old} samples are unchanged)\nrun extract again with --incremental to append "
+                         f"the {n_new - n_old} new samples (the store becomes incremental and keeps its latents), "
+                         f"or use a new --out")
+    new = p.cfg.to_dict()
+    same = {**new, "data": {**pinned, **{k: v for k, v in new["data"].items() if k != "incremental"}}}
+    same["data"].update(n_samples=n_old, fingerprint=pinned.get("fingerprint"))
+    store.check_matches(same, None, tuple(p.src.sample_shape), p.shard_size)
+    store.make_incremental(new, {"n": n_old, "fingerprint": pinned["fingerprint"]})
 
 
 def check_prefix(store: LatentStore, src: Source) -> int:

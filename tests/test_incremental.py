@@ -102,7 +102,7 @@ def test_growing_zarr_array_and_flag_mismatch(tmp_path, prefect_api, capsys):
     # a fixed-length store is not extended, and an incremental one is not reused without --incremental
     assert _extract(str(tmp_path / "src.zarr"), model, tmp_path / "once.zarr", "--incremental") == 2
     assert _extract(str(tmp_path / "src.zarr"), model, out) == 2
-    assert "different config" in capsys.readouterr().err
+    assert "is an incremental store" in capsys.readouterr().err
 
 
 def test_readers_see_only_published_samples(tmp_path):
@@ -120,3 +120,81 @@ def test_readers_see_only_published_samples(tmp_path):
     assert not store.publish()                                       # shards pending: nothing published
     with pytest.raises(StoreError, match="shrink"):
         store.grow(12, {"n": 12, "fingerprint": "f2"})
+
+
+FAST = ["--solver", "rk4", "--steps", "6", "--no-progress"]  # no --shard-size, no --batch-size: the defaults
+
+
+def test_second_incremental_run_keeps_the_default_shard_size(tmp_path, prefect_api, capsys):
+    """The scheduled use case: the default shard size (clipped to the first N) stays pinned as N grows."""
+    data, model = write_gmm_job(tmp_path, n=1200)
+    x = np.load(data)
+    folder, out = tmp_path / "incoming", tmp_path / "inc.zarr"
+    folder.mkdir()
+    np.save(folder / "000.npy", x[:700])
+    run = ["extract", "--data", f"npydir:{folder}", "--model", f"gmm:{model}", "--out", str(out), *FAST]
+    assert main(run) == 0
+    assert LatentStore.open(out, mode="r").shard_size == 700
+    np.save(folder / "001.npy", x[700:])
+    assert main(run) == 0, capsys.readouterr().err
+    store = LatentStore.open(out, mode="r")
+    assert (store.shard_size, store.n_samples, store.n_shards, store.pending_shards()) == (700, 1200, 2, [])
+    # an explicit, different shard size is still refused, naming the field and leaving the store as it was
+    before = tree_hash(out)
+    capsys.readouterr()
+    assert main([*run, "--shard-size", "500"]) == 2
+    assert "shard_size: stored 700, new 500" in capsys.readouterr().err and tree_hash(out) == before
+
+
+def test_serve_runs_with_the_default_shard_size(tmp_path, prefect_api):
+    """`serve` is incremental by default: two scheduled runs, no shard or batch size given."""
+    from pflatents.flows.serve import run_scheduled
+
+    data, model = write_gmm_job(tmp_path, n=900)
+    x = np.load(data)
+    folder, out = tmp_path / "incoming", tmp_path / "served.zarr"
+    folder.mkdir()
+    np.save(folder / "000.npy", x[:500])
+    job = {"data": f"npydir:{folder}", "model": f"gmm:{model}", "out": str(out), "solver": "rk4", "steps": 6,
+           "incremental": True}
+    ok, message, _ = run_scheduled(job)
+    assert ok, message
+    np.save(folder / "001.npy", x[500:])
+    ok, message, summary = run_scheduled(job)
+    assert ok and summary["new"] == 400, message
+    store = LatentStore.open(out, mode="r")
+    assert (store.shard_size, store.n_samples, store.pending_shards()) == (500, 900, [])
+
+
+def test_grown_source_without_incremental_says_so_then_converts(tmp_path, prefect_api, capsys):
+    data, model = write_gmm_job(tmp_path, n=1000)
+    x = np.load(data)
+    src = tmp_path / "x.npy"
+    np.save(src, x[:400])
+    out = tmp_path / "fixed.zarr"
+    run = ["extract", "--data", str(src), "--model", f"gmm:{model}", "--out", str(out), *FAST]
+    assert main(run) == 0
+    first = np.asarray(zarr.open_group(str(out), mode="r")["latents"][:])
+    np.save(src, x)                                                   # the data grew
+    before = tree_hash(out)
+    capsys.readouterr()
+    assert main(run) == 2
+    err = capsys.readouterr().err
+    assert "grew from 400 to 1000 samples" in err and "--incremental" in err and "Traceback" not in err
+    assert tree_hash(out) == before
+    # with --incremental the fixed-length store becomes incremental and only the new samples are encoded
+    assert main([*run, "--incremental"]) == 0
+    assert "600 new samples" in capsys.readouterr().out
+    store = LatentStore.open(out, mode="r")
+    assert (store.incremental, store.n_samples, store.shard_size, store.pending_shards()) == (True, 1000, 400, [])
+    np.testing.assert_array_equal(store.latents_array()[:400], first)
+    # a changed (not grown) prefix is refused as such
+    other = [*run[:5], "--out", str(tmp_path / "other.zarr"), *FAST]
+    np.save(src, x[:400])
+    assert main(other) == 0
+    y = x.copy()
+    y[5, 0] += 1.0
+    np.save(src, y)
+    capsys.readouterr()
+    assert main(other) == 2
+    assert "are not those" in capsys.readouterr().err

@@ -1,0 +1,213 @@
+"""Shard records and shard writes: the part of the store that tasks touch.
+
+Each shard owns whole storage objects (its latents chunk, its nfe chunk, its record), so shards are
+written concurrently by many processes without locks on data. No sharding codec: two writers of
+inner chunks of one Zarr shard lost data (zarr-python#3682). A record is the ``zarr.json`` of the
+child group ``shards/<id:06d>``, replaced in one atomic write: "writing" before the data, "done"
+(with its checksum) only after the data were read back bit for bit, "failed" or "corrupt" when not.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from pflatents.storage.checksums import bad_rows, checksum, first_indices
+from pflatents.storage.config import to_json
+from pflatents.storage.errors import ShardVerifyError, StoreError
+from pflatents.storage.layout import now
+
+if TYPE_CHECKING:
+    import zarr
+
+    from pflatents.storage.location import Location
+
+__all__ = ["ShardRecords", "record_key", "record_of", "PAUSE_ENV"]
+
+PAUSE_ENV = "PFLATENTS_PAUSE_IN_WRITE"  # test hook: seconds to sleep after the latents write
+
+
+class ShardRecords:
+    """Mixin of ``LatentStore``: write, read and list the per-shard records."""
+
+    _loc: Location
+    _latents: zarr.Array
+    _nfe: zarr.Array
+    read_only: bool
+    url: str
+    sample_shape: tuple[int, ...]
+    n_shards: int
+    shard_range: Any
+
+    def write_shard(self, shard_id: int, latents: np.ndarray, nfe: np.ndarray,
+                    info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """Write, read back and verify one shard, then record it done; returns the record.
+
+        Raises:
+            StoreError: wrong shape or dtype for this shard, or the store is read-only.
+            ShardVerifyError: non-finite latents (nothing written) or a read-back mismatch.
+        """
+        self._check_writable()
+        i0, i1 = self.shard_range(shard_id)
+        x = self._as_latents(shard_id, latents, i1 - i0)
+        n = self._as_nfe(shard_id, nfe, i1 - i0)
+        bad = bad_rows(x)
+        if bad.size:
+            raise ShardVerifyError(f"shard {shard_id} (samples {i0}..{i1 - 1}) has NaN/Inf "
+                                   f"latents at samples {first_indices(bad + i0)}; not written")
+        self._put_record(shard_id, {**self._base_record(shard_id), "state": "writing",
+                                    "finished": None, "started": now()})
+        t0 = time.perf_counter()
+        # write_empty_chunks: skip zarr's "is this chunk all fill value (NaN)?" scan of every
+        # chunk (several passes over it); x is finite, so it never equals the NaN fill anyway
+        self._latents.with_config({"write_empty_chunks": True})[i0:i1] = x
+        test_pause()
+        self._nfe.with_config({"write_empty_chunks": True})[i0:i1] = n
+        t1 = time.perf_counter()
+        problem, digest = self._read_back(i0, i1, x, n)
+        if problem:
+            raise ShardVerifyError(f"shard {shard_id} (samples {i0}..{i1 - 1}) failed "
+                                   f"read-back verification: {problem}; not marked done")
+        timings = {"write_s": t1 - t0, "verify_s": time.perf_counter() - t1}
+        record = self._record(shard_id, "done", None, digest, info, timings)
+        self._put_record(shard_id, record)
+        return record
+
+    def mark_failed(self, shard_id: int, error: str, info: Mapping[str, Any] | None = None
+                    ) -> dict[str, Any]:
+        """Record shard ``shard_id`` as failed with ``error`` (its data is left as it is)."""
+        self._check_writable()
+        record = self._record(shard_id, "failed", str(error)[:4000], None, info, {})
+        self._put_record(shard_id, record)
+        return record
+
+    def shard_record(self, shard_id: int) -> dict[str, Any] | None:
+        """The record of one shard, or None if it has none yet (pending)."""
+        self.shard_range(shard_id)
+        return record_of(self._loc.read_json(record_key(int(shard_id))))
+
+    def shard_records(self) -> dict[int, dict[str, Any]]:
+        """All shard records by shard id (shards without a record are pending)."""
+        ids = sorted(int(n) for n in self._loc.list_dir("shards") if n.isdigit())
+        found = self._loc.read_json_many([record_key(i) for i in ids])
+        records = {i: record_of(found.get(record_key(i))) for i in ids}
+        return {i: r for i, r in records.items() if r is not None}
+
+    def pending_shards(self) -> list[int]:
+        """Ids of shards not done (never started, in progress, crashed or failed)."""
+        records = self.shard_records()
+        return [i for i in range(self.n_shards) if records.get(i, {}).get("state") != "done"]
+
+    def status(self) -> dict[str, Any]:
+        """Counts of done / failed / pending shards (they sum to ``n_shards``) and the config."""
+        records = self.shard_records()
+        states = [records.get(i, {}).get("state") for i in range(self.n_shards)]
+        failed = [{"id": i, "error": records[i].get("error")}
+                  for i, s in enumerate(states) if s in ("failed", "corrupt")]
+        done = states.count("done")
+        return {"url": self.url, "n_shards": self.n_shards, "done": done, "failed": len(failed),
+                "pending": self.n_shards - done - len(failed), "n_samples": self.n_samples,
+                "n_planned": self.n_planned, "incremental": self.incremental,
+                "sample_shape": list(self.sample_shape), "shard_size": self.shard_size,
+                "failed_shards": failed, "config_hash": self.config_hash, "config": self.config,
+                "created": self.meta.get("created"), "lock": self._lock.holder()}
+
+    def _check_writable(self) -> None:
+        """Refuse writes through a read-only handle."""
+        if self.read_only:
+            raise StoreError(f"store {self.url} was opened read-only (mode='r')")
+
+    def _base_record(self, shard_id: int) -> dict[str, Any]:
+        """Fields every record carries: sample range, host, pid, finish time."""
+        i0, i1 = self.shard_range(shard_id)
+        return {"start": i0, "stop": i1, "host": socket.gethostname(), "pid": os.getpid(),
+                "finished": now()}
+
+    def _record(self, shard_id: int, state: str, error: str | None, digest: str | None,
+                info: Mapping[str, Any] | None, timings: dict[str, float]) -> dict[str, Any]:
+        """A final shard record: the caller's ``info`` (device, timings, ...) plus our fields."""
+        extra = to_json(dict(info or {}), "info")
+        timings = {**(extra.get("timings") or {}), **timings}
+        return {"device": None, **extra, **self._base_record(shard_id), "state": state,
+                "error": error, "checksum": digest, "timings": to_json(timings, "timings")}
+
+    def _put_record(self, shard_id: int, record: dict[str, Any]) -> None:
+        """Replace the record of one shard: its own group ``zarr.json``, written atomically."""
+        node = {"zarr_format": 3, "node_type": "group", "attributes": record}
+        self._loc.write_json(record_key(int(shard_id)), node)
+
+    def _as_latents(self, shard_id: int, latents: Any, n: int) -> np.ndarray:
+        """Validate a shard's latents and return them as contiguous float32."""
+        x = np.asarray(latents)
+        expected = (n, *self.sample_shape)
+        if x.shape != expected:
+            raise StoreError(f"shard {shard_id}: latents have shape {x.shape}, expected {expected}")
+        if x.dtype.kind != "f":
+            raise StoreError(f"shard {shard_id}: latents have dtype {x.dtype}; floats required")
+        with np.errstate(over="ignore"):
+            return np.ascontiguousarray(x, dtype=np.float32)
+
+    def _as_nfe(self, shard_id: int, nfe: Any, n: int) -> np.ndarray:
+        """Validate a shard's NFE counts and return them as int32."""
+        v = np.asarray(nfe)
+        if v.shape != (n,):
+            raise StoreError(f"shard {shard_id}: nfe has shape {v.shape}, expected {(n,)}")
+        if v.dtype.kind not in "iu":
+            raise StoreError(f"shard {shard_id}: nfe has dtype {v.dtype}; integers required")
+        if n and (v.min() < 0 or v.max() > np.iinfo(np.int32).max):
+            raise StoreError(f"shard {shard_id}: nfe values must lie in 0..2**31-1, "
+                             f"got {v.min()}..{v.max()}")
+        return np.ascontiguousarray(v, dtype=np.int32)
+
+    def _read_chunk(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray] | str:
+        """Samples ``[i0, i1)`` (latents, nfe) as stored, or why they cannot be read."""
+        try:
+            return np.asarray(self._latents[i0:i1]), np.asarray(self._nfe[i0:i1])
+        except Exception as exc:  # a corrupt chunk fails to decode in codec-specific ways
+            return f"cannot read the chunk back ({type(exc).__name__}: {exc})"
+
+    def _read_back(self, i0: int, i1: int, x: np.ndarray, n: np.ndarray
+                   ) -> tuple[str | None, str | None]:
+        """Re-read what ``write_shard`` just wrote: (problem or None, checksum of the stored data).
+
+        The stored data must equal ``x`` / ``n`` bit for bit (the stored latents are then
+        finite too: ``x`` was checked before the write); the checksum is computed from the
+        data read back, once.
+        """
+        got = self._read_chunk(i0, i1)
+        if isinstance(got, str):
+            return got, None
+        y, m = np.asarray(got[0], dtype=np.float32), np.asarray(got[1], dtype=np.int32)
+        if y.shape != x.shape or m.shape != n.shape:
+            return f"read back shapes {y.shape}, {m.shape}, wrote {x.shape}, {n.shape}", None
+        bits, want = y.view(np.uint32), x.view(np.uint32)  # bitwise: -0.0 != 0.0, NaN == NaN
+        if not np.array_equal(bits, want):
+            rows = np.flatnonzero((bits != want).reshape(len(y), -1).any(axis=1))
+            return f"latents read back differ from those written at samples {first_indices(rows + i0)}", None
+        if not np.array_equal(m, n):
+            rows = np.flatnonzero(m != n)
+            return f"nfe read back differ from those written at samples {first_indices(rows + i0)}", None
+        return None, checksum(y, m)
+
+
+def test_pause() -> None:
+    """Sleep ``$PFLATENTS_PAUSE_IN_WRITE`` seconds: kill tests aim at a half-written shard."""
+    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+    if seconds > 0:
+        time.sleep(seconds)
+
+
+def record_key(shard_id: int) -> str:
+    """Key of a shard record: the ``zarr.json`` of child group ``shards/<id:06d>``."""
+    return f"shards/{shard_id:06d}/zarr.json"
+
+
+def record_of(node: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The record held in a shard group's metadata, or None if it holds none."""
+    attrs = (node or {}).get("attributes")
+    return dict(attrs) if isinstance(attrs, dict) and attrs else None
