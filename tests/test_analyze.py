@@ -86,6 +86,9 @@ def test_analyze_extracted_store_end_to_end(tmp_path, prefect_api, capsys):
     for key in KEYS + ["n_samples", "n_dims", "verdict"]:
         assert _get(s, key) is not None, key
     assert (s["n_samples"], s["n_dims"]) == (600, 4)
+    assert s["data"]["rank"] == 4 and s["data"]["n_degenerate"] == 0 and s["prior_target"]["target"].startswith("p_T")
+    assert 0.8 < s["latent"]["eigenvalues_min"] <= s["latent"]["eigenvalues_max"] < 1.2
+    assert len(s["independence"]["gaussian_total_correlation_top"]) == 3
     rec = s["reconstruction"]
     assert rec["n_checked"] == 150 and rec["max_abs_error"] < 1e-2 and len(rec["worst_samples"]) == 10
     assert rec["encode_max_abs_error"] < 1e-2  # exact encoder of a single Gaussian exists
@@ -124,6 +127,25 @@ def test_partial_store_ve_prior_std_and_bad_paths(tmp_path, prefect_api, capsys)
         assert code == 2 and "pflatents store" in err and "Traceback" not in err
     code, _, err = _analyze([url, "--partial", "--overwrite", "--reconstruct", "zero"], capsys)
     assert code == 2 and "--reconstruct" in err
+
+
+def test_constant_data_dims_are_reported_apart_and_dominate_no_statistic(tmp_path, prefect_api, capsys):
+    """Digits-like: two always-blank pixels whose latents are constant (as a trained model gives)."""
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(3000, 6))
+    x[:, [1, 4]] = -1.0
+    z = rng.normal(size=(3000, 6))
+    z[:, [1, 4]] = -0.0066  # alpha_T x: the constant's image
+    code, s, err = _analyze([craft_store(tmp_path, x, z, shard=1000)], capsys)
+    assert code == 0, err
+    assert s["data"]["rank"] == 4 and s["data"]["constant_dims"] == [1, 4] and s["n_dims"] == 4
+    nm, ind = s["normality"], s["independence"]
+    assert nm["n_dims_failing"] == 0 and nm["max_abs_var_minus_1"] < 0.1 and nm["mean_abs_excess_kurtosis"] < 0.3
+    assert ind["max_abs_offdiag_corr"] < ind["corr_threshold"] and not ind["bartlett_rejected"]
+    part = s["latent"]["degenerate_part"]
+    assert [p["direction"] for p in part] == ["dim 1", "dim 4"] and all(p["latent_variance"] < 1e-12 for p in part)
+    ds = xr.open_zarr(str(tmp_path / "crafted.zarr"), group="analysis", consolidated=False)
+    assert ds["coordinate_dims"].values.tolist() == [0, 2, 3, 5] and ds.sizes["dim"] == 4
 
 
 def test_laplace_oracle_ica_conclusions(tmp_path, prefect_api, capsys):

@@ -41,9 +41,15 @@ def _n_rejected(p: np.ndarray, alpha: float) -> tuple[int, float]:
     return int((p[iu] < alpha / m).sum()), float(p[iu].min())
 
 
-def summarise(res: dict[str, Any], dcor: list[dict[str, Any]], cfg: StatsConfig) -> dict[str, Any]:
-    """Plain-JSON summary: normality and independence figures, thresholds and failing dims/pairs."""
+def summarise(res: dict[str, Any], dcor: list[dict[str, Any]], cfg: StatsConfig,
+              labels: np.ndarray | None = None) -> dict[str, Any]:
+    """Plain-JSON summary: normality and independence figures, thresholds and failing dims/pairs.
+
+    ``labels`` names the latent dim of each tested coordinate (when the coordinates are not the
+    latent dims themselves); failing dims and dCor pairs are reported with these labels."""
     n, d, a = res["n"], res["d"], cfg.alpha
+    lab = np.arange(d) if labels is None else np.asarray(labels)
+    dcor = [{**t, "pair": [int(lab[t["pair"][0]]), int(lab[t["pair"][1]])]} for t in dcor]
     nm = res["normality"]
     m = d * (d - 1) // 2
     thr = pair_threshold(n, m, a)
@@ -56,7 +62,7 @@ def summarise(res: dict[str, Any], dcor: list[dict[str, Any]], cfg: StatsConfig)
         "kurtosis_threshold": float(stats.norm.isf(a / 2) * math.sqrt(24 / n)),
         "max_ks": float(nm["ks"].max()), "ks_threshold_5pct": 1.358 / math.sqrt(n),
         "max_ad": float(nm["ad"].max()), "ad_threshold_5pct": 2.492,
-        "n_dims_failing": int(len(fail)), "failing_dims": fail[:50].tolist(),
+        "n_dims_failing": int(len(fail)), "failing_dims": lab[fail[:50]].tolist(),
         "per_test_level": per_test_level(a, d),
         "n_dims_failing_by_test": {t[2:]: int((nm[t] < per_test_level(a, d)).sum()) for t in TESTS}}
     hsic_n, hsic_p = _n_rejected(res["hsic_p"], a)

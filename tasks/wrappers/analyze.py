@@ -19,8 +19,11 @@ from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.analysis.reconstruct import read_rows, reconstruct_rows
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.analysis.dependence import dcor_tests, select_pairs
+from pflatents.tasks.analysis.prior import PriorTarget, prior_target, standard_target
+from pflatents.tasks.analysis.spectrum import DataSpectrum, data_spectrum, latent_spectrum, moments_pass
 from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import summarise
+from pflatents.tasks.errors import InputError
 
 __all__ = ["compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
            "latents_dask", "RECON_ARRAYS"]
@@ -61,6 +64,47 @@ def _subsample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, stream]).choice(rows, n, replace=False))
 
 
+def source_dask(source: Any, ranges: list[list[int]], rows: int) -> Any:
+    """The data rows of ``ranges`` as one dask array (read lazily, ``rows`` per chunk)."""
+    import dask
+    import dask.array as da
+
+    parts = [da.from_delayed(dask.delayed(source.read)(i, min(i + rows, b)),
+                             shape=(min(i + rows, b) - i, *source.sample_shape), dtype=source.dtype)
+             for a, b in ranges for i in range(a, b, rows)]
+    return parts[0] if len(parts) == 1 else da.concatenate(parts)
+
+
+def latent_target(store: LatentStore, ranges: list[list[int]], alpha: float
+                  ) -> tuple[PriorTarget, DataSpectrum | None]:
+    """The true prior p_T and the data's degenerate directions from one pass over the store's data;
+    N(0, I) with the reason when the data cannot be read or is not the data the store was made from."""
+    cfg = _config(store)
+    spec = cfg.data.get("spec")
+    try:
+        source = open_source(spec)
+        n_pinned = cfg.data.get("n_samples")
+        if n_pinned is not None and cfg.data.get("fingerprint") and \
+                source.fingerprint(min(int(n_pinned), len(source))) != cfg.data["fingerprint"]:
+            return standard_target(f"the data {spec} differs from the data the store was extracted from"), None
+        if len(source) < max(b for _, b in ranges):
+            return standard_target(f"the data {spec} has {len(source)} samples, fewer than the store"), None
+    except (InputError, OSError) as e:
+        return standard_target(f"the data {spec!r} cannot be read: {str(e).splitlines()[0]}"), None
+    rows = max(1, (32 << 20) // max(source.sample_nbytes, 1))
+    n, mean, cov = moments_pass(source_dask(source, ranges, rows))
+    spectrum = data_spectrum(n, mean, cov, source.quantization)
+    return prior_target(spectrum, cfg.make_sde(), alpha), spectrum
+
+
+def stored_target(store: LatentStore) -> PriorTarget:
+    """The tested coordinates recorded by the statistics task (identity if none)."""
+    group = analysis_group(store)
+    if group is None or "prior_matrix" not in group:
+        return standard_target("no target recorded")
+    return PriorTarget(np.asarray(group["prior_shift"][:]), np.asarray(group["prior_matrix"][:]), {})
+
+
 def _stats_arrays(res: dict[str, Any]) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
     """The statistics as named arrays with dimension names for the analysis group."""
     nm = res["normality"]
@@ -77,17 +121,37 @@ def _stats_arrays(res: dict[str, Any]) -> dict[str, tuple[np.ndarray, tuple[str,
     return out
 
 
+def _target_arrays(target: PriorTarget, d: int) -> dict[str, tuple[np.ndarray, tuple[str, ...]]]:
+    """p_T's shift and the tested-coordinate matrix, and the latent dim each coordinate stays near."""
+    shift = np.zeros(d) if target.shift is None else target.shift
+    matrix = np.eye(d) if target.matrix is None else target.matrix
+    labels = np.asarray(target.info.get("coordinate_dims", np.arange(matrix.shape[1])), np.int64)
+    return {"prior_shift": (shift, ("latent_dim",)), "prior_matrix": (matrix, ("latent_dim", "dim")),
+            "coordinate_dims": (labels, ("dim",))}
+
+
 @task(name="compute_latent_stats", cache_policy=NO_CACHE, persist_result=False)
 def compute_latent_stats(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, Any],
                          prior_std: float, rows: int | None = None) -> dict[str, Any]:
-    """One dask pass over the latents (divided by the prior std) plus dCor on a subsample."""
+    """One pass over the data (its spectrum, p_T), one dask pass over the latents in the tested
+    coordinates (latents / prior std, standardised by p_T, degenerate directions out), dCor on a subsample."""
     store = LatentStore.open(store_url, mode="r+")
     cfg = StatsConfig(**stats_cfg)
-    res = compute_stats(latents_dask(store, ranges, rows) / prior_std, cfg)
-    sample = read_latents(store, _subsample(usable_rows(ranges), cfg.dcor_n, cfg.seed, 6)) / prior_std
+    target, spectrum = latent_target(store, ranges, cfg.alpha)
+    res = compute_stats(latents_dask(store, ranges, rows) / prior_std, cfg, shift=target.shift, matrix=target.matrix)
+    sample = target.apply(read_latents(store, _subsample(usable_rows(ranges), cfg.dcor_n, cfg.seed, 6)) / prior_std)
     dcor = dcor_tests(sample, select_pairs(res, cfg), cfg)
-    write_arrays(analysis_group(store, create=True), _stats_arrays(res))
-    return summarise(res, dcor, cfg)
+    d = int(np.prod(store.sample_shape))
+    write_arrays(analysis_group(store, create=True), {**_stats_arrays(res), **_target_arrays(target, d)})
+    labels = target.info.get("coordinate_dims")
+    summary = summarise(res, dcor, cfg, labels=None if labels is None else np.asarray(labels))
+    full_mean, full_cov = (res["full_mean"], res["full_cov"]) if "full_cov" in res else \
+        (res["normality"]["mean"], res["cov_z"])
+    sp = latent_spectrum(spectrum, full_mean, full_cov, target.degenerate_var)
+    if spectrum is None:
+        sp["data"]["reason"] = target.info.get("reason")
+    summary["independence"]["gaussian_total_correlation_top"] = sp["total_correlation_top"]
+    return {**summary, "data": sp["data"], "latent": sp["latent"], "prior_target": target.info}
 
 
 @task(name="reconstruct_chunk", cache_policy=NO_CACHE, persist_result=False)
@@ -117,7 +181,7 @@ def compare_ica(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, An
     index = _subsample(usable_rows(ranges), ica_n, cfg.seed, 7)
     x = read_rows(open_source(_config(store).data["spec"]), index)
     s = np.asarray(np.load(sources, mmap_mode="r")[index], np.float64) if sources else None
-    table = ica_table(x, read_latents(store, index) / prior_std, s, cfg)
+    table = ica_table(x, stored_target(store).apply(read_latents(store, index) / prior_std), s, cfg)
     return {"rows": int(len(index)), "sources": sources, "table": table}
 
 
@@ -167,7 +231,7 @@ def write_analysis_report(store_url: str, ranges: list[list[int]], summary: dict
 
     store = LatentStore.open(store_url, mode="r")
     group = analysis_group(store)
-    sample = read_latents(store, _subsample(usable_rows(ranges), 2000, seed, 8)) / prior_std
+    sample = stored_target(store).apply(read_latents(store, _subsample(usable_rows(ranges), 2000, seed, 8)) / prior_std)
     data: dict[str, Any] = {"sample": sample.reshape(len(sample), -1), "corr": np.asarray(group["corr"][:]),
                             "corr_sq": np.asarray(group["corr_squares"][:])}
     rec = recon_values(store)
