@@ -1,0 +1,117 @@
+"""Question 1: do decodes of fresh prior draws look like the data? Two-sample tests and memorisation.
+
+- Kernel two-sample test: the unbiased MMD^2 with an RBF kernel whose bandwidth is the median
+  pairwise distance of the pooled sample, and a permutation p-value (1 + #{perm >= obs}) / (1 + P).
+- Classifier two-sample test (C2ST): a k-nearest-neighbour classifier (k ~ sqrt of the training
+  fold, features standardised) told to separate decodes from data; its cross-validated accuracy is
+  0.5 when they are indistinguishable; under that null the number of correct out-of-fold predictions
+  is Binomial(n, 1/2), which gives the p-value.
+- Memorisation: the median distance from each decode to its nearest training sample over the median
+  distance from held-out data to its nearest training sample. Near 1: decodes are as far from the
+  training set as new data; well below 1: the model reproduces training samples.
+
+Quantised data (a grid of q levels on [-1, 1]) are compared after rounding the decodes to the same
+grid, so that the tests see the samples a user would keep, not the grid. Pure numpy / scikit-learn.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["requantise", "mmd_test", "c2st", "nn_distance_ratio", "realism"]
+
+
+def requantise(x: np.ndarray, levels: int | None) -> np.ndarray:
+    """Round to the grid -1 + 2k/(levels-1) (clipped); unchanged when ``levels`` is None."""
+    x = np.asarray(x, dtype=np.float64)
+    if levels is None:
+        return x
+    k = np.clip(np.rint((x + 1.0) * (levels - 1) / 2.0), 0, levels - 1)
+    return -1.0 + 2.0 * k / (levels - 1)
+
+
+def _sq_dists(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Squared Euclidean distances (clipped at 0)."""
+    d = (a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2.0 * a @ b.T
+    return np.maximum(d, 0.0)
+
+
+def mmd_test(x: np.ndarray, y: np.ndarray, permutations: int = 200, seed: int = 0) -> dict[str, Any]:
+    """Unbiased MMD^2 (RBF, median bandwidth) of samples x, y and its permutation p-value."""
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    z = np.concatenate([x, y])
+    d2 = _sq_dists(z, z)
+    iu = np.triu_indices(len(z), 1)
+    med = float(np.median(d2[iu]))
+    bw2 = med if med > 0 else 1.0
+    k = np.exp(-d2 / bw2)
+    np.fill_diagonal(k, 0.0)
+    n, m = len(x), len(y)
+
+    def stat(lab: np.ndarray) -> float:
+        a, b = lab, ~lab
+        kxx, kyy, kxy = k[np.ix_(a, a)].sum(), k[np.ix_(b, b)].sum(), k[np.ix_(a, b)].sum()
+        return kxx / (n * (n - 1)) + kyy / (m * (m - 1)) - 2 * kxy / (n * m)
+
+    lab = np.zeros(len(z), bool)
+    lab[:n] = True
+    obs = stat(lab)
+    rng = np.random.default_rng([seed, 11])
+    hits = sum(stat(rng.permutation(lab)) >= obs for _ in range(permutations))
+    return {"mmd": float(obs), "mmd_p": (1 + hits) / (1 + permutations), "bandwidth": math.sqrt(bw2),
+            "permutations": permutations}
+
+
+def c2st(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> dict[str, Any]:
+    """Cross-validated accuracy of a kNN classifier separating x from y, with its binomial p-value."""
+    from sklearn.model_selection import StratifiedKFold, cross_val_predict
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    z, lab = np.concatenate([x, y]), np.r_[np.zeros(len(x), int), np.ones(len(y), int)]
+    folds = max(2, min(folds, len(x), len(y)))
+    k = max(1, int(round(math.sqrt(len(z) * (folds - 1) / folds))) | 1)
+    clf = make_pipeline(StandardScaler(), KNeighborsClassifier(n_neighbors=k))
+    cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
+    pred = cross_val_predict(clf, z, lab, cv=cv)
+    correct = int((pred == lab).sum())
+    return {"c2st_accuracy": correct / len(z), "c2st_p": float(stats.binom.sf(correct - 1, len(z), 0.5)),
+            "c2st_classifier": f"{k}-nearest neighbours, {folds}-fold cross-validation"}
+
+
+def _nn_dist(query: np.ndarray, ref: np.ndarray) -> np.ndarray:
+    """Distance from each query row to its nearest reference row."""
+    from sklearn.neighbors import NearestNeighbors
+
+    return NearestNeighbors(n_neighbors=1).fit(ref).kneighbors(query)[0][:, 0]
+
+
+def nn_distance_ratio(decodes: np.ndarray, heldout: np.ndarray, train: np.ndarray) -> dict[str, Any]:
+    """Median nearest-training-sample distance of decodes over that of held-out data."""
+    f = lambda a: np.asarray(a, dtype=np.float64).reshape(len(a), -1)  # noqa: E731
+    gen, held = _nn_dist(f(decodes), f(train)), _nn_dist(f(heldout), f(train))
+    hm = float(np.median(held))
+    return {"nn_distance_ratio": float(np.median(gen)) / hm if hm > 0 else None,
+            "nn_distance_decodes_median": float(np.median(gen)), "nn_distance_heldout_median": hm,
+            "fraction_decodes_closer_than_heldout_p1": float((gen < np.quantile(held, 0.01)).mean())}
+
+
+def realism(decodes: np.ndarray, heldout: np.ndarray, train: np.ndarray, quantization: int | None,
+            seed: int = 0, alpha: float = 0.05) -> dict[str, Any]:
+    """The ``prior`` block: MMD, C2ST and the nearest-neighbour ratio of decodes vs data."""
+    dec = requantise(decodes, quantization)
+    out: dict[str, Any] = {"n_decodes": int(len(dec)), "n_heldout": int(len(heldout)), "n_train_reference": int(len(train)),
+                           "requantised": quantization is not None}
+    out.update(mmd_test(dec, heldout, seed=seed))
+    out.update(c2st(dec, heldout, seed=seed))
+    out.update(nn_distance_ratio(dec, heldout, train))
+    out["distinguishable"] = bool(out["mmd_p"] < alpha or out["c2st_p"] < alpha)
+    return out

@@ -1,0 +1,63 @@
+"""Realism of prior decodes: MMD and C2ST calibrated on one distribution and rejecting shifted ones;
+the nearest-neighbour ratio flags copies of the training set."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pflatents.tasks.analysis.realism import c2st, mmd_test, nn_distance_ratio, realism, requantise
+
+
+def test_mmd_matches_the_kernel_formula():
+    rng = np.random.default_rng(0)
+    x, y = rng.normal(size=(30, 3)), rng.normal(size=(40, 3)) + 0.3
+    r = mmd_test(x, y, permutations=10)
+    z = np.concatenate([x, y])
+    d2 = ((z[:, None] - z[None]) ** 2).sum(-1)
+    bw2 = np.median(d2[np.triu_indices(70, 1)])
+    k = np.exp(-d2 / bw2)
+    kxx, kyy, kxy = k[:30, :30], k[30:, 30:], k[:30, 30:]
+    ref = ((kxx.sum() - np.trace(kxx)) / (30 * 29) + (kyy.sum() - np.trace(kyy)) / (40 * 39) - 2 * kxy.mean())
+    assert r["mmd"] == pytest.approx(ref, rel=1e-10) and r["bandwidth"] == pytest.approx(np.sqrt(bw2))
+
+
+def test_two_sample_tests_hold_their_level_and_reject_shifts():
+    rng = np.random.default_rng(1)
+    p_mmd, p_c2st, acc = [], [], []
+    for seed in range(40):
+        x, y = rng.normal(size=(120, 8)), rng.normal(size=(120, 8))
+        p_mmd.append(mmd_test(x, y, permutations=99, seed=seed)["mmd_p"])
+        c = c2st(x, y, seed=seed)
+        p_c2st.append(c["c2st_p"])
+        acc.append(c["c2st_accuracy"])
+    assert np.mean(np.asarray(p_mmd) < 0.05) <= 0.125 and np.mean(np.asarray(p_c2st) < 0.05) <= 0.125
+    assert abs(np.mean(acc) - 0.5) < 0.03
+    x = rng.normal(size=(300, 8))
+    shifted = rng.normal(size=(300, 8)) + 0.3  # mean moved by 0.85 sd in all
+    wider = rng.normal(size=(300, 8)) * 1.4
+    for y in (shifted, wider):
+        assert mmd_test(x, y, permutations=99)["mmd_p"] == 0.01
+        c = c2st(x, y)
+        assert c["c2st_p"] < 0.01 and c["c2st_accuracy"] > 0.54
+
+
+def test_nearest_neighbour_ratio_flags_memorisation():
+    rng = np.random.default_rng(2)
+    train, held = rng.normal(size=(2000, 6)), rng.normal(size=(200, 6))
+    fresh = nn_distance_ratio(rng.normal(size=(200, 6)), held, train)["nn_distance_ratio"]
+    copies = train[rng.choice(2000, 200)] + 0.01 * rng.normal(size=(200, 6))
+    memorised = nn_distance_ratio(copies, held, train)
+    assert 0.85 < fresh < 1.15 and memorised["nn_distance_ratio"] < 0.05
+    assert memorised["fraction_decodes_closer_than_heldout_p1"] > 0.9
+
+
+def test_quantised_decodes_are_compared_on_the_data_grid():
+    grid = requantise(np.array([[-1.2, -0.49, 0.0, 0.51, 2.0]]), 5)
+    np.testing.assert_allclose(grid, [[-1.0, -0.5, 0.0, 0.5, 1.0]])
+    rng = np.random.default_rng(3)
+    data = requantise(rng.uniform(-1, 1, size=(400, 4)), 17)
+    decodes = rng.uniform(-1, 1, size=(200, 4))  # the same law before rounding
+    r = realism(decodes, data[:200], data[200:], quantization=17)
+    assert r["requantised"] and r["mmd_p"] > 0.01 and not r["distinguishable"]
+    assert set(r) >= {"mmd", "mmd_p", "c2st_accuracy", "nn_distance_ratio"}
