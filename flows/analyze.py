@@ -1,21 +1,19 @@
-"""``pflatents analyze STORE``: independence and normality statistics, reconstruction, ICA, report.
+"""Analysis of a store (what `pflatents analyze STORE` runs): independence and normality statistics,
+reconstruction, ICA, report.
 
-The CLI validates everything (store, shards, settings, stored analysis) before Prefect starts, then
-runs the ``analyze`` flow: one dask pass for the statistics, reconstruction chunks mapped on the same
+``analyze_store`` validates everything (store, shards, settings, stored analysis) before Prefect
+starts, then runs the ``analyze`` flow: one dask pass for the statistics, reconstruction chunks mapped on the same
 runners as extraction, the ICA comparison, a Prefect markdown artifact, and the report.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "AnalyzeOptions", "analyze", "cmd_analyze"]
+__all__ = ["AnalyzeOptions", "analyze_store"]  # + the flow `analyze` (built on first use)
 
 
 @dataclass(frozen=True)
@@ -32,28 +30,6 @@ class AnalyzeOptions:
     def to_dict(self) -> dict[str, Any]:
         return {"stats": self.stats, "reconstruct": self.reconstruct, "ica": self.ica,
                 "ica_n": self.ica_n if self.ica else None, "sources": self.sources, "partial": self.partial}
-
-
-def register(subparsers: Any) -> dict[str, Any]:
-    """Add the ``analyze`` subcommand; returns {"analyze": handler}."""
-    p = subparsers.add_parser("analyze", help="independence/normality statistics, reconstruction check, ICA")
-    p.add_argument("store")
-    p.add_argument("--reconstruct", default=None, help="N (a seeded subset) or all: decode and compare")
-    p.add_argument("--ica", action="store_true", help="compare with FastICA on the data")
-    p.add_argument("--ica-samples", type=int, default=20000, help="rows of the seeded ICA subsample")
-    p.add_argument("--sources", default=None, help="known sources (.npy, N x D) for Amari distances")
-    p.add_argument("--report", default=None, help="write report.html, report.md and PNGs into DIR")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
-    p.add_argument("--partial", action="store_true", help="analyse only the done shards of an incomplete store")
-    p.add_argument("--overwrite", action="store_true", help="replace a stored analysis made with other settings")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--alpha", type=float, default=0.05)
-    p.add_argument("--dcor-pairs", type=int, default=8)
-    p.add_argument("--rows", type=int, default=None, help="rows per dask chunk (default: ~32 MiB of latents; results do not depend on it)")
-    p.add_argument("--runner", default="local", help="local | dask | dask://HOST:PORT (reconstruction)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--device", default="auto")
-    return {"analyze": cmd_analyze}
 
 
 # ---- validation (before Prefect) -------------------------------------------------------------
@@ -88,20 +64,21 @@ def _sources_arg(path: str | None, n_samples: int) -> str | None:
     return str(p)
 
 
-def _options(a: argparse.Namespace, n_samples: int) -> AnalyzeOptions:
-    from pflatents.tasks.errors import InputError
+def _options(n_samples: int, *, reconstruct, ica, ica_samples, sources, partial, seed, alpha, dcor_pairs, rows,
+             workers) -> AnalyzeOptions:
     from pflatents.tasks.analysis.stats import StatsConfig
+    from pflatents.tasks.errors import InputError
 
     try:
-        stats = StatsConfig(alpha=a.alpha, dcor_pairs=a.dcor_pairs, seed=a.seed)
+        stats = StatsConfig(alpha=alpha, dcor_pairs=dcor_pairs, seed=seed)
     except ValueError as e:
         raise InputError(str(e)) from None
-    if a.ica_samples < 2 or a.workers < 1 or (a.rows is not None and a.rows < 1):
+    if ica_samples < 2 or workers < 1 or (rows is not None and rows < 1):
         raise InputError("--ica-samples must be >= 2, --workers >= 1 and --rows >= 1")
-    if a.sources and not a.ica:
+    if sources and not ica:
         raise InputError("--sources is used by the ICA comparison: add --ica")
-    return AnalyzeOptions(stats=stats.to_dict(), reconstruct=_reconstruct_arg(a.reconstruct), ica=a.ica,
-                          ica_n=a.ica_samples, sources=_sources_arg(a.sources, n_samples), partial=a.partial)
+    return AnalyzeOptions(stats=stats.to_dict(), reconstruct=_reconstruct_arg(reconstruct), ica=ica,
+                          ica_n=ica_samples, sources=_sources_arg(sources, n_samples), partial=partial)
 
 
 def _check_inputs(store: Any, opts: AnalyzeOptions, device: str) -> None:
@@ -225,31 +202,31 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(name)
 
 
-def cmd_analyze(a: argparse.Namespace) -> int:
-    """Validate, run the flow, print the summary (JSON or a table)."""
-    from pflatents.flows.cli import _prefect_env, _store_url
+def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool = False, ica_samples: int = 20000,
+                  sources: str | None = None, report: str | None = None, partial: bool = False,
+                  overwrite: bool = False, seed: int = 0, alpha: float = 0.05, dcor_pairs: int = 8,
+                  rows: int | None = None, runner: str = "local", workers: int = 1, device: str = "auto") -> dict:
+    """Validate everything before Prefect starts, run the ``analyze`` flow, return its JSON summary.
+
+    The summary is also written to the store's ``analysis`` group; ``report`` (a directory) gets
+    report.html, report.md and PNG plots. A store with pending or failed shards is refused unless
+    ``partial``; a stored analysis made with other settings is kept unless ``overwrite``.
+    """
+    from pflatents.flows.coordinator import store_url
+    from pflatents.flows.server import prefect_env
     from pflatents.storage import LatentStore
     from pflatents.storage.analysis import check_analysis_config, done_ranges
 
-    url = _store_url(a.store)
-    store = LatentStore.open(url, mode="r+")
-    ranges = [list(r) for r in done_ranges(store, a.partial)]
-    opts = _options(a, store.n_samples)
-    check_analysis_config(store, opts.to_dict(), a.overwrite)
-    _check_inputs(store, opts, a.device)
-    _prefect_env()
+    url = store_url(store)
+    st = LatentStore.open(url, mode="r+")
+    ranges = [list(r) for r in done_ranges(st, partial)]
+    opts = _options(st.n_samples, reconstruct=reconstruct, ica=ica, ica_samples=ica_samples, sources=sources,
+                    partial=partial, seed=seed, alpha=alpha, dcor_pairs=dcor_pairs, rows=rows, workers=workers)
+    check_analysis_config(st, opts.to_dict(), overwrite)
+    _check_inputs(st, opts, device)
+    prefect_env()
     from pflatents.flows.extract import make_runner
 
-    flow = _make_flow().with_options(task_runner=make_runner(a.runner, a.workers))
-    summary = flow(store_url=url, options=opts.to_dict(), ranges=ranges, device=a.device, rows=a.rows,
-                   report=str(Path(a.report).expanduser().resolve()) if a.report else None)
-    if a.json:
-        print(json.dumps(summary, indent=2))
-    else:
-        from pflatents.tasks.analysis.report import summary_table
-
-        print(summary_table(summary))
-        if a.report:
-            print(f"report: {summary['report']['html']}")
-    sys.stdout.flush()
-    return 0
+    flow = _make_flow().with_options(task_runner=make_runner(runner, workers))
+    return flow(store_url=url, options=opts.to_dict(), ranges=ranges, device=device, rows=rows,
+                report=str(Path(report).expanduser().resolve()) if report else None)

@@ -1,37 +1,24 @@
-"""``pflatents demo``: the whole job on the embedded default (the 1797 sklearn digits).
+"""``pflatents demo`` (``run_demo``): the whole job on the embedded default (the 1797 sklearn digits).
 
 1. train a small MLP score model on ``sklearn:digits`` -- cached under ``DIR/models/`` keyed by the
    hash of its training config and data fingerprint, so a rerun reuses it;
 2. extract the latents of all 1797 digits to ``DIR/digits.zarr`` with the default solver (a completed
    store is left as it is: "nothing to do");
-3. ``pflatents analyze DIR/digits.zarr --reconstruct all --ica --report DIR/report`` (skipped with a
-   note where the ``analyze`` subcommand is not installed);
+3. the analysis ``pflatents analyze DIR/digits.zarr --reconstruct all --ica --report DIR/report`` runs;
 4. a short summary: where the model, store and report are, and the latents' headline figures.
 """
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
 from pathlib import Path
 
-__all__ = ["register", "cmd_demo", "demo_train_config", "DEFAULT_TRAIN_STEPS"]
+__all__ = ["run_demo", "demo_train_config", "DEFAULT_TRAIN_STEPS"]
 
 DATA = "sklearn:digits"
 DEFAULT_TRAIN_STEPS = 600  # ~1 min on 2 CPU threads; see benchmarks/README.md (digits quality) for the budget comparison
-
-
-def register(sub) -> dict:
-    """Add the ``demo`` subcommand; returns {"demo": handler}."""
-    p = sub.add_parser("demo", help="train on sklearn digits, extract all latents, analyse, report")
-    p.add_argument("--out", default="pflatents-demo", help="output directory (default ./pflatents-demo)")
-    p.add_argument("--train-steps", type=int, default=DEFAULT_TRAIN_STEPS,
-                   help=f"training steps of the digits model (default {DEFAULT_TRAIN_STEPS})")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-progress", action="store_true")
-    return {"demo": cmd_demo}
 
 
 def demo_train_config(steps: int, seed: int = 0):
@@ -72,40 +59,43 @@ def _ensure_model(out: Path, steps: int, seed: int, progress: bool) -> tuple[Pat
     return mdir, time.perf_counter() - t0, False
 
 
-def cmd_demo(a: argparse.Namespace) -> int:
-    """Train (or reuse), extract, analyse, summarise."""
-    from pflatents.flows import cli
+def run_demo(out: str | Path = "pflatents-demo", train_steps: int = DEFAULT_TRAIN_STEPS, seed: int = 0,
+             progress: bool = True) -> int:
+    """Train (or reuse), extract, analyse, summarise; returns the exit code."""
+    from pflatents.flows.analyze import analyze_store
+    from pflatents.flows.coordinator import Job
+    from pflatents.flows.run import RunSettings, extract_job
+    from pflatents.storage.errors import StoreError
+    from pflatents.tasks.analysis.report import summary_table
     from pflatents.tasks.errors import InputError
 
-    if a.train_steps < 1:
-        raise InputError(f"--train-steps must be >= 1; got {a.train_steps}")
-    out = Path(a.out).expanduser().resolve()
+    if train_steps < 1:
+        raise InputError(f"--train-steps must be >= 1; got {train_steps}")
+    out = Path(out).expanduser().resolve()
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()
-    mdir, t_train, reused = _ensure_model(out, a.train_steps, a.seed, not a.no_progress)
+    mdir, t_train, reused = _ensure_model(out, train_steps, seed, progress)
 
     store, report = out / "digits.zarr", out / "report"
     print(f"[2/3] extract: {DATA} -> {store}")
     t0 = time.perf_counter()
-    args = ["extract", "--data", DATA, "--model", str(mdir), "--out", str(store)]
-    rc = cli.main(args + (["--no-progress"] if a.no_progress else []))
+    try:
+        outcome = extract_job(Job(data=DATA, model=str(mdir), out=str(store)), RunSettings(), say=print,
+                              progress=progress)
+    except StoreError:
+        print(f"pflatents demo: if {store} was made with another model, remove it or give another --out")
+        raise
     t_extract = time.perf_counter() - t0
-    if rc != 0:
-        print(f"pflatents demo: extraction failed (exit {rc}); if {store} was made with another model, "
-              f"remove it or give another --out")
-        return rc
+    if not outcome.ok:
+        print(f"pflatents demo: extraction incomplete: {outcome.message}")
+        return 1
+    print(outcome.message)
 
-    cli.build_parser()  # registers the plugin subcommands that are installed
     t0 = time.perf_counter()
-    if "analyze" in cli.COMMANDS:
-        print(f"[3/3] analyze: --reconstruct all --ica --report {report}")
-        rc = cli.main(["analyze", str(store), "--reconstruct", "all", "--ica", "--report", str(report)])
-        if rc != 0:
-            print(f"pflatents demo: analysis failed (exit {rc})")
-            return rc
-    else:
-        print("[3/3] analyze: the `analyze` subcommand is not installed in this build; skipped")
-        report = None
+    print(f"[3/3] analyze: --reconstruct all --ica --report {report}")
+    summary = analyze_store(str(store), reconstruct="all", ica=True, report=str(report))
+    print(summary_table(summary))
+    print(f"report: {summary['report']['html']}")
     t_analyze = time.perf_counter() - t0
     _summary(mdir, store, report, reused, t_train, t_extract, t_analyze, time.perf_counter() - t_start)
     return 0

@@ -1,12 +1,53 @@
-"""Process-local progress hooks the CLI registers for its progress bar.
+"""Progress reporting: the extract flow's process-local hooks and the one rich progress bar.
 
-Kept in their own module: the extract flow refers to them through this module (pickled by
-reference), so the flow can be shipped to dask workers without dragging a live progress bar along.
+The hooks list lives in this small module on its own: the extract flow refers to it through this
+module (pickled by reference), so the flow can be shipped to dask workers without dragging a live
+progress bar along. ``bar`` is the terminal bar the CLI shows for extraction (samples) and for
+training (steps, with the smoothed loss).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Callable
+
+__all__ = ["hooks", "bar"]
 
 # Callbacks (n_samples_done_in_shard, info) called by the extract flow as each shard finishes.
 hooks: list[Callable[[int, dict], None]] = []
+
+
+class bar:
+    """A rich progress bar; ``with bar(total, "encoding") as update`` yields ``update(advance=0, completed=None, **fields)``.
+
+    ``fields`` names extra columns shown as ``name value`` (e.g. ``loss``); with ``disabled`` the
+    update is a no-op and nothing is printed. Updates with fields are throttled to 10 per second.
+    """
+
+    def __init__(self, total: int, label: str, disabled: bool = False, fields: tuple[str, ...] = ()) -> None:
+        self.total, self.label, self.disabled, self.fields = total, label, disabled, fields
+
+    def __enter__(self) -> Callable[..., None]:
+        if self.disabled:
+            return lambda *a, **k: None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        extra = [TextColumn(f"{f} {{task.fields[{f}]}}") for f in self.fields]
+        self.p = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), *extra, TimeRemainingColumn())
+        self.p.start()
+        tid = self.p.add_task(self.label, total=self.total, **dict.fromkeys(self.fields, "-"))
+        last = [0.0]
+
+        def update(advance: int = 0, completed: int | None = None, **fields) -> None:
+            if fields:
+                now = time.monotonic()
+                if now - last[0] < 0.1 and completed != self.total:
+                    return
+                last[0] = now
+            self.p.update(tid, advance=advance or None, completed=completed, **fields)
+
+        return update
+
+    def __exit__(self, *exc) -> None:
+        if not self.disabled:
+            self.p.stop()

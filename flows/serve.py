@@ -20,47 +20,18 @@ The job comes from flags or a TOML/YAML file (flat keys, or tables ``[job]``, ``
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "cmd_serve", "scheduled_extract", "run_scheduled"]
+__all__ = ["load_settings", "split_settings", "api_url", "check_server", "serve_job", "run_scheduled",
+           "scheduled_extract", "NO_SERVER"]
 
-JOB_FLAGS = ("data", "model", "out", "sde", "t_eps", "solver", "rtol", "atol", "steps", "grid", "shard_size",
-             "batch_size", "dtype")
 RUN_KEYS = ("runner", "workers", "device", "retries")
 SCHEDULE_KEYS = ("interval", "cron", "name")
 NO_SERVER = """scheduled runs need a Prefect server, and PREFECT_API_URL is not set. Start one and point at it:
     prefect server start --host 127.0.0.1 --port 4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api"""
-
-
-def register(sub) -> dict:
-    s = sub.add_parser("serve", help="serve a scheduled, incremental extraction on the Prefect server at PREFECT_API_URL")
-    s.add_argument("--config", help="TOML or YAML file with the job, schedule and run settings (flags override it)")
-    s.add_argument("--data", help="file.npy | npydir:DIR | store.zarr[/array] | images:DIR | sklearn:digits")
-    s.add_argument("--model", help="gmm:params.json | checkpoint dir | diffusers:DIR")
-    s.add_argument("--out", help="output store (path or fsspec URL, e.g. s3://bucket/x.zarr)")
-    s.add_argument("--sde", choices=["vp", "ve", "edm"])
-    s.add_argument("--t-eps", type=float)
-    s.add_argument("--solver")
-    s.add_argument("--rtol", type=float)
-    s.add_argument("--atol", type=float)
-    s.add_argument("--steps", type=int)
-    s.add_argument("--grid")
-    s.add_argument("--shard-size", type=int)
-    s.add_argument("--batch-size", type=int)
-    s.add_argument("--dtype", choices=["float32", "float64"])
-    s.add_argument("--interval", type=float, help="seconds between scheduled runs")
-    s.add_argument("--cron", help="cron schedule, e.g. '0 * * * *' (instead of --interval)")
-    s.add_argument("--name", help="deployment name (default: pflatents-<store name>)")
-    s.add_argument("--runner", help="local | dask | dask://HOST:PORT (default local)")
-    s.add_argument("--workers", type=int, help="concurrent shard tasks (default 1)")
-    s.add_argument("--device", help="auto | cpu | cuda[:N] (default auto)")
-    s.add_argument("--retries", type=int, help="retries per shard within a run (default 2)")
-    return {"serve": cmd_serve}
 
 
 def load_settings(path: str | None) -> dict[str, Any]:
@@ -99,14 +70,12 @@ def load_settings(path: str | None) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in flat.items()}
 
 
-def _settings(a: argparse.Namespace) -> tuple[dict, dict, dict]:
-    """(job, schedule, run) settings: the config file, overridden by flags given."""
+def split_settings(config: str | None, overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
+    """(job, schedule, run) settings: the config file, overridden by the ``overrides`` that are not None."""
     from pflatents.tasks.errors import InputError
 
-    s = load_settings(a.config)
-    for key in (*JOB_FLAGS, *RUN_KEYS, *SCHEDULE_KEYS):
-        if getattr(a, key, None) is not None:
-            s[key] = getattr(a, key)
+    s = load_settings(config)
+    s.update({k: v for k, v in overrides.items() if v is not None})
     schedule = {k: s.pop(k) for k in SCHEDULE_KEYS if k in s}
     run = {"runner": "local", "workers": 1, "device": "auto", "retries": 2,
            **{k: s.pop(k) for k in RUN_KEYS if k in s}}
@@ -118,13 +87,13 @@ def _settings(a: argparse.Namespace) -> tuple[dict, dict, dict]:
     return s, schedule, run
 
 
-def _api_url() -> str | None:
+def api_url() -> str | None:
     from prefect.settings import PREFECT_API_URL
 
     return os.environ.get("PREFECT_API_URL") or PREFECT_API_URL.value()
 
 
-def _check_server(url: str) -> None:
+def check_server(url: str) -> None:
     import urllib.request
 
     from pflatents.tasks.errors import InputError
@@ -140,24 +109,19 @@ def _check_server(url: str) -> None:
                      f"(then export PREFECT_API_URL=http://127.0.0.1:4200/api)")
 
 
-def cmd_serve(a: argparse.Namespace) -> int:
+def serve_job(job, schedule: dict, run: dict, url: str) -> None:
+    """Validate the job now (not at the first scheduled run), then serve its deployment until interrupted."""
     from datetime import timedelta
 
-    from pflatents.flows.cli import _check_run_args
-    from pflatents.flows.coordinator import Job, prepare
-    from pflatents.tasks.errors import InputError
-
-    url = _api_url()
-    if not url:
-        print(f"pflatents: error: {NO_SERVER}", file=sys.stderr)
-        return 2
-    job_d, schedule, run = _settings(a)
-    job = Job.from_dict(job_d).resolved()
-    _check_run_args(argparse.Namespace(**run))
-    prepare(job)  # validate data, model and settings now, not at the first scheduled run
-    _check_server(url)
     from prefect.types.entrypoint import EntrypointType
 
+    from pflatents.flows.coordinator import prepare
+    from pflatents.flows.run import RunSettings
+    from pflatents.tasks.errors import InputError
+
+    RunSettings(**run).check()
+    prepare(job)
+    check_server(url)
     name = schedule.get("name") or "pflatents-" + Path(job.out.rstrip("/")).name.removesuffix(".zarr")
     when = ({"interval": timedelta(seconds=float(schedule["interval"]))} if "interval" in schedule
             else {"cron": str(schedule["cron"])})
@@ -172,7 +136,6 @@ def cmd_serve(a: argparse.Namespace) -> int:
           f"store {job.out}; stop with Ctrl-C", flush=True)
     _scheduled_flow().serve(name=name, parameters={"job": job.to_dict(), **run}, limit=1,
                             print_starting_message=False, entrypoint_type=EntrypointType.MODULE_PATH, **when)
-    return 0
 
 
 def _describe(when: dict) -> str:
@@ -182,33 +145,19 @@ def _describe(when: dict) -> str:
 def run_scheduled(job: dict, runner: str = "local", workers: int = 1, device: str = "auto",
                   retries: int = 2) -> tuple[bool, str, dict]:
     """One scheduled run: lock, grow, extract pending shards, publish. Returns (ok, message, summary)."""
-    from pflatents.flows import extract as ex
-    from pflatents.flows.coordinator import Job, grow_to_source, locked, make_store, prepare
-    from pflatents.tasks.models.registry import resolve_device
+    from pflatents.flows.coordinator import Job
+    from pflatents.flows.run import RunSettings, extract_job
 
-    p = prepare(Job.from_dict(job))
-    with locked(lambda: make_store(p), p.url, {"command": "serve"}) as store:
-        n_before = store.n_samples
-        records = store.shard_records()  # shards that ran before and are not done: retried first
-        retry = [i for i in store.pending_shards() if i in records]
-        grow_to_source(store, p.src) if p.incremental else None
-        new = store.n_planned - n_before
-        shard_ids = store.pending_shards()
-        shard_ids = [i for i in shard_ids if i in retry] + [i for i in shard_ids if i not in retry]
-        if not shard_ids:
-            store.publish()
-            return True, f"nothing new: {p.url} holds all {store.n_samples} samples", {"samples": 0, "new": 0}
-        gpu = runner.startswith("dask") and resolve_device(device).type == "cuda"
-        flow = ex.extract.with_options(task_runner=ex.make_runner(runner, workers))
-        try:
-            summary = flow(store_url=p.url, shard_ids=shard_ids, device=device, retries=retries, request_gpu=gpu)
-        except ex.ShardsFailed as e:
-            return False, str(e), {"new": new, "retried": retry}
-        store.publish()
-        msg = (f"extracted {summary['samples']} samples ({new} new) in shards {_ids(shard_ids)}"
-               f"{f', retried first: {_ids(retry)}' if retry else ''}; {p.url} now holds {store.n_samples} samples "
-               f"(was {n_before})")
-        return True, msg, {**summary, "new": new, "retried": retry}
+    run = RunSettings(runner=runner, workers=workers, device=device, retries=retries)
+    out = extract_job(Job.from_dict(job), run, command="serve")
+    s = out.summary
+    if not out.ok or not s.get("samples"):
+        return out.ok, out.message, s
+    retry = s["retried"]
+    msg = (f"extracted {s['samples']} samples ({s['new']} new) in shards {_ids(s['shard_ids'])}"
+           f"{f', retried first: {_ids(retry)}' if retry else ''}; {out.url} now holds {s['n_samples']} samples "
+           f"(was {s['n_before']})")
+    return True, msg, s
 
 
 def _ids(ids: list[int], limit: int = 20) -> str:

@@ -56,10 +56,8 @@ def _save(folder, name, x):
 
 
 def test_serve_settings_from_toml_and_yaml_with_flag_overrides(tmp_path):
-    import argparse
-
     from pflatents.flows.coordinator import Job
-    from pflatents.flows.serve import _settings
+    from pflatents.flows.serve import split_settings
     from pflatents.tasks.errors import InputError
 
     (tmp_path / "job.toml").write_text('[job]\ndata = "npydir:in"\nmodel = "gmm:m.json"\nout = "s3://b/x.zarr"\n'
@@ -70,14 +68,14 @@ def test_serve_settings_from_toml_and_yaml_with_flag_overrides(tmp_path):
     flags = dict.fromkeys(["data", "model", "out", "sde", "t_eps", "solver", "rtol", "atol", "steps", "grid",
                            "shard_size", "batch_size", "dtype", "interval", "cron", "name", "runner", "workers",
                            "device", "retries"])
-    job, when, run = _settings(argparse.Namespace(**{**flags, "config": str(tmp_path / "job.toml"), "steps": 30}))
+    job, when, run = split_settings(str(tmp_path / "job.toml"), {**flags, "steps": 30})
     assert Job.from_dict(job) == Job(data="npydir:in", model="gmm:m.json", out="s3://b/x.zarr", solver="rk4",
                                      steps=30, incremental=True)
     assert when == {"interval": 3600} and run["runner"] == "dask://h:8786" and run["retries"] == 2
-    job, when, _ = _settings(argparse.Namespace(**{**flags, "config": str(tmp_path / "job.yaml")}))
+    job, when, _ = split_settings(str(tmp_path / "job.yaml"), flags)
     assert Job.from_dict(job).t_eps == 0.001 and when == {"cron": "0 * * * *"}
     with pytest.raises(InputError, match="exactly one schedule"):
-        _settings(argparse.Namespace(**{**flags, "config": str(tmp_path / "job.yaml"), "interval": 5}))
+        split_settings(str(tmp_path / "job.yaml"), {**flags, "interval": 5})
     with pytest.raises(InputError, match="unknown job setting"):
         Job.from_dict({"data": "a", "model": "b", "out": "c", "stepz": 3})
 

@@ -1,0 +1,144 @@
+"""Run an extraction job end to end: the one code path of `extract`, `resume`, scheduled runs and the API.
+
+``extract_job`` validates a job (before any lock or Prefect), ``resume_store`` checks that a store's
+data and model are unchanged; both then call ``run_pending``: take the store's lock, open or create
+the store, grow it for new samples (incremental), run the extract flow over the pending shards
+(shards that ran before and are not done first, then new ones), and publish the new sample count.
+Nothing here prints: callers pass ``say`` for progress lines and get an ``Outcome`` back.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+__all__ = ["RunSettings", "Outcome", "extract_job", "resume_store", "run_pending"]
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """How to run (never pinned: none of these decide the latents)."""
+
+    runner: str = "local"
+    workers: int = 1
+    device: str = "auto"
+    retries: int = 2
+
+    def check(self) -> "RunSettings":
+        """Refuse bad values with a message naming them (the device must exist on this machine)."""
+        from pflatents.tasks.errors import InputError
+        from pflatents.tasks.models.registry import resolve_device
+
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise InputError(f"--workers must be >= 1; got {self.workers}")
+        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
+            raise InputError(f"--retries must be >= 0; got {self.retries}")
+        if not (self.runner in ("local", "dask") or self.runner.startswith("dask://")):
+            raise InputError(f"unknown runner {self.runner!r}; use local, dask or dask://HOST:PORT")
+        resolve_device(self.device)
+        return self
+
+
+@dataclass
+class Outcome:
+    """What a run did: ``ok`` (no shard failed), a one-line ``message`` and the flow's ``summary``."""
+
+    ok: bool
+    message: str
+    url: str
+    summary: dict[str, Any] = field(default_factory=dict)
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+def extract_job(job, run: RunSettings, *, command: str = "extract", say: Callable[[str], None] = _quiet,
+                progress: bool = False) -> Outcome:
+    """Validate ``job`` (a ``Job``) and run it; an incremental job first grows the store for new samples."""
+    from pflatents.flows.coordinator import grow_to_source, make_store, prepare
+
+    p = prepare(job)
+    run.check()
+    grow = (lambda store: grow_to_source(store, p.src)) if p.incremental else None
+    return run_pending(lambda: make_store(p), p.url, run, command=command, grow=grow, say=say, progress=progress)
+
+
+def resume_store(store: str, run: RunSettings, *, say: Callable[[str], None] = _quiet,
+                 progress: bool = False) -> Outcome:
+    """Finish every shard of ``store`` that is not done, with its pinned config.
+
+    Refused when the data's fingerprint or the model's content hash changed since the store was made."""
+    from pflatents.flows.coordinator import check_source, store_url
+    from pflatents.storage import LatentStore
+    from pflatents.tasks.config import ExtractConfig
+    from pflatents.tasks.data.sources import open_source
+    from pflatents.tasks.errors import InputError
+    from pflatents.tasks.models.registry import model_info
+
+    url = store_url(store)
+    existing = LatentStore.open(url)
+    cfg = ExtractConfig.from_dict(existing.config)
+    check_source(existing, cfg, open_source(cfg.data["spec"]))
+    info = model_info(cfg.model["spec"], cfg.make_sde())
+    if info.content_hash != cfg.model["content_hash"]:
+        raise InputError(f"the model {cfg.model['spec']} changed since the store was created (content hash "
+                         f"{info.content_hash[:12]} != pinned {cfg.model['content_hash'][:12]}); refusing to resume {url}")
+    run.check()
+    return run_pending(lambda: LatentStore.open(url), url, run, command="resume", say=say, progress=progress)
+
+
+def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, command: str,
+                grow: Callable[[Any], int] | None = None, say: Callable[[str], None] = _quiet,
+                progress: bool = False) -> Outcome:
+    """Under the store's lock: grow (optional), extract the pending shards, publish.
+
+    ``summary`` holds the extract flow's figures (``samples``, ``seconds``, ``samples_per_s``,
+    ``mean_nfe``) and ``new`` (planned samples not yet published before this run), ``grown`` (samples
+    this run's growth added), ``retried`` (shards that had run before),
+    ``shard_ids`` (in the order run), ``n_before`` and ``n_samples`` (published counts).
+    """
+    from pflatents.flows.coordinator import locked
+    from pflatents.flows.server import prefect_env
+
+    with locked(open_store, url, {"command": command}) as store:
+        n_before = store.n_samples
+        records = store.shard_records()
+        retry = [i for i in store.pending_shards() if i in records]
+        grown = grow(store) if grow is not None else 0
+        pending = store.pending_shards()
+        pending = [i for i in pending if i in retry] + [i for i in pending if i not in retry]
+        base = {"new": store.n_planned - n_before, "grown": grown, "retried": retry, "shard_ids": pending,
+                "n_before": n_before}
+        if not pending:
+            store.publish()
+            if store.incremental:
+                msg = f"nothing new: {url} holds all {store.n_samples} samples of the data"
+            else:
+                msg = f"nothing to do: all {store.n_shards} shards of {url} are done"
+            return Outcome(True, msg, url, {**base, "samples": 0, "n_samples": store.n_samples})
+        if grown:
+            say(f"{grown} new samples: store grows to {store.n_planned} samples")
+        prefect_env()
+        from pflatents.flows import extract as ex
+        from pflatents.flows import progress as prog
+        from pflatents.tasks.models.registry import resolve_device
+
+        gpu = run.runner.startswith("dask") and resolve_device(run.device).type == "cuda"
+        n_pending = sum(stop - start for start, stop in (store.shard_range(i) for i in pending))
+        with prog.bar(n_pending, "encoding", disabled=not progress) as update:
+            hook = lambda n, info: update(advance=n)  # noqa: E731
+            prog.hooks.append(hook)
+            try:
+                flow = ex.extract.with_options(task_runner=ex.make_runner(run.runner, run.workers))
+                summary = flow(store_url=url, shard_ids=pending, device=run.device, retries=run.retries,
+                               request_gpu=gpu)
+            except ex.ShardsFailed as e:
+                return Outcome(False, str(e), url, base)
+            finally:
+                prog.hooks.remove(hook)
+        store.publish()
+        n_samples = store.n_samples
+    msg = (f"done: {summary['samples']} samples in {summary['seconds']:.1f} s "
+           f"({summary['samples_per_s']:.0f} samples/s), mean NFE {summary['mean_nfe']:.1f} -> {url}")
+    return Outcome(True, msg, url, {**summary, **base, "n_samples": n_samples})
