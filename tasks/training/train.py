@@ -250,8 +250,10 @@ def _resolved_arch_params(arch: str, params: dict) -> dict:
 
 
 def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress | None = None,
-                     overwrite: bool = False, device: str | torch.device = "cpu") -> dict:
-    """Train on every sample of ``source`` and write a checkpoint dir; returns its config document.
+                     overwrite: bool = False, device: str | torch.device = "cpu", holdout: float = 0.0) -> dict:
+    """Train on the samples of ``source`` (all, or all but a seeded ``holdout`` fraction, recorded in
+    ``data.holdout`` with the held-out eps-loss beside the training one) and write a checkpoint dir;
+    returns its config document.
 
     Raises:
         InputError: bad settings, or a sample shape the architecture cannot take.
@@ -266,9 +268,20 @@ def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress
     params = _resolved_arch_params(cfg.arch, cfg.arch_params)
     cfg = TrainConfig(**{**asdict(cfg), "arch_params": params})
     data = source.read(0, len(source))
+    split = None
+    if holdout:
+        from pflatents.tasks.data.split import holdout_split, split_record
+
+        split = split_record(len(data), holdout, cfg.seed, source.fingerprint())
+        train_rows, held_rows = holdout_split(len(data), holdout, cfg.seed)
+        data, held = data[train_rows], data[held_rows]
     dev = torch.device(device)
     result = fit(data, sde, cfg, progress, device=dev)
     x = data.astype(np.float64)
+    if split is not None:
+        m, net = min(len(held), len(data), 4096), copy.deepcopy(result.net).to("cpu")
+        split["eval_loss_heldout"] = eval_loss(net, held[:m], sde, cfg.t_eps)
+        split["eval_loss_train"] = eval_loss(net, data[:m], sde, cfg.t_eps)
     doc = {
         "network": {"arch": cfg.arch, "params": params, "family": family_of(sde), "sample_shape": list(shape),
                     "prediction": "epsilon", "time_label": "s = log(sigma/alpha)",
@@ -280,7 +293,8 @@ def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress
                  "normalisation": {"kind": "none: data used as is; per-dim mean/variance precondition the network",
                                    "mean": float(x.mean()), "std": float(x.std()),
                                    "per_dim_std_min": float(x.std(0).min()), "per_dim_std_max": float(x.std(0).max()),
-                                   "constant_dims": int((x.std(0) == 0).sum())}},
+                                   "constant_dims": int((x.std(0) == 0).sum())},
+                 **({"holdout": split} if split is not None else {})},
         "train": cfg.to_dict(),
         "summary": {k: v for k, v in result.summary.items() if k != "seconds"},
         "provenance": {"seconds": round(result.summary["seconds"], 3), "torch": torch.__version__,
