@@ -51,3 +51,18 @@ def test_checkpoint_records_the_split_and_trains_on_the_training_rows_only(tmp_p
     assert any(k in saved for k in ref_sd)
     assert all(torch.equal(saved[k], ref_sd[k]) for k in ref_sd if k in saved)
     assert "holdout" not in train_checkpoint(src, VPSDE(), cfg, tmp_path / "m2")["data"]
+
+
+def test_train_cli_holdout(tmp_path, prefect_api, capsys):
+    import json
+
+    from pflatents.flows.cli import main
+
+    np.save(tmp_path / "x.npy", np.random.default_rng(1).normal(size=(200, 2)).astype(np.float32))
+    args = ["train", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "m"), "--steps", "5",
+            "--hidden", "8", "--depth", "1", "--no-progress", "--seed", "2"]
+    assert main([*args, "--holdout", "1.5"]) == 2
+    assert "--holdout" in capsys.readouterr().err and not (tmp_path / "m").exists()
+    assert main([*args, "--holdout", "0.1"]) == 0
+    rec = json.loads((tmp_path / "m" / "config.json").read_text())["data"]["holdout"]
+    assert (rec["n_heldout"], rec["seed"]) == (20, 2)

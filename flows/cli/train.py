@@ -27,6 +27,8 @@ def register(sub) -> None:
     p.add_argument("--channels", type=int, default=None, help="unet base channels (default 32)")
     p.add_argument("--patience", type=int, default=0, help="early stop after this many steps without improvement")
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this wall time (0 = no limit)")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help="hold out this fraction of the rows (seeded by --seed, recorded in the checkpoint) for analyze")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -65,6 +67,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     sde.check_t_eps(a.t_eps)
     src = open_source(data_spec(a.data))
     src.check_finite()
+    if a.holdout:
+        from pflatents.tasks.data.split import holdout_split
+
+        holdout_split(len(src), a.holdout, a.seed)  # refuses a fraction that leaves no row on a side
     if cfg.arch == "unet" and len(src.sample_shape) != 3:
         raise InputError(f"--arch unet needs image samples (C, H, W); {a.data} has sample shape "
                          f"{tuple(src.sample_shape)} (use --arch mlp)")
@@ -74,7 +80,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file, not a checkpoint directory")
     doc = run_train(src.spec, str(out), cfg.to_dict(), sde.to_dict(), overwrite=a.overwrite,
-                    progress=not a.no_progress)
+                    progress=not a.no_progress, holdout=a.holdout)
     s = doc["summary"]
     print(f"trained {doc['network']['arch']} for {s['steps_done']} steps in {doc['provenance']['seconds']:.1f} s "
           f"(loss {s['loss_first_100']:.4f} -> {s['loss_last_100']:.4f}) -> {out}")
