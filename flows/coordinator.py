@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -19,7 +20,9 @@ from typing import Any, Callable, Iterator
 from pflatents.tasks.config import ExtractConfig, build_config
 from pflatents.storage import (
     LatentStore,
+    NotAStoreError,
     StoreError,
+    StoreLockedError,
     default_shard_size,
     open_or_create,
     store_kind,
@@ -240,26 +243,53 @@ def check_source(store: LatentStore, cfg: ExtractConfig, src: Source) -> None:
 
 @contextlib.contextmanager
 def locked(open_store: Callable[[], LatentStore], url: str, owner: dict) -> Iterator[LatentStore]:
-    """Open (or create) the store under its lock. A store that does not exist yet is locked before it is
-    created, so two processes started at once cannot both create it; one refuses with a clear message.
-    Object-store locks are leases, renewed from a thread while held."""
-    absent = "://" not in url and not Path(url).exists()
-    if absent:
-        lock = store_lock(url)
-        lock.acquire(owner)
-        try:
-            store = open_store()
-        except BaseException:
-            lock.release()
-            if Path(url).is_dir() and not any(p for p in Path(url).rglob("*") if p.is_file()):
-                shutil.rmtree(url, ignore_errors=True)  # leave nothing behind on a refused create
-            raise
-    else:
+    """Take the store's lock, then open (or create) the store: nothing is read for planning before
+    the lock is held, so two first runs cannot both create a store, and growth never works from
+    metadata read before another run changed it.
+
+    The yielded store is fenced on the lock's token: its record and metadata writes stop with
+    ``LeaseLostError`` once the lock is lost. A lease (object stores) is renewed from a thread while
+    held; losing it is reported when the block ends (``LeaseLostError``), or as a warning when the
+    block already ends with an error. Something that is not a store at ``url`` is refused before any
+    lock file is written there; a refused creation leaves no directory behind.
+    """
+    kind = store_kind(url)
+    if kind == "foreign":
+        raise NotAStoreError(f"{url} exists and is not a pflatents store; refusing to write into it\n"
+                             f"choose a new output path (or an empty directory)")
+    new_dir = "://" not in url and not Path(url).exists()
+    lock = store_lock(url)
+    lock.acquire(owner)
+    try:
         store = open_store()
-        lock = store_lock(url)
-        lock.acquire(owner)
+    except BaseException:
+        _release_quietly(lock)
+        if new_dir:
+            _remove_if_only_lock(Path(url))
+        raise
+    store.fence(lock.token)
     lock.keep_alive()
     try:
         yield store
-    finally:
+    except BaseException:
+        _release_quietly(lock)
+        raise
+    lock.release()
+
+
+def _release_quietly(lock) -> None:
+    """Release on an error path: a lost lease becomes a warning, not a second error."""
+    try:
         lock.release()
+    except StoreLockedError as e:
+        warnings.warn(str(e), stacklevel=3)
+
+
+def _remove_if_only_lock(root: Path) -> None:
+    """Remove a directory this run created if it holds nothing but the lock folder."""
+    try:
+        entries = {p.name for p in root.iterdir()}
+    except OSError:
+        return
+    if entries <= {"lock"}:
+        shutil.rmtree(root, ignore_errors=True)

@@ -3,6 +3,7 @@
 from pflatents.storage.config import config_diff, to_json
 from pflatents.storage.errors import (
     ConfigMismatchError,
+    LeaseLostError,
     NotAStoreError,
     ShardVerifyError,
     StoreError,
@@ -18,6 +19,7 @@ from pflatents.storage.store import LatentStore, open_or_create, store_kind, sto
 __all__ = [
     "FORMAT_VERSION",
     "ConfigMismatchError",
+    "LeaseLostError",
     "LatentStore",
     "Location",
     "NotAStoreError",

@@ -7,6 +7,7 @@ __all__ = [
     "NotAStoreError",
     "ConfigMismatchError",
     "StoreLockedError",
+    "LeaseLostError",
     "ShardVerifyError",
 ]
 
@@ -29,6 +30,10 @@ class ConfigMismatchError(StoreError):
 
 class StoreLockedError(StoreError):
     """Another live process holds the store's lock."""
+
+
+class LeaseLostError(StoreLockedError):
+    """This run no longer holds the store lock it took (lease taken over, expired, or released)."""
 
 
 class ShardVerifyError(StoreError):

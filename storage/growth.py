@@ -42,6 +42,7 @@ class Growth:
     _check_writable: Any
     _base_record: Any
     _put_record: Any
+    _check_fence: Any
 
     def grow(self, n_new: int, data_prefix: Mapping[str, Any]) -> list[int]:
         """Extend the plan to ``n_new`` samples; returns the shard ids added or re-opened.
@@ -59,6 +60,7 @@ class Growth:
             raise StoreError(f"cannot shrink {self.url} from {old} to {n_new} samples")
         if n_new == old:
             return []
+        self._check_fence()  # the resizes below rewrite array metadata
         first = old // size
         if old % size:  # the old last shard was partial: it is re-done over its full range
             self._put_record(first, {**self._base_record(first), "state": "grown", "error": None,
@@ -97,4 +99,5 @@ class Growth:
 
     def _put_meta(self) -> None:
         """Rewrite the ``pflatents`` attrs (the coordinator's, under the store lock)."""
+        self._check_fence()
         self._group.attrs.update({ATTR: to_json(self.meta, "meta")})

@@ -17,7 +17,7 @@ from typing import Any, Literal
 import zarr
 
 from pflatents.storage.layout import ATTR, INCOMPLETE_ATTR
-from pflatents.storage.lock import StoreLock
+from pflatents.storage.lock import StoreLock, lock_for
 
 __all__ = ["Location", "loads_json"]
 
@@ -132,11 +132,11 @@ class Location:
         return "incomplete" if INCOMPLETE_ATTR in attrs else "foreign"
 
     def new_lock(self) -> StoreLock:
-        """The lock object of this store."""
+        """The lock object of this store (a kernel lock on local disks, a lease elsewhere)."""
         if self.local is not None:
-            return StoreLock(self.local)
+            return lock_for(self.local)
         fs, root = self.fs()
-        return StoreLock(None, fs=fs, root=root, url=self.url)
+        return lock_for(None, fs=fs, root=root, url=self.url)
 
 
 def loads_json(blob: bytes | None) -> dict[str, Any] | None:

@@ -43,6 +43,7 @@ class ShardRecords:
     sample_shape: tuple[int, ...]
     n_shards: int
     shard_range: Any
+    _check_fence: Any
 
     def write_shard(self, shard_id: int, latents: np.ndarray, nfe: np.ndarray,
                     info: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -138,6 +139,7 @@ class ShardRecords:
 
     def _put_record(self, shard_id: int, record: dict[str, Any]) -> None:
         """Replace the record of one shard: its own group ``zarr.json``, written atomically."""
+        self._check_fence()
         node = {"zarr_format": 3, "node_type": "group", "attributes": record}
         self._loc.write_json(record_key(int(shard_id)), node)
 

@@ -48,6 +48,7 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
         self._latents: zarr.Array = group["latents"]  # type: ignore[assignment]
         self._nfe: zarr.Array = group["nfe"]  # type: ignore[assignment]
         self._lock = loc.new_lock()
+        self._fence: str | None = None
 
     # ---- create / open -------------------------------------------------------------------
 
@@ -226,7 +227,7 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
 
     @property
     def lock_path(self) -> str:
-        """Path or URL of the lock object (remove it by hand only if its holder is gone)."""
+        """Path or URL of the lock object."""
         return self._lock.path
 
     def acquire_lock(self, owner_info: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -239,12 +240,29 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
 
     @contextmanager
     def locked(self, owner_info: Mapping[str, Any] | None = None) -> Iterator[LatentStore]:
-        """Hold the store lock for the ``with`` block."""
-        self.acquire_lock(owner_info)
+        """Hold the store lock for the ``with`` block (writes through this handle are fenced)."""
+        record = self.acquire_lock(owner_info)
+        self.fence(record["token"])
         try:
             yield self
         finally:
+            self.fence(None)
             self.release_lock()
+
+    def lock_token(self) -> str | None:
+        """The token of the store lock's live holder, or None when nobody holds it."""
+        holder = self._lock.holder()
+        return None if holder is None else holder.get("token")
+
+    def fence(self, token: str | None) -> None:
+        """Make every record and metadata write through this handle first check that the store
+        lock is still held under ``token`` (``LeaseLostError`` if not); None turns that off."""
+        self._fence = token
+
+    def _check_fence(self) -> None:
+        """Refuse to write when the lock this handle was fenced on is no longer held."""
+        if self._fence is not None:
+            self._lock.check(self._fence)
 
     def __repr__(self) -> str:
         return (f"LatentStore({self.url!r}, n_samples={self.n_samples}, "

@@ -28,3 +28,21 @@ def hold_lock(url: str, ready, release) -> None:
     with store.locked({"cmd": "extract"}):
         ready.set()
         release.wait(30)
+
+
+def race_lock(url: str, barrier, rounds: int, results) -> None:
+    """Each round: all processes try the lock at once; the winner holds it until all have tried."""
+    from pflatents.storage import StoreLockedError, store_lock
+
+    for r in range(rounds):
+        lock = store_lock(url)
+        barrier.wait()
+        try:
+            lock.acquire({"round": r})
+            won = True
+        except StoreLockedError:
+            won = False
+        results.put((r, won))
+        barrier.wait()
+        if won:
+            lock.release()

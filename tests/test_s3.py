@@ -120,3 +120,55 @@ def test_s3_store_kill_resume_verify_and_no_secret(tmp_path, cli_env, s3_env):
     assert all(SECRET.encode() not in b and b"pflatents-test-key" not in b for b in blobs.values())
     for text in (res.stdout, res.stderr, st.stdout, ver.stdout, bad.stdout, bad.stderr):
         assert SECRET not in text
+
+
+def test_s3_lease_is_taken_by_conditional_writes(s3_env):
+    """Racing coordinators on S3: If-None-Match creates and If-Match takeovers let exactly one win;
+    the loser of a takeover notices at renewal, check and release."""
+    import json
+    import threading
+
+    from pflatents.storage import LeaseLostError, StoreLockedError
+    from pflatents.storage.lease import LeaseLock
+
+    fs = _fs(s3_env)
+    locks = [LeaseLock(fs, "bkt/lease.zarr", "s3://bkt/lease.zarr", lease_s=60) for _ in range(8)]
+    assert locks[0].s3
+
+    def race(contenders):
+        won, go = [], threading.Barrier(len(contenders))
+
+        def one(lock):
+            go.wait()
+            try:
+                lock.acquire()
+                won.append(lock)
+            except StoreLockedError:
+                pass
+
+        threads = [threading.Thread(target=one, args=(lk,)) for lk in contenders]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        return won
+
+    first = race(locks)
+    assert len(first) == 1                                      # an absent lease: one conditional create wins
+    holder = first[0]
+    record = json.loads(fs.cat_file(holder.remote_path))
+    fs.pipe_file(holder.remote_path, json.dumps({**record, "lease_until": 0, "process_space": "x"}).encode())
+    holder._etag = fs.info(holder.remote_path)["ETag"]           # as if the holder had written that itself
+    second = race([lk for lk in locks if lk is not holder])
+    assert len(second) == 1                                     # an expired lease: one conditional takeover wins
+    with pytest.raises(LeaseLostError, match="taken over"):
+        holder.refresh()                                         # its If-Match renewal fails
+    with pytest.raises(LeaseLostError):
+        holder.check()
+    with pytest.raises(LeaseLostError, match="lost during the run"):
+        holder.release()
+    second[0].keep_alive()
+    second[0].refresh()
+    second[0].check()
+    second[0].release()
+    assert not fs.exists("bkt/lease.zarr/lock/owner.json")

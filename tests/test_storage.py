@@ -1,4 +1,4 @@
-"""The Zarr v3 latent store on real disk: layout, config pinning, shard writes, verify, lock."""
+"""The Zarr v3 latent store on real disk: layout, config pinning, shard writes, verify (the lock: test_lock.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import os
 import shutil
 import subprocess
 import sys
-import textwrap
 import threading
 import time
 from pathlib import Path
@@ -21,22 +20,19 @@ import pytest
 import xarray as xr
 import zarr
 
-from storage import (
+from pflatents.storage import (
     ConfigMismatchError,
     LatentStore,
     NotAStoreError,
     ShardVerifyError,
     StoreError,
-    StoreLock,
-    StoreLockedError,
     checksum,
     config_hash,
     default_shard_size,
     open_or_create,
     plan_shards,
-    store_lock,
 )
-from store_workers import hold_lock, shard_data, write_shards
+from store_workers import shard_data, write_shards
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = {"data": {"spec": "x.npy", "fingerprint": "blake2b:ab"},
@@ -394,114 +390,8 @@ def test_concurrent_shard_writes_from_processes(tmp_path: Path) -> None:
     assert fresh.meta["config"] == CONFIG
 
 
-# ---- lock -----------------------------------------------------------------------------------
-
-
-def test_lock_held_by_live_process_refused(tmp_path: Path) -> None:
-    path = tmp_path / "s.zarr"
-    store = _make(path)
-    ctx = mp.get_context("spawn")
-    ready, release = ctx.Event(), ctx.Event()
-    proc = ctx.Process(target=hold_lock, args=(str(path), ready, release))
-    proc.start()
-    try:
-        assert ready.wait(30)
-        with pytest.raises(StoreLockedError, match=rf"locked by pid {proc.pid} on host .*\n"
-                                                   rf".*remove {path}/lock/owner.json"):
-            store.acquire_lock({"cmd": "resume"})
-        assert store.status()["lock"]["owner"] == {"cmd": "extract"}
-    finally:
-        release.set()
-        proc.join(30)
-    assert proc.exitcode == 0 and not (path / "lock" / "owner.json").exists()
-    with store.locked():
-        assert store.status()["lock"]["pid"] == os.getpid()
-    assert store.status()["lock"] is None
-
-
-def test_stale_lock_of_killed_process_taken_over(tmp_path: Path) -> None:
-    path = tmp_path / "s.zarr"
-    store = _make(path)
-    code = textwrap.dedent(f"""
-        import time
-        from pflatents.storage import LatentStore
-        LatentStore.open({str(path)!r}).acquire_lock()
-        print("locked", flush=True)
-        time.sleep(60)
-    """)
-    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, cwd=REPO,
-                            text=True)
-    try:
-        assert proc.stdout.readline().strip() == "locked"
-        with pytest.raises(StoreLockedError):
-            store.acquire_lock()
-        proc.kill()
-        os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # dead but not reaped: a zombie
-        holder = store.acquire_lock()
-        assert holder["pid"] == os.getpid() and store.status()["lock"]["pid"] == os.getpid()
-    finally:
-        proc.kill()
-        proc.wait()
-    store.release_lock()
-    assert not list((path / "lock").glob("owner.json*"))
-
-
-def _write_holder(path: Path, **fields) -> None:
-    """Write a lock file by hand, as another process would have."""
-    (path / "lock" / "owner.json").write_text(json.dumps({"pid": 1, **fields}))
-
-
-def test_lock_holder_checks(tmp_path: Path) -> None:
-    path = tmp_path / "s.zarr"
-    store = _make(path)
-    _write_holder(path, host="elsewhere", pid=os.getpid())
-    with pytest.raises(StoreLockedError, match="on host elsewhere"):
-        store.acquire_lock()  # cannot tell whether a process on another host lives
-    import socket
-
-    _write_holder(path, host=socket.gethostname(), pid=os.getpid(), pid_start=1)
-    assert store.acquire_lock()["pid"] == os.getpid()  # our pid, but another start time: reused
-    other = LatentStore.open(path)
-    other.release_lock()  # does not hold it: a no-op
-    with pytest.raises(StoreLockedError, match=f"locked by pid {os.getpid()}"):
-        other.acquire_lock()  # the same process twice is refused too
-    store.release_lock()
-    assert not (path / "lock" / "owner.json").exists()
-
-
-def test_lock_taken_before_the_store_exists(tmp_path: Path) -> None:
-    path = tmp_path / "s.zarr"
-    with store_lock(path) as lock:
-        store = open_or_create(path, config=CONFIG, n_samples=10, sample_shape=(4,),
-                               shard_size=4)
-        assert store.status()["lock"]["token"] == lock.token
-        with pytest.raises(StoreLockedError):
-            store.acquire_lock()
-    assert store.status()["lock"] is None and LatentStore.open(path).n_shards == 3
-
-
-def test_fsspec_store_and_lease_lock(tmp_path: Path) -> None:
-    url = f"memory://{tmp_path.name}/s.zarr"
-    store = LatentStore.create(url, config=CONFIG, n_samples=10, sample_shape=(4,), shard_size=4)
-    x, nfe = shard_data(store, 1)
-    store.write_shard(1, x, nfe)
-    again = LatentStore.open(url, mode="r")
-    assert again.verify_shard(1) and again.pending_shards() == [0, 2]
-    np.testing.assert_array_equal(again.latents_array()[4:8], x.astype(np.float32))
-    store.acquire_lock()
-    with pytest.raises(StoreLockedError, match=rf"remove {url}/lock/owner.json"):
-        LatentStore.open(url).acquire_lock()
-    fs, root = again._loc.fs()
-    lock = StoreLock(None, fs=fs, root=root)
-    holder = lock.holder()
-    holder.update(host="elsewhere", lease_until=0)  # a holder on another host whose lease ran out
-    fs.pipe_file(f"{root}/lock/owner.json", json.dumps(holder).encode())
-    assert lock.acquire()["pid"] == os.getpid()
-    lock.release()
-
-
 def test_storage_imports_neither_prefect_nor_tasks() -> None:
-    code = ("import sys, storage; "
-            "bad = [m for m in ('prefect', 'tasks', 'torch', 'xarray') if m in sys.modules]; "
+    code = ("import sys, pflatents.storage; "
+            "bad = [m for m in ('prefect', 'pflatents.tasks', 'pflatents.flows', 'torch', 'xarray') if m in sys.modules]; "
             "assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
