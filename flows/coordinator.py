@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pflatents.tasks.config import ExtractConfig, build_config
+from pflatents.tasks.config import ExtractConfig, JobSettings, build_config
 from pflatents.storage import (
     LatentStore,
     NotAStoreError,
@@ -35,45 +35,14 @@ __all__ = ["Job", "Prepared", "prepare", "make_store", "grow_to_source", "check_
            "data_spec", "model_spec", "store_url"]
 
 
-@dataclass(frozen=True)
-class Job:
-    """What to extract and how (the CLI flags of `extract`, or a `serve` config file)."""
-
-    data: str
-    model: str
-    out: str
-    sde: str = "vp"
-    t_eps: float = 1e-5
-    solver: str = "dopri5"
-    rtol: float = 5e-7
-    atol: float = 5e-7
-    steps: int = 50
-    grid: str = "logsnr"
-    shard_size: int | None = None
-    batch_size: int = 1024
-    dtype: str = "float32"
-    incremental: bool = False
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Job:
-        """Build from plain keys (``t-eps`` and ``t_eps`` alike); unknown keys are an InputError."""
-        fields = {f.name: f for f in dataclasses.fields(cls)}
-        norm = {str(k).replace("-", "_"): v for k, v in d.items()}
-        unknown = sorted(set(norm) - set(fields))
-        if unknown:
-            raise InputError(f"unknown job setting(s) {', '.join(unknown)}; known: {', '.join(fields)}")
-        missing = [k for k in ("data", "model", "out") if not norm.get(k)]
-        if missing:
-            raise InputError(f"the job needs {', '.join(missing)} (flags --{' --'.join(missing)} or config keys)")
-        return cls(**norm)
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+class Job(JobSettings):
+    """What to extract and how: the job settings (``pflatents.tasks.config.JobSettings``, the one list
+    of them and their defaults) of `extract` flags, a `serve` job file or ``pflatents.extract``."""
 
     def resolved(self) -> Job:
         """The job with local paths made absolute (runs may start in another directory)."""
-        return dataclasses.replace(self, data=data_spec(self.data), model=model_spec(self.model),
-                                   out=store_url(self.out))
+        return self.model_copy(update={"data": data_spec(self.data), "model": model_spec(self.model),
+                                       "out": store_url(self.out)})
 
 
 def store_url(out: str) -> str:
@@ -132,9 +101,7 @@ def prepare(job: Job) -> Prepared:
     shard_size = job.shard_size
     if shard_size is None:
         shard_size = _pinned_shard_size(url) or default_shard_size(_sample_nbytes(src), len(src))
-    cfg = build_config(source=src, model_spec=job.model, sde_name=job.sde, solver=job.solver, rtol=job.rtol,
-                       atol=job.atol, steps=job.steps, grid=job.grid, t_eps=job.t_eps, shard_size=shard_size,
-                       batch_size=job.batch_size, dtype=job.dtype, incremental=incremental)
+    cfg = build_config(job, source=src, shard_size=shard_size, incremental=incremental)
     return Prepared(job=job, url=url, src=src, cfg=cfg, shard_size=shard_size)
 
 
@@ -177,8 +144,9 @@ def make_store(p: Prepared) -> LatentStore:
                          f"--incremental to append new samples, or use a new --out for a fixed-length store")
     if not store.incremental:
         _check_fixed_store(store, p)
-    return open_or_create(p.url, config=p.cfg.to_dict(), n_samples=len(p.src), sample_shape=tuple(p.src.sample_shape),
-                          shard_size=p.shard_size, data_prefix={} if p.incremental else None)
+    return open_or_create(p.url, config=p.cfg.pinned_like(store.config), n_samples=len(p.src),
+                          sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size,
+                          data_prefix={} if p.incremental else None)
 
 
 def _check_fixed_store(store: LatentStore, p: Prepared) -> None:

@@ -12,27 +12,38 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
 __all__ = ["RunSettings", "Outcome", "extract_job", "resume_store", "run_pending"]
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    """How to run (never pinned: none of these decide the latents)."""
+class RunSettings(BaseModel):
+    """How to run (never pinned: none of these decide the latents). Fields become run flags and the
+    ``[run]`` keys of serve job files, the way ``JobSettings`` fields do."""
 
-    runner: str = "local"
-    workers: int = 1
-    device: str = "auto"
-    retries: int = 2
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    runner: str = Field("local", description="local | dask | dask://HOST:PORT")
+    workers: int = Field(1, ge=1, description="concurrent shard tasks (threads or LocalCluster workers)")
+    device: str = Field("auto", description="auto | cpu | cuda[:N]")
+    retries: int = Field(2, ge=0, description="retries per shard on errors")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "RunSettings":
+        """Build from plain keys; bad values are an InputError naming the setting and the value."""
+        from pflatents.tasks.config import validation_message
+        from pflatents.tasks.errors import InputError
+
+        try:
+            return cls(**{str(k).replace("-", "_"): v for k, v in d.items()})
+        except ValidationError as e:
+            raise InputError(validation_message(e)) from None
 
     def check(self) -> "RunSettings":
-        """Refuse bad values with a message naming them (the device must exist on this machine)."""
+        """Refuse an unknown runner or a device this machine does not have."""
         from pflatents.tasks.errors import InputError
         from pflatents.tasks.models.registry import resolve_device
 
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise InputError(f"--workers must be >= 1; got {self.workers}")
-        if isinstance(self.retries, bool) or not isinstance(self.retries, int) or self.retries < 0:
-            raise InputError(f"--retries must be >= 0; got {self.retries}")
         if not (self.runner in ("local", "dask") or self.runner.startswith("dask://")):
             raise InputError(f"unknown runner {self.runner!r}; use local, dask or dask://HOST:PORT")
         resolve_device(self.device)

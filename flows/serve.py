@@ -27,7 +27,6 @@ from typing import Any
 __all__ = ["load_settings", "split_settings", "api_url", "check_server", "serve_job", "run_scheduled",
            "scheduled_extract", "NO_SERVER"]
 
-RUN_KEYS = ("runner", "workers", "device", "retries")
 SCHEDULE_KEYS = ("interval", "cron", "name")
 NO_SERVER = """scheduled runs need a Prefect server, and PREFECT_API_URL is not set. Start one and point at it:
     prefect server start --host 127.0.0.1 --port 4200
@@ -71,14 +70,17 @@ def load_settings(path: str | None) -> dict[str, Any]:
 
 
 def split_settings(config: str | None, overrides: dict[str, Any]) -> tuple[dict, dict, dict]:
-    """(job, schedule, run) settings: the config file, overridden by the ``overrides`` that are not None."""
+    """(job, schedule, run) settings: the config file, overridden by the ``overrides`` that are not None.
+
+    Run keys are the fields of ``RunSettings`` (validated here), schedule keys ``interval``, ``cron``
+    and ``name``; the rest is the job (checked by ``Job.from_dict``), incremental unless it says not."""
+    from pflatents.flows.run import RunSettings
     from pflatents.tasks.errors import InputError
 
     s = load_settings(config)
     s.update({k: v for k, v in overrides.items() if v is not None})
     schedule = {k: s.pop(k) for k in SCHEDULE_KEYS if k in s}
-    run = {"runner": "local", "workers": 1, "device": "auto", "retries": 2,
-           **{k: s.pop(k) for k in RUN_KEYS if k in s}}
+    run = RunSettings.from_dict({k: s.pop(k) for k in RunSettings.model_fields if k in s}).model_dump()
     s.setdefault("incremental", True)
     if ("interval" in schedule) == ("cron" in schedule):
         raise InputError("give exactly one schedule: --interval SECONDS or --cron EXPR (or in the config file)")
@@ -119,7 +121,7 @@ def serve_job(job, schedule: dict, run: dict, url: str) -> None:
     from pflatents.flows.run import RunSettings
     from pflatents.tasks.errors import InputError
 
-    RunSettings(**run).check()
+    RunSettings.from_dict(run).check()
     prepare(job)
     check_server(url)
     name = schedule.get("name") or "pflatents-" + Path(job.out.rstrip("/")).name.removesuffix(".zarr")

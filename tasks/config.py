@@ -1,61 +1,165 @@
-"""The one frozen config of an extraction, built and validated before anything runs or is written.
+"""The job settings, in one typed model each: what the user asks for, and what the store pins.
 
-It is serialised into the store's ``pflatents`` attrs and compared on reopen: the same config
-continues a store, a different one is refused (naming the differing fields).
+``JobSettings`` is what to extract and how (the ``extract``/``serve`` flags, the keys of a serve job
+file, the keywords of ``pflatents.extract``); its field defaults are the only job defaults.
+``build_config`` validates a job against its data and model and freezes it into an ``ExtractConfig``:
+everything that decides the latents, written as plain JSON into the store's ``pflatents`` attrs and
+compared on reopen (the same config continues a store, a different one is refused naming the fields).
+``ExtractConfig.from_dict`` reads the pinned JSON of every store written so far.
+
+Adding a setting is a change in this file:
+1. a field of ``JobSettings`` with its type, default and a ``description`` (the help text). The CLI
+   (``pflatents.flows.cli.common.add_model_args``) makes it a flag ``--the-name`` of ``extract`` and
+   ``serve``; serve job files and the Python API accept it by name. Nothing else lists settings.
+2. if it decides the latents, a field of ``ExtractConfig`` whose default is what stores pinned before
+   the field existed did (so they keep opening and continuing), set from the job in ``build_config``.
+   Settings that only say how to run (runner, workers, device) are not pinned.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import dataclasses
+from typing import Any, Literal, Optional
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pflatents.tasks.errors import InputError
-from pflatents.tasks.models.registry import model_info, native_sde
-from pflatents.tasks.ode.pfode import ADAPTIVE, SolverConfig
-from pflatents.tasks.ode.sde import SDE, make_sde
 
-__all__ = ["ExtractConfig", "build_config", "sde_from_dict", "solver_from_dict"]
+__all__ = ["JobSettings", "ExtractConfig", "build_config", "sde_from_dict", "solver_from_dict", "validation_message"]
 
 
-@dataclass(frozen=True)
-class ExtractConfig:
-    """Everything that decides the latents (device and runner do not: they are recorded per shard)."""
+class JobSettings(BaseModel):
+    """What to extract and how: the one list of job settings and their defaults."""
 
-    data: dict
-    model: dict
-    sde: dict
-    solver: dict
-    shard_size: int
-    batch_size: int
-    dtype: str = "float32"
-    extra: dict = field(default_factory=dict)
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
-    def to_dict(self) -> dict:
-        return {"data": self.data, "model": self.model, "sde": self.sde, "solver": self.solver,
-                "shard_size": self.shard_size, "batch_size": self.batch_size, "dtype": self.dtype}
+    data: str = Field(description="file.npy | npydir:DIR | store.zarr[/array] | images:DIR | sklearn:digits")
+    model: str = Field(description="gmm:params.json | checkpoint dir | diffusers:DIR")
+    out: str = Field(description="output store (path or fsspec URL, e.g. s3://bucket/x.zarr)")
+    sde: Literal["vp", "ve", "edm"] = Field("vp", description="the SDE family (a trained model runs under its own)")
+    t_eps: float = Field(1e-5, gt=0, description="integrate from t_eps (not 0)")
+    solver: str = Field("dopri5", description="dopri5 | rk4 | heun | euler | dpmpp2m")
+    rtol: float = Field(5e-7, gt=0, description="dopri5 relative tolerance (5e-7 kept the worst latent error "
+                                               "under 1e-4 on the GMM benchmarks)")
+    atol: float = Field(5e-7, gt=0, description="dopri5 absolute tolerance")
+    steps: int = Field(50, ge=1, description="steps of a fixed-step solver")
+    grid: str = Field("logsnr", description="time grid of fixed-step solvers: logsnr | edm | time")
+    shard_size: Optional[int] = Field(None, ge=1, description="samples per shard (default: chunks of ~8 MiB; an "
+                                                             "existing store keeps its own)")
+    batch_size: int = Field(1024, ge=1, description="samples integrated together")
+    dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the ODE state")
+    incremental: bool = Field(False, description="the data may grow: extract only samples new since the last run "
+                                                 "into the same store (always on for npydir:DIR)")
 
     @classmethod
-    def from_dict(cls, d: dict) -> "ExtractConfig":
-        return cls(data=d["data"], model=d["model"], sde=d["sde"], solver=d["solver"],
-                   shard_size=int(d["shard_size"]), batch_size=int(d["batch_size"]), dtype=d.get("dtype", "float32"))
+    def from_dict(cls, d: dict[str, Any]) -> "JobSettings":
+        """Build from plain keys (``t-eps`` and ``t_eps`` alike); bad or unknown keys are an InputError."""
+        norm = {str(k).replace("-", "_"): v for k, v in d.items()}
+        unknown = sorted(set(norm) - set(cls.model_fields))
+        if unknown:
+            raise InputError(f"unknown job setting(s) {', '.join(unknown)}; known: {', '.join(cls.model_fields)}")
+        missing = [k for k in ("data", "model", "out") if not norm.get(k)]
+        if missing:
+            raise InputError(f"the job needs {', '.join(missing)} (flags --{' --'.join(missing)} or config keys)")
+        try:
+            return cls(**norm)
+        except ValidationError as e:
+            raise InputError(validation_message(e)) from None
 
-    def make_sde(self) -> SDE:
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON (the form serve passes to its scheduled runs)."""
+        return self.model_dump()
+
+
+def validation_message(e: ValidationError) -> str:
+    """One line per bad value: the setting (and its flag), what is wrong, the value given."""
+    lines = []
+    for err in e.errors():
+        name = ".".join(str(p) for p in err["loc"]) or "settings"
+        flag = "--" + name.replace("_", "-")
+        lines.append(f"{name.replace('_', ' ')} ({flag}): {err['msg'][0].lower()}{err['msg'][1:]}; "
+                     f"got {err.get('input')!r}")
+    return "; ".join(lines)
+
+
+class ExtractConfig(BaseModel):
+    """Everything that decides the latents (device and runner do not: they are recorded per shard).
+
+    ``data``, ``model``, ``sde`` and ``solver`` are the JSON forms of the source's identity, the
+    model's spec and content hash, ``SDE.to_dict()`` and ``SolverConfig.to_dict()``.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    data: dict[str, Any]
+    model: dict[str, Any]
+    sde: dict[str, Any]
+    solver: dict[str, Any]
+    shard_size: int = Field(ge=1)
+    batch_size: int = Field(ge=1)
+    dtype: Literal["float32", "float64"] = "float32"  # pinned since the first release; absent means float32
+
+    def to_dict(self) -> dict[str, Any]:
+        """The pinned JSON (the store's ``pflatents.config``)."""
+        return self.model_dump()
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
+        """Read a pinned config, written by this or any earlier version (absent fields take the defaults
+        that meant the same then; an adaptive solver's ``time_var`` is resolved to what was used)."""
+        d = dict(d)
+        d.pop("extra", None)
+        d["solver"] = _pinned_solver(d["solver"], d["sde"])
+        try:
+            return cls(**d)
+        except ValidationError as e:
+            raise InputError(f"the store's pinned config is not readable: {validation_message(e)}") from None
+
+    def pinned_like(self, stored: dict[str, Any]) -> dict[str, Any]:
+        """``stored`` when it means this config (an older spelling of the same settings), else ``to_dict()``.
+
+        Pass the result to the store's config check: a store pinned by an earlier version with
+        the same meaning continues, anything else is refused naming the differing fields."""
+        try:
+            same = ExtractConfig.from_dict(stored) == self
+        except (InputError, KeyError, TypeError):
+            same = False
+        return stored if same else self.to_dict()
+
+    def make_sde(self):
         return sde_from_dict(self.sde)
 
-    def make_solver(self) -> SolverConfig:
+    def make_solver(self):
         return solver_from_dict(self.solver)
 
 
-def sde_from_dict(d: dict) -> SDE:
+def _pinned_solver(solver: dict[str, Any], sde: dict[str, Any]) -> dict[str, Any]:
+    """Adaptive configs pinned before ``time_var`` existed integrated in s; ``auto`` meant the SDE's choice."""
+    from pflatents.tasks.ode.pfode import ADAPTIVE
+
+    solver = dict(solver)
+    if solver.get("name") in ADAPTIVE:
+        if "time_var" not in solver:
+            solver["time_var"] = "s"
+        elif solver["time_var"] == "auto":
+            solver["time_var"] = getattr(sde_from_dict(sde), "preferred_time_var", "t")
+    return solver
+
+
+def sde_from_dict(d: dict):
     """Rebuild an SDE from its ``to_dict`` form (vp, ve, edm, and vp_discrete of diffusers models)."""
     from pflatents.tasks.models.checkpoint import sde_from_dict as _from_dict
 
     return _from_dict(d)
 
 
-def choose_sde(sde_name: str, model_spec: str) -> SDE:
+def choose_sde(sde_name: str, model_spec: str):
     """The SDE to integrate under: a model trained under its own SDE (checkpoint, diffusers) runs under it.
 
     ``--sde`` must name its family (``vp`` also selects a diffusers model's discrete VP schedule)."""
+    from pflatents.tasks.models.registry import native_sde
+    from pflatents.tasks.ode.sde import make_sde
+
     native = native_sde(model_spec)
     if native is None:
         return make_sde(sde_name)
@@ -65,39 +169,38 @@ def choose_sde(sde_name: str, model_spec: str) -> SDE:
                      f"not match it (use --sde {'vp' if native.name == 'vp_discrete' else native.name})")
 
 
-def solver_from_dict(d: dict) -> SolverConfig:
+def solver_from_dict(d: dict):
     """Rebuild a SolverConfig from its ``to_dict`` form.
 
     Adaptive configs pinned before ``time_var`` existed integrated in s: they keep doing so."""
+    from pflatents.tasks.ode.pfode import ADAPTIVE, SolverConfig
+
     d = dict(d)
     if d.get("name") in ADAPTIVE and "time_var" not in d:
         d["time_var"] = "s"
     return SolverConfig(**d)
 
 
-def _positive_int(name: str, v) -> int:
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-        raise InputError(f"{name} must be an integer >= 1; got {v!r}")
-    return v
+def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool) -> ExtractConfig:
+    """Validate the job against the data and the model, and freeze it into one config.
 
-
-def build_config(*, source, model_spec: str, sde_name: str = "vp", solver: str = "dopri5",
-                 rtol: float = 1e-5, atol: float = 1e-5, steps: int = 50, grid: str = "logsnr",
-                 t_eps: float = 1e-5, shard_size: int, batch_size: int = 1024, dtype: str = "float32",
-                 incremental: bool = False) -> ExtractConfig:
-    """Validate every setting against the data and the model, and freeze them into one config.
-
-    ``incremental``: the data may grow, so its length and fingerprint are not part of the pinned
-    identity; the store keeps the length and fingerprint of the planned prefix instead.
+    ``shard_size`` is the one chosen for the store (the job's, the existing store's, or the default)
+    and ``incremental`` whether the job follows a growing source: then the data's length and
+    fingerprint are not part of the pinned identity (the store keeps those of its planned prefix).
+    The adaptive solver's time variable is pinned resolved: what the integration uses.
     """
-    if dtype not in ("float32", "float64"):
-        raise InputError(f"dtype must be float32 or float64; got {dtype!r}")
-    _positive_int("shard size", shard_size)
-    _positive_int("batch size", batch_size)
-    sde = choose_sde(sde_name, model_spec)
-    sde.check_t_eps(t_eps)
-    scfg = SolverConfig(name=solver, rtol=rtol, atol=atol, steps=steps, grid=grid, t_eps=t_eps)
-    info = model_info(model_spec, sde)
+    from pflatents.tasks.models.registry import model_info
+    from pflatents.tasks.ode.pfode import SolverConfig
+
+    if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
+        raise InputError(f"shard size must be an integer >= 1; got {shard_size!r}")
+    sde = choose_sde(job.sde, job.model)
+    sde.check_t_eps(job.t_eps)
+    scfg = SolverConfig(name=job.solver, rtol=job.rtol, atol=job.atol, steps=job.steps, grid=job.grid,
+                        t_eps=job.t_eps)
+    if scfg.adaptive and scfg.time_var == "auto":
+        scfg = dataclasses.replace(scfg, time_var=getattr(sde, "preferred_time_var", "t"))
+    info = model_info(job.model, sde)
     d = 1
     for n in source.sample_shape:
         d *= n
@@ -111,4 +214,4 @@ def build_config(*, source, model_spec: str, sde_name: str = "vp", solver: str =
         data = {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
                 "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=scfg.to_dict(),
-                         shard_size=shard_size, batch_size=batch_size, dtype=dtype)
+                         shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype)

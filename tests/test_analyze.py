@@ -12,7 +12,7 @@ from scipy import special, stats
 
 from extract_helpers import write_gmm_job
 from pflatents.flows.cli import main
-from pflatents.tasks.config import build_config
+from pflatents.tasks.config import JobSettings, build_config
 from pflatents.storage import open_or_create
 from pflatents.tasks.ode.batches import encode_block
 from pflatents.tasks.ode.pfode import SolverConfig
@@ -46,8 +46,9 @@ def craft_store(tmp, x, z, sde="vp", shard=500, done=None):
     d = int(np.prod(x.shape[1:]))
     (tmp / "gmm.json").write_text(json.dumps({"weights": [1.0], "means": [[0.0] * d],
                                               "covariances": [np.eye(d).tolist()]}))
-    cfg = build_config(source=open_source(str(tmp / "x.npy")), model_spec=f"gmm:{tmp / 'gmm.json'}",
-                       sde_name=sde, solver="rk4", steps=10, shard_size=shard)
+    job = JobSettings(data=str(tmp / "x.npy"), model=f"gmm:{tmp / 'gmm.json'}", out="-", sde=sde, solver="rk4",
+                      steps=10)
+    cfg = build_config(job, source=open_source(job.data), shard_size=shard, incremental=False)
     url = str(tmp / "crafted.zarr")
     store = open_or_create(url, config=cfg.to_dict(), n_samples=len(x), sample_shape=x.shape[1:], shard_size=shard)
     for sid in range(store.n_shards):

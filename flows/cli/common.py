@@ -1,35 +1,75 @@
-"""Helpers every command module shares: exit codes, run flags, store URLs, Prefect's environment.
+"""Helpers every command module shares: exit codes, flags made from the settings models, store URLs.
 
-Imports stay light (argparse only at module level): ``pflatents --help`` must not import Prefect,
-torch or zarr; heavy imports belong inside the handlers.
+Imports stay light at module level (argparse, and pydantic for the settings models): ``pflatents
+--help`` must not import Prefect, torch or zarr; heavy imports belong inside the handlers.
 """
 
 from __future__ import annotations
 
 import argparse
+import types
+import typing
+from typing import Any
 
 from pflatents.flows.server import prefect_env
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "add_run_args", "run_settings", "store_url", "prefect_env"]
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "add_model_args", "model_values", "add_run_args", "run_settings",
+           "store_url", "prefect_env"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
+def _flag_type(annotation: Any) -> tuple[Any, list | None]:
+    """(argparse type, choices) of a field annotation: int, float, str, Literal[...], Optional[...]."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Literal:
+        choices = list(typing.get_args(annotation))
+        return type(choices[0]), choices
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _flag_type(inner[0])
+    return annotation, None
+
+
+def add_model_args(p: argparse.ArgumentParser, model: Any, required: bool = True, skip: tuple[str, ...] = ()) -> None:
+    """One flag ``--field-name`` per field of the pydantic ``model`` (its description is the help).
+
+    Flags default to None ("not given"): the model supplies the defaults (``model_values``), and a
+    serve job file's values are kept where a flag is not given. Booleans are ``store_true`` flags.
+    With ``required`` the model's required fields are required flags."""
+    for name, f in model.model_fields.items():
+        if name in skip:
+            continue
+        flag = "--" + name.replace("_", "-")
+        default = "" if f.is_required() or f.default is None else f" (default {f.default})"
+        help_ = (f.description or "") + default
+        if f.annotation is bool:
+            p.add_argument(flag, action="store_true", default=None, help=f.description)
+            continue
+        kind, choices = _flag_type(f.annotation)
+        p.add_argument(flag, type=kind, choices=choices, default=None, help=help_,
+                       required=required and f.is_required())
+
+
+def model_values(a: argparse.Namespace, model: Any) -> dict[str, Any]:
+    """The given flags (not None) that name fields of ``model``."""
+    return {k: getattr(a, k) for k in model.model_fields if getattr(a, k, None) is not None}
+
+
 def add_run_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
-    """Flags that say how to run (runner, workers, device, retries), never what is computed."""
-    p.add_argument("--runner", default="local", help="local | dask | dask://HOST:PORT (default local)")
-    p.add_argument("--workers", type=int, default=1, help="concurrent shard tasks (threads or LocalCluster workers)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default auto)")
-    p.add_argument("--retries", type=int, default=2, help="retries per shard on errors (default 2)")
+    """Flags that say how to run (the RunSettings fields), never what is computed."""
+    from pflatents.flows.run import RunSettings
+
+    add_model_args(p, RunSettings)
     if progress:
         p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_settings(a: argparse.Namespace):
-    """The RunSettings named by the run flags (not yet checked)."""
+    """The RunSettings named by the run flags (values validated; runner and device not yet checked)."""
     from pflatents.flows.run import RunSettings
 
-    return RunSettings(runner=a.runner, workers=a.workers, device=a.device, retries=a.retries)
+    return RunSettings.from_dict(model_values(a, RunSettings))
 
 
 def store_url(path: str) -> str:

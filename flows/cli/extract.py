@@ -6,30 +6,18 @@ import argparse
 import json
 import sys
 
-from pflatents.flows.cli.common import EXIT_FAILED, EXIT_OK, add_run_args, run_settings, store_url
+from pflatents.flows.cli.common import (EXIT_FAILED, EXIT_OK, add_model_args, add_run_args, model_values, run_settings,
+                                        store_url)
 
 __all__ = ["register", "job_from_args", "cmd_extract", "cmd_resume", "cmd_status"]
 
 
 def register(sub) -> None:
     """Add the ``extract``, ``resume`` and ``status`` subcommands."""
+    from pflatents.tasks.config import JobSettings
+
     e = sub.add_parser("extract", help="encode a dataset into a Zarr store of latents")
-    e.add_argument("--data", required=True, help="file.npy | store.zarr[/array] | images:DIR | sklearn:digits")
-    e.add_argument("--model", required=True, help="gmm:params.json | checkpoint dir | diffusers:DIR")
-    e.add_argument("--out", required=True, help="output store (path or fsspec URL)")
-    e.add_argument("--sde", default="vp", choices=["vp", "ve", "edm"])
-    e.add_argument("--t-eps", type=float, default=1e-5)
-    e.add_argument("--solver", default="dopri5", help="dopri5 | rk4 | heun | euler | dpmpp2m")
-    e.add_argument("--rtol", type=float, default=5e-7, help="dopri5 relative tolerance (5e-7 keeps the worst latent error under 1e-4, README)")
-    e.add_argument("--atol", type=float, default=5e-7)
-    e.add_argument("--steps", type=int, default=50, help="steps of a fixed-step solver")
-    e.add_argument("--grid", default="logsnr", help="time grid of fixed-step solvers: logsnr | edm | time")
-    e.add_argument("--shard-size", type=int, default=None, help="samples per shard (default: chunks of ~8 MiB)")
-    e.add_argument("--batch-size", type=int, default=1024)
-    e.add_argument("--dtype", default="float32", choices=["float32", "float64"])
-    e.add_argument("--incremental", action="store_true",
-                   help="the data may grow: extract only samples new since the last run into the same store "
-                        "(always on for npydir:DIR)")
+    add_model_args(e, JobSettings)
     add_run_args(e)
     e.set_defaults(func=cmd_extract)
 
@@ -45,12 +33,10 @@ def register(sub) -> None:
 
 
 def job_from_args(a: argparse.Namespace):
-    """The extraction job named by `extract` flags."""
+    """The extraction job named by `extract` flags (defaults from JobSettings)."""
     from pflatents.flows.coordinator import Job
 
-    return Job(data=a.data, model=a.model, out=a.out, sde=a.sde, t_eps=a.t_eps, solver=a.solver, rtol=a.rtol,
-               atol=a.atol, steps=a.steps, grid=a.grid, shard_size=a.shard_size, batch_size=a.batch_size,
-               dtype=a.dtype, incremental=getattr(a, "incremental", False))
+    return Job.from_dict(model_values(a, Job))
 
 
 def _finish(outcome) -> int:

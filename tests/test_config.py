@@ -1,0 +1,122 @@
+"""The typed job settings: one list of settings and defaults, validation, the pinned JSON, old stores."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from extract_helpers import write_gmm_job
+from pflatents.flows.cli import build_parser
+from pflatents.flows.coordinator import Job, locked, make_store, prepare
+from pflatents.flows.run import RunSettings
+from pflatents.storage import LatentStore, open_or_create
+from pflatents.tasks.config import ExtractConfig, JobSettings, build_config
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.errors import InputError
+from pflatents.tasks.ode.pfode import SolverConfig
+
+
+def _subparser(name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[name]
+
+
+def test_every_setting_is_a_flag_of_extract_and_serve():
+    for cmd, skip in (("extract", set()), ("serve", {"incremental"})):
+        dests = {a.dest for a in _subparser(cmd)._actions}
+        assert set(JobSettings.model_fields) - skip <= dests, cmd
+        assert set(RunSettings.model_fields) <= dests, cmd
+    args = _subparser("extract").parse_args(["--data", "d", "--model", "m", "--out", "o"])
+    assert all(getattr(args, k) is None for k in JobSettings.model_fields if k not in ("data", "model", "out"))
+
+
+def test_job_defaults_are_the_solver_defaults():
+    """The job's solver defaults and the ODE core's agree (issue 12: 1e-5 in one place, 5e-7 in another)."""
+    job, core = JobSettings(data="d", model="m", out="o"), SolverConfig()
+    for name in ("solver", "rtol", "atol", "steps", "grid", "t_eps"):
+        assert getattr(job, name) == getattr(core, "name" if name == "solver" else name), name
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("batch_size", 0, ["batch size", "--batch-size", "0"]),
+    ("shard_size", -3, ["shard size", "-3"]),
+    ("dtype", "float16", ["dtype", "float16"]),
+    ("t_eps", -1.0, ["t eps", "-1.0"]),
+    ("steps", "many", ["steps", "many"]),
+])
+def test_bad_settings_name_the_setting_and_the_value(key, value, words):
+    with pytest.raises(InputError) as e:
+        JobSettings.from_dict({"data": "d", "model": "m", "out": "o", key: value})
+    for w in words:
+        assert w in str(e.value), (w, str(e.value))
+
+
+def test_unknown_and_missing_settings():
+    with pytest.raises(InputError, match="unknown job setting.*stepz"):
+        JobSettings.from_dict({"data": "a", "model": "b", "out": "c", "stepz": 3})
+    with pytest.raises(InputError, match="needs model"):
+        JobSettings.from_dict({"data": "a", "out": "c"})
+    assert JobSettings.from_dict({"data": "a", "model": "b", "out": "c", "t-eps": 0.01}).t_eps == 0.01
+    with pytest.raises(InputError, match="workers.*0"):
+        RunSettings.from_dict({"workers": 0})
+
+
+def test_pinned_config_round_trips_as_plain_json(tmp_path):
+    data, model = write_gmm_job(tmp_path, n=50)
+    job = JobSettings(data=str(data), model=f"gmm:{model}", out="o")
+    cfg = build_config(job, source=open_source(str(data)), shard_size=20, incremental=False)
+    d = cfg.to_dict()
+    assert set(d) == {"data", "model", "sde", "solver", "shard_size", "batch_size", "dtype"}
+    assert d["solver"]["time_var"] == "t"  # "auto" is pinned as what the integration uses
+    assert d["solver"]["rtol"] == 5e-7 and d["batch_size"] == 1024
+    assert ExtractConfig.from_dict(d) == cfg and ExtractConfig.from_dict(d).to_dict() == d
+    assert cfg.make_solver() == SolverConfig(rtol=5e-7, atol=5e-7, t_eps=1e-5, time_var="t")
+
+
+def _old_config(cfg: ExtractConfig, **solver) -> dict:
+    """The config as written before the typed model: time_var 'auto' (or absent), no dtype key."""
+    d = cfg.to_dict()
+    d["solver"] = {**d["solver"], **solver}
+    d.pop("dtype")
+    return d
+
+
+def test_old_pinned_configs_read_with_what_they_meant(tmp_path):
+    data, model = write_gmm_job(tmp_path, n=50)
+    job = JobSettings(data=str(data), model=f"gmm:{model}", out="o")
+    cfg = build_config(job, source=open_source(str(data)), shard_size=20, incremental=False)
+    auto = ExtractConfig.from_dict(_old_config(cfg, time_var="auto"))
+    assert auto == cfg and auto.dtype == "float32"
+    d = _old_config(cfg)
+    del d["solver"]["time_var"]  # before time_var existed the adaptive solver stepped in s
+    legacy = ExtractConfig.from_dict(d)
+    assert legacy.solver["time_var"] == "s" and legacy != cfg
+    assert cfg.pinned_like(_old_config(cfg, time_var="auto")) == _old_config(cfg, time_var="auto")
+    assert cfg.pinned_like(d) == cfg.to_dict()
+
+
+def test_a_store_pinned_by_the_earlier_code_keeps_opening(tmp_path):
+    """A store whose pinned JSON was written with time_var 'auto' continues with the same settings,
+    and is refused (naming the field) with other ones; the stored JSON is left as it was."""
+    data, model = write_gmm_job(tmp_path, n=50)
+    url = str(tmp_path / "old.zarr")
+    p = prepare(Job(data=str(data), model=f"gmm:{model}", out=url, shard_size=20))
+    old = _old_config(p.cfg, time_var="auto")
+    open_or_create(url, config=old, n_samples=50, sample_shape=(8,), shard_size=20)
+    with locked(lambda: make_store(p), url, {"command": "test"}) as store:
+        assert store.pending_shards() == [0, 1, 2]
+    assert LatentStore.open(url, mode="r").config == old
+    other = prepare(Job(data=str(data), model=f"gmm:{model}", out=url, shard_size=20, rtol=1e-6))
+    with pytest.raises(Exception, match="rtol"):
+        with locked(lambda: make_store(other), url, {"command": "test"}):
+            pass
+
+
+def test_job_resolved_makes_paths_absolute(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    job = Job.from_dict({"data": "x.npy", "model": "gmm:m.json", "out": "o.zarr", "steps": 7}).resolved()
+    assert job.data == str(tmp_path / "x.npy") and job.model == f"gmm:{tmp_path / 'm.json'}"
+    assert job.out == str(tmp_path / "o.zarr") and job.steps == 7 and isinstance(job, Job)
+    assert Job.from_dict(job.to_dict()) == job
+
