@@ -112,7 +112,7 @@ def _json_safe(v: Any) -> Any:
 
 def _recon_names(store: Any) -> list[str]:
     """Per-sample arrays the reconstruction writes for this store's data and model."""
-    from pflatents.tasks.wrappers.analyze import RECON_ARRAYS, _config
+    from pflatents.tasks.wrappers.analyze import RECON_ARRAYS, pinned_config as _config
     from pflatents.tasks.models.registry import load_model
     from pflatents.tasks.analysis.reconstruct import gaussian_params
     from pflatents.tasks.data.sources import open_source

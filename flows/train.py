@@ -15,7 +15,7 @@ hooks: list[Callable[[int, int, float], None]] = []
 
 
 def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = False, progress: bool = True,
-              holdout: float = 0.0) -> dict:
+              holdout: float = 0.0, device: str = "cpu") -> dict:
     """Run the Prefect ``train`` flow (with a progress bar of steps and loss unless disabled); returns the checkpoint config."""
     from pflatents.flows.progress import bar
     from pflatents.flows.server import prefect_env
@@ -25,7 +25,8 @@ def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = 
         hook = lambda step, total, loss: update(completed=step, loss=f"{loss:.4f}")  # noqa: E731
         hooks.append(hook)
         try:
-            return _flow()(data_spec=data_spec, out=out, cfg=cfg, sde=sde, overwrite=overwrite, holdout=holdout)
+            return _flow()(data_spec=data_spec, out=out, cfg=cfg, sde=sde, overwrite=overwrite, holdout=holdout,
+                           device=device)
         finally:
             hooks.remove(hook)
 
@@ -41,7 +42,8 @@ def _define():
     flow, task, NO_CACHE = _prefect()
 
     @task(name="fit_score_model", cache_policy=NO_CACHE, persist_result=False)
-    def fit_score_model(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool, holdout: float = 0.0) -> dict:
+    def fit_score_model(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool, holdout: float = 0.0,
+                        device: str = "cpu") -> dict:
         """Train on the data (less a held-out fraction) and write the checkpoint; returns its config document."""
         from pflatents.tasks.models.checkpoint import sde_from_dict
         from pflatents.tasks.data.sources import open_source
@@ -52,12 +54,13 @@ def _define():
                 h(step, total, loss)
 
         return train_checkpoint(open_source(data_spec), sde_from_dict(sde), TrainConfig(**cfg), out,
-                                progress=progress, overwrite=overwrite, holdout=holdout)
+                                progress=progress, overwrite=overwrite, holdout=holdout, device=device)
 
     @flow(name="train", persist_result=False)
-    def train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = False, holdout: float = 0.0) -> dict:
-        """Fit a score network to a dataset and write a safetensors checkpoint."""
-        return fit_score_model(data_spec, out, cfg, sde, overwrite, holdout)
+    def train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = False, holdout: float = 0.0,
+              device: str = "cpu") -> dict:
+        """Fit a score network to a dataset and write a safetensors checkpoint (on ``device``)."""
+        return fit_score_model(data_spec, out, cfg, sde, overwrite, holdout, device)
 
     return train
 

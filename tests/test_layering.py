@@ -1,50 +1,149 @@
-"""Direction of imports: pure math imports neither Prefect nor zarr; storage imports neither tasks nor Prefect.
+"""The direction of imports, read from the source: flows -> tasks -> storage, never upward.
 
-Each check imports the modules in a fresh interpreter and inspects sys.modules, so an indirect
-import (through a helper module or a package __init__) is caught too.
+Every module's imports are parsed with ``ast`` (imports inside functions too, since the project
+imports heavy packages lazily), so a rule holds for code paths no test happens to run. Rules:
+
+- storage imports neither tasks nor flows (nor prefect or torch); tasks never import flows;
+- the ODE core (tasks/ode) imports neither prefect, zarr, dask nor storage;
+- among tasks, only the Prefect task wrappers (tasks/wrappers) import prefect or storage;
+- no module imports a name starting with ``_`` from another module;
+- CLI command modules (flows/cli/*) import none of each other, only ``flows.cli.common``;
+- light at import time: the data sources load zarr, PIL and scikit-learn, the models diffusers,
+  and storage xarray only inside the functions that need them.
+
+Also: pyproject's explicit ``packages`` list is exactly the folders that hold an ``__init__.py``.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
+import ast
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PURE_MATH = ["pflatents.tasks.errors", "pflatents.tasks.ode.sde", "pflatents.tasks.models.scores", "pflatents.tasks.ode.solvers", "pflatents.tasks.ode.pfode"]
+FOLDERS = ("flows", "tasks", "storage")
 
 
-def imported_after(modules: list[str]) -> set[str]:
-    """Top-level names in sys.modules after importing ``modules`` in a fresh interpreter."""
-    code = (
-        "import importlib, json, sys\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
-        "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules} | {m.split('.')[1] for m in sys.modules if m.startswith('pflatents.')})))\n"
-    )
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    return set(json.loads(out.stdout.strip().splitlines()[-1]))
+@dataclass(frozen=True)
+class Import:
+    module: str       # the importing module, e.g. pflatents.tasks.ode.sde
+    target: str       # the imported module, e.g. pflatents.storage or prefect.futures
+    names: tuple      # names taken with `from target import ...`
+    top_level: bool   # executed at import time (not inside a function)
+    line: int
 
 
-def test_pure_math_imports_neither_prefect_nor_zarr():
-    loaded = imported_after(PURE_MATH)
-    assert {"tasks", "torch", "numpy"} <= loaded  # the probe sees what was imported
-    assert not {"prefect", "zarr", "storage", "flows"} & loaded
+def module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT).with_suffix("")
+    parts = [p for p in rel.parts if p != "__init__"]
+    return ".".join(["pflatents", *parts])
 
 
-def storage_modules() -> list[str]:
-    pkg = ROOT / "storage"
-    return sorted(f"pflatents.storage.{p.stem}" for p in pkg.glob("*.py") if p.stem != "__init__")
+def source_files() -> list[Path]:
+    files = [ROOT / "__init__.py"]
+    for folder in FOLDERS:
+        files += sorted((ROOT / folder).rglob("*.py"))
+    return files
 
 
-def test_storage_imports_neither_tasks_nor_prefect():
-    modules = storage_modules()
-    if not modules:
-        pytest.skip("storage/ has no modules yet")
-    loaded = imported_after(modules)
-    assert "storage" in loaded
-    assert not {"tasks", "prefect", "flows"} & loaded
+def imports_of(path: Path) -> list[Import]:
+    module = module_name(path)
+    tree = ast.parse(path.read_text(), filename=str(path))
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found: list[Import] = []
+
+    def visit(node: ast.AST, in_function: bool) -> None:
+        for child in ast.iter_child_nodes(node):
+            inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if isinstance(child, ast.Import):
+                for alias in child.names:
+                    found.append(Import(module, alias.name, (), not in_function, child.lineno))
+            elif isinstance(child, ast.ImportFrom):
+                base = child.module or ""
+                if child.level:
+                    anchor = package.split(".")[: len(package.split(".")) - (child.level - 1)]
+                    base = ".".join([*anchor, base] if base else anchor)
+                found.append(Import(module, base, tuple(a.name for a in child.names), not in_function, child.lineno))
+            visit(child, inner)
+
+    visit(tree, False)
+    return found
+
+
+ALL = [imp for f in source_files() for imp in imports_of(f)]
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def _imports(imp: Import, prefix: str) -> bool:
+    """``imp`` reaches ``prefix``: as its target, or as a submodule named in `from package import sub`."""
+    return _under(imp.target, prefix) or any(_under(f"{imp.target}.{n}", prefix) for n in imp.names)
+
+
+def violations(modules: str, forbidden: tuple[str, ...], top_level_only: bool = False,
+               except_in: tuple[str, ...] = ()) -> list[str]:
+    return [f"{i.module}:{i.line} imports {i.target} {list(i.names) or ''}".rstrip()
+            for i in ALL
+            if _under(i.module, modules) and not any(_under(i.module, e) for e in except_in)
+            and (i.top_level or not top_level_only) and any(_imports(i, f) for f in forbidden)]
+
+
+def test_the_parser_sees_imports_inside_functions():
+    imps = imports_of(ROOT / "flows" / "cli" / "extract.py")
+    assert any(i.target == "pflatents.flows.run" and not i.top_level for i in imps)
+    assert any(i.target == "pflatents.flows.cli.common" and i.top_level for i in imps)
+    assert len(ALL) > 200
+
+
+@pytest.mark.parametrize("modules,forbidden", [
+    ("pflatents.storage", ("pflatents.tasks", "pflatents.flows", "prefect", "torch")),
+    ("pflatents.tasks", ("pflatents.flows",)),
+    ("pflatents.tasks.ode", ("prefect", "zarr", "dask", "distributed", "pflatents.storage")),
+])
+def test_no_import_runs_upward(modules, forbidden):
+    assert violations(modules, forbidden) == []
+
+
+def test_only_the_task_wrappers_import_prefect_or_storage():
+    assert violations("pflatents.tasks", ("prefect", "pflatents.storage"), except_in=("pflatents.tasks.wrappers",)) == []
+
+
+def test_no_private_names_imported_from_other_modules():
+    bad = [f"{i.module}:{i.line} from {i.target} import {n}" for i in ALL for n in i.names
+           if n.startswith("_") and i.target != "__future__" and i.target != i.module]
+    assert bad == []
+
+
+def test_cli_command_modules_import_only_common():
+    cli = "pflatents.flows.cli"
+    bad = [f"{i.module}:{i.line} imports {i.target}" for i in ALL
+           if _under(i.module, cli) and i.module != cli
+           and any(_imports(i, f"{cli}.{m.stem}") for m in (ROOT / "flows" / "cli").glob("*.py")
+                   if m.stem not in ("__init__", "common"))]
+    assert bad == []
+
+
+@pytest.mark.parametrize("modules,heavy", [
+    ("pflatents.tasks.data.sources", ("zarr", "prefect", "PIL", "sklearn")),
+    ("pflatents.tasks.models", ("diffusers", "prefect", "zarr")),
+    ("pflatents.tasks.training", ("prefect", "zarr")),
+    ("pflatents.storage", ("xarray",)),
+    ("pflatents.flows.cli", ("prefect", "torch", "zarr", "dask", "pflatents.tasks.ode", "pflatents.storage")),
+])
+def test_heavy_packages_load_only_when_needed(modules, heavy):
+    assert violations(modules, heavy, top_level_only=True) == []
+
+
+def test_pyproject_packages_are_the_folders_with_an_init():
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:
+        import tomli as tomllib
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    folders = {"pflatents"} | {module_name(p) for folder in FOLDERS for p in (ROOT / folder).rglob("__init__.py")}
+    assert listed == folders

@@ -76,3 +76,15 @@ def test_cuda_training_returns_cpu_weights_with_a_finite_loss():
     for r in runs.values():
         assert np.isfinite(r.summary["final_loss_smoothed"])
         assert all(p.device.type == "cpu" for p in r.net.parameters())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_train_cli_refuses_cuda_without_a_gpu_before_prefect_starts(tmp_path, capsys):
+    from pflatents.flows.cli import main
+
+    np.save(tmp_path / "x.npy", np.zeros((8, 2), np.float32))
+    code = main(["train", "--data", str(tmp_path / "x.npy"), "--out", str(tmp_path / "m"), "--device", "cuda",
+                 "--no-progress"])
+    err = capsys.readouterr().err
+    assert code == 2 and "device 'cuda' asked for, but torch sees no CUDA GPU here" in err
+    assert not (tmp_path / "m").exists()

@@ -29,6 +29,9 @@ def register(sub) -> None:
     p.add_argument("--max-seconds", type=float, default=0.0, help="stop after this wall time (0 = no limit)")
     p.add_argument("--holdout", type=float, default=0.0,
                    help="hold out this fraction of the rows (seeded by --seed, recorded in the checkpoint) for analyze")
+    p.add_argument("--device", default="auto",
+                   help="auto | cpu | cuda[:N] (default auto: a GPU when torch sees one; there the forward pass "
+                        "runs under bf16 autocast)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
@@ -60,9 +63,11 @@ def cmd_train(a: argparse.Namespace) -> int:
     from pflatents.flows.train import run_train
     from pflatents.tasks.data.sources import open_source
     from pflatents.tasks.errors import InputError
+    from pflatents.tasks.models.registry import resolve_device
     from pflatents.tasks.ode.sde import make_sde
 
     cfg = build_train_config(a)
+    device = str(resolve_device(a.device))
     sde = make_sde(a.sde)
     sde.check_t_eps(a.t_eps)
     src = open_source(data_spec(a.data))
@@ -80,9 +85,10 @@ def cmd_train(a: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file, not a checkpoint directory")
     doc = run_train(src.spec, str(out), cfg.to_dict(), sde.to_dict(), overwrite=a.overwrite,
-                    progress=not a.no_progress, holdout=a.holdout)
+                    progress=not a.no_progress, holdout=a.holdout, device=device)
     s = doc["summary"]
     print(f"trained {doc['network']['arch']} for {s['steps_done']} steps in {doc['provenance']['seconds']:.1f} s "
+          f"on {doc['provenance'].get('device', 'cpu')} "
           f"(loss {s['loss_first_100']:.4f} -> {s['loss_last_100']:.4f}) -> {out}")
     print(f"content hash {doc['content_hash']}; use it as: pflatents extract --model {out} ...")
     return 0

@@ -18,7 +18,7 @@ import torch
 
 from pflatents.tasks.models import precision as P
 from pflatents.tasks.models.scores import EpsScore
-from pflatents.tasks.ode.sde import _bcast
+from pflatents.tasks.ode.sde import bcast as _bcast
 
 __all__ = ["X0Score", "DeviceNet"]
 

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 import torch
 
 from pflatents.tasks.errors import DataError, ModelError
-from pflatents.tasks.ode.sde import SDE, _bcast
+from pflatents.tasks.ode.sde import SDE, bcast as _bcast
 
 __all__ = ["ScoreModel", "GaussianMixtureScore", "EpsScore", "VScore", "DenoiserScore", "load_gmm"]
 

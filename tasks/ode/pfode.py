@@ -19,7 +19,7 @@ import torch
 from pflatents.tasks.ode import solvers as S
 from pflatents.tasks.errors import SolverError
 from pflatents.tasks.models.scores import ScoreModel
-from pflatents.tasks.ode.sde import SDE, _bcast
+from pflatents.tasks.ode.sde import SDE, bcast as _bcast
 
 __all__ = ["SolverConfig", "PFResult", "encode", "decode", "integrate", "make_grid", "SOLVER_NAMES", "GRIDS"]
 

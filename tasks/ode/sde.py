@@ -115,12 +115,15 @@ class SDE:
         return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
 
 
-def _bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """Cast a float64 per-sample coefficient (B,) or scalar to x's dtype/device, broadcastable to x."""
     c = c.to(device=x.device, dtype=x.dtype)
     if c.ndim == 1:
         c = c.reshape(-1, *([1] * (x.ndim - 1)))
     return c
+
+
+_bcast = bcast  # the name this module uses
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,14 @@ __all__ = ["compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_r
 RECON_ARRAYS = ["recon_max_abs", "recon_rmse", "recon_nfe", "recon_status"]
 
 
-def _config(store: LatentStore) -> Any:
-    """The store's pinned extraction config (config (de)serialisation lives with the flows)."""
+def pinned_config(store: LatentStore) -> Any:
+    """The store's pinned extraction config."""
     from pflatents.tasks.config import ExtractConfig
 
     return ExtractConfig.from_dict(store.config)
+
+
+_config = pinned_config  # the name this module uses
 
 
 def usable_rows(ranges: list[list[int]]) -> np.ndarray:
