@@ -1,5 +1,5 @@
-"""Analysis of a store (what `pflatents analyze STORE` runs): independence and normality statistics,
-reconstruction, ICA, report.
+"""Analysis of a store (what `pflatents analyze STORE` runs): the three answers (realism of prior
+decodes, bijection, independence vs ICA) from the statistics, reconstruction, prior decodes, ICA, report.
 
 ``analyze_store`` validates everything (store, shards, settings, stored analysis) before Prefect
 starts, then runs the ``analyze`` flow: one dask pass for the statistics, reconstruction chunks mapped on the same
@@ -26,10 +26,12 @@ class AnalyzeOptions:
     ica_n: int = 20000
     sources: str | None = None
     partial: bool = False
+    prior: int = 300             # decodes of fresh prior draws for the realism tests (0: skip)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stats": self.stats, "reconstruct": self.reconstruct, "ica": self.ica,
-                "ica_n": self.ica_n if self.ica else None, "sources": self.sources, "partial": self.partial}
+                "ica_n": self.ica_n if self.ica else None, "sources": self.sources, "partial": self.partial,
+                "prior": self.prior}
 
 
 # ---- validation (before Prefect) -------------------------------------------------------------
@@ -65,7 +67,7 @@ def _sources_arg(path: str | None, n_samples: int) -> str | None:
 
 
 def _options(n_samples: int, *, reconstruct, ica, ica_samples, sources, partial, seed, alpha, dcor_pairs, rows,
-             workers) -> AnalyzeOptions:
+             workers, prior=300) -> AnalyzeOptions:
     from pflatents.tasks.analysis.stats import StatsConfig
     from pflatents.tasks.errors import InputError
 
@@ -77,8 +79,10 @@ def _options(n_samples: int, *, reconstruct, ica, ica_samples, sources, partial,
         raise InputError("--ica-samples must be >= 2, --workers >= 1 and --rows >= 1")
     if sources and not ica:
         raise InputError("--sources is used by the ICA comparison: add --ica")
+    if isinstance(prior, bool) or not isinstance(prior, int) or prior < 0 or prior == 1:
+        raise InputError(f"--prior takes a number of prior draws to decode, 0 (skip) or >= 2; got {prior!r}")
     return AnalyzeOptions(stats=stats.to_dict(), reconstruct=_reconstruct_arg(reconstruct), ica=ica,
-                          ica_n=ica_samples, sources=_sources_arg(sources, n_samples), partial=partial)
+                          ica_n=ica_samples, sources=_sources_arg(sources, n_samples), partial=partial, prior=prior)
 
 
 def _check_inputs(store: Any, opts: AnalyzeOptions, device: str) -> None:
@@ -112,12 +116,12 @@ def _json_safe(v: Any) -> Any:
 
 def _recon_names(store: Any) -> list[str]:
     """Per-sample arrays the reconstruction writes for this store's data and model."""
-    from pflatents.tasks.wrappers.analyze import RECON_ARRAYS, pinned_config as _config
+    from pflatents.tasks.wrappers.analyze import RECON_ARRAYS, pinned_config
     from pflatents.tasks.models.registry import load_model
     from pflatents.tasks.analysis.reconstruct import gaussian_params
     from pflatents.tasks.data.sources import open_source
 
-    cfg = _config(store)
+    cfg = pinned_config(store)
     names = list(RECON_ARRAYS)
     if open_source(cfg.data["spec"]).quantization is not None:
         names.append("recon_requantised_exact")
@@ -167,9 +171,11 @@ def _make_flow() -> Any:
         from pflatents.tasks.config import ExtractConfig
         from pflatents.storage import LatentStore
         from pflatents.storage.analysis import analysis_group, reset_analysis, write_analysis_attrs
-        from pflatents.tasks.wrappers.analyze import compare_ica, compute_latent_stats, write_analysis_report
+        from pflatents.tasks.analysis.answers import answers
         from pflatents.tasks.analysis.report import summary_table
-        from pflatents.tasks.analysis.stats import verdict
+        from pflatents.tasks.analysis.summary import verdict
+        from pflatents.tasks.wrappers.analyze import compare_ica, compute_latent_stats, write_analysis_report
+        from pflatents.tasks.wrappers.realism import check_prior_decodes, split_stats
 
         opts = AnalyzeOptions(**{**options, "ica_n": options.get("ica_n") or 20000})
         store = LatentStore.open(store_url, mode="r+")
@@ -180,10 +186,14 @@ def _make_flow() -> Any:
                                      else {"max_abs_error": None, "rmse": None})
         if opts.ica:
             summary["ica"] = compare_ica(store_url, ranges, opts.stats, opts.ica_n, opts.sources, prior_std)
+        seed, alpha = int(opts.stats.get("seed", 0)), float(opts.stats.get("alpha", 0.05))
+        summary["prior"] = (check_prior_decodes(store_url, ranges, opts.prior, seed, alpha, device) if opts.prior
+                            else {"skipped": "--prior 0"})
+        summary["splits"] = split_stats(store_url, ranges, opts.stats, prior_std, rows)
         summary.update(store=store_url, n_samples_store=store.n_samples, prior_std=prior_std,
                        rows_note=_rows_note(store, ranges, opts.partial), partial=opts.partial)
         summary["verdict"] = verdict(summary)
-        summary = _json_safe(summary)
+        summary = _json_safe({"answers": answers(summary), **summary})
         write_analysis_attrs(analysis_group(store, create=True), opts.to_dict(), summary)
         create_markdown_artifact(markdown=summary_table(summary), key="pflatents-analysis",
                                  description=f"pflatents analysis of {store_url}")
@@ -205,7 +215,8 @@ def __getattr__(name: str) -> Any:
 def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool = False, ica_samples: int = 20000,
                   sources: str | None = None, report: str | None = None, partial: bool = False,
                   overwrite: bool = False, seed: int = 0, alpha: float = 0.05, dcor_pairs: int = 8,
-                  rows: int | None = None, runner: str = "local", workers: int = 1, device: str = "auto") -> dict:
+                  rows: int | None = None, runner: str = "local", workers: int = 1, device: str = "auto",
+                  prior: int = 300) -> dict:
     """Validate everything before Prefect starts, run the ``analyze`` flow, return its JSON summary.
 
     The summary is also written to the store's ``analysis`` group; ``report`` (a directory) gets
@@ -221,7 +232,8 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
     st = LatentStore.open(url, mode="r+")
     ranges = [list(r) for r in done_ranges(st, partial)]
     opts = _options(st.n_samples, reconstruct=reconstruct, ica=ica, ica_samples=ica_samples, sources=sources,
-                    partial=partial, seed=seed, alpha=alpha, dcor_pairs=dcor_pairs, rows=rows, workers=workers)
+                    partial=partial, seed=seed, alpha=alpha, dcor_pairs=dcor_pairs, rows=rows, workers=workers,
+                    prior=prior)
     check_analysis_config(st, opts.to_dict(), overwrite)
     _check_inputs(st, opts, device)
     prefect_env()

@@ -176,13 +176,6 @@ def test_amari_distance():
     assert Dep.amari_distance(rng.normal(size=(1, 1))) == 0.0
 
 
-def test_stats_and_report_modules_import_neither_prefect_nor_zarr():
-    from test_layering import imported_after
-
-    loaded = imported_after(["pflatents.tasks.analysis.stats", "pflatents.tasks.analysis.summary", "pflatents.tasks.analysis.normality", "pflatents.tasks.analysis.dependence", "pflatents.tasks.analysis.ica", "pflatents.tasks.analysis.reconstruct", "pflatents.tasks.analysis.report"])
-    assert "tasks" in loaded and not {"prefect", "zarr", "storage", "flows"} & loaded
-
-
 def test_a_constant_dim_fails_normality_without_nan_in_the_summary():
     x = np.random.default_rng(2).normal(size=(1000, 3))
     x[:, 1] = 0.25

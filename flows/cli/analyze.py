@@ -30,6 +30,9 @@ def register(sub) -> None:
     p.add_argument("--runner", default="local", help="local | dask | dask://HOST:PORT (reconstruction)")
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--device", default="auto")
+    p.add_argument("--prior", type=int, default=300, metavar="M",
+                   help="decode M seeded prior draws and compare them with the data (MMD, classifier, "
+                        "nearest neighbours); 0 skips (default 300)")
     p.set_defaults(func=cmd_analyze)
 
 
@@ -40,7 +43,7 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     summary = analyze_store(a.store, reconstruct=a.reconstruct, ica=a.ica, ica_samples=a.ica_samples,
                             sources=a.sources, report=a.report, partial=a.partial, overwrite=a.overwrite,
                             seed=a.seed, alpha=a.alpha, dcor_pairs=a.dcor_pairs, rows=a.rows, runner=a.runner,
-                            workers=a.workers, device=a.device)
+                            workers=a.workers, device=a.device, prior=a.prior)
     if a.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import html
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-__all__ = ["summary_table", "write_report", "markdown_to_html"]
+__all__ = ["answers_markdown", "summary_table", "write_report", "markdown_to_html"]
 
 ROUND_TRIP_NOTE = ("The round trip x -> z -> x' understates the encode error: encode and decode errors "
                    "partly cancel (docs/statistics.md). Encode error is shown separately where "
@@ -40,10 +39,35 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return "\n".join(lines)
 
 
+def answers_markdown(s: dict[str, Any]) -> str:
+    """The three answers as a Markdown list (what each rests on and what would change it)."""
+    ans = s.get("answers") or {}
+    lines = []
+    for key, title in (("realism", "Does every prior draw decode to a realistic sample?"),
+                       ("bijection", "Is the map a bijection?"),
+                       ("independence", "Are the latent dimensions independent, and can the map replace ICA?")):
+        a = ans.get(key)
+        if a:
+            lines.append(f"- **{title}** {a['answer'][0].upper() + a['answer'][1:]}. *What would change it:* "
+                         f"{a['would_change']}.")
+    return "\n".join(lines)
+
+
 def summary_table(s: dict[str, Any]) -> str:
-    """The key figures with their pass lines (also the Prefect artifact)."""
+    """The three answers, then the key figures with their pass lines (also the Prefect artifact)."""
     nm, ind, rec = s["normality"], s["independence"], s.get("reconstruction") or {}
-    rows = [["samples x dims", f"{s['n_samples']} x {s['n_dims']}", ""],
+    data, prior = s.get("data") or {}, s.get("prior") or {}
+    rows = [["samples x coordinates tested", f"{s['n_samples']} x {s['n_dims']}",
+             (s.get("prior_target") or {}).get("target", "N(0, I)").split(":")[0]]]
+    if data.get("available"):
+        rows.append(["data rank (degenerate directions)", f"{data['rank']} of {data['dims']} ({data['n_degenerate']})",
+                     f"variance floor {data['variance_floor']:.2g}"])
+    if prior.get("mmd") is not None:
+        rows += [["prior decodes: MMD (p)", f"{prior['mmd']:.3g} ({prior['mmd_p']:.2g})", "p > alpha"],
+                 ["prior decodes: classifier accuracy (p)", f"{prior['c2st_accuracy']:.3f} ({prior['c2st_p']:.2g})",
+                  "~0.5"],
+                 ["prior decodes: nearest-training distance ratio", prior.get("nn_distance_ratio"), "~1 (<< 1: copies)"]]
+    rows += [
             ["max abs off-diagonal corr", ind["max_abs_offdiag_corr"], f"< {ind['corr_threshold']:.4g}"],
             ["pairs over threshold", ind["n_pairs_over_threshold"], "0"],
             ["Gaussian total correlation", ind["gaussian_total_correlation"],
@@ -58,7 +82,9 @@ def summary_table(s: dict[str, Any]) -> str:
             ["dims failing normality", nm["n_dims_failing"], "0"]]
     if rec:
         rows += [["round-trip max abs error", rec.get("max_abs_error"), ""], ["round-trip RMSE", rec.get("rmse"), ""]]
-    return _table(["statistic", "value", "pass line (5%, Bonferroni)"], rows) + f"\n\n**Verdict:** {s['verdict']}\n"
+    head = answers_markdown(s)
+    table = _table(["statistic", "value", "pass line (5%, Bonferroni)"], rows)
+    return (head + "\n\n" if head else "") + table + f"\n\n**Verdict:** {s['verdict']}\n"
 
 
 def _plots(out: Path, data: dict[str, Any]) -> list[tuple[str, str]]:
@@ -145,33 +171,89 @@ def _image_grids(out: Path, images: dict[str, np.ndarray], plt: Any) -> list[tup
     return made
 
 
+def _data_blocks(s: dict[str, Any]) -> list[str]:
+    """Degenerate directions, the latent spectrum and where the total correlation lives."""
+    data, lat = s.get("data") or {}, s.get("latent") or {}
+    if not data.get("available"):
+        return ["## Data and latent spectrum", f"The data were not read ({data.get('reason') or 'unknown'}): the "
+                "latents are tested against N(0, I) on every dim, degenerate directions included."]
+    text = (f"The data span {data['rank']} of {data['dims']} dims (variance floor {data['variance_floor']:.2g}; "
+            f"{data['n_constant_dims']} constant dims). Every statistic above is on the {s['n_dims']} "
+            "non-degenerate coordinates; the degenerate part is reported here on its own.")
+    blocks = ["## Data and latent spectrum", text]
+    if lat.get("degenerate_part"):
+        blocks.append(_table(["degenerate data direction", "latent variance", "prior variance", "latent mean"],
+                             [[d["direction"], d["latent_variance"], d["prior_variance"], d["latent_mean"]]
+                              for d in lat["degenerate_part"]]))
+    top = s["independence"].get("gaussian_total_correlation_top") or []
+    blocks.append(f"Latent covariance eigenvalues {lat.get('eigenvalues_min', 0):.3g} .. "
+                  f"{lat.get('eigenvalues_max', 0):.3g}. Gaussian total correlation over all latent dims "
+                  f"{lat.get('gaussian_total_correlation_all_dims', 0):.3g}, split into -1/2 log lambda per "
+                  "eigendirection of the latent correlation matrix; the largest parts:")
+    blocks.append(_table(["eigenvalue", "contribution", "direction", "cos with a degenerate data direction"],
+                         [[t["eigenvalue"], t["contribution"], t["direction"],
+                           t.get("cos_with_degenerate_data_direction")] for t in top]))
+    return blocks
+
+
+def _prior_blocks(s: dict[str, Any]) -> list[str]:
+    """Realism of prior decodes and the training / held-out comparison."""
+    p, sp = s.get("prior") or {}, s.get("splits") or {}
+    blocks = ["## Decodes of fresh prior draws"]
+    if p.get("skipped"):
+        blocks.append(f"Not run: {p['skipped']}.")
+    elif p:
+        blocks += [f"{p['m']} seeded prior draws decoded ({p['n_decode_failures']} solver failures) and compared with "
+                   f"{p['n_heldout']} {p['compared_with']}" + (", decodes rounded to the data's grid" if p["requantised"]
+                                                               else "") + ".",
+                   _table(["test", "value", "p-value", "reading"],
+                          [["MMD (RBF, median bandwidth)", p["mmd"], p["mmd_p"], "p < alpha: told apart"],
+                           ["classifier two-sample test", p["c2st_accuracy"], p["c2st_p"], p["c2st_classifier"]],
+                           ["nearest-training distance, decodes / held-out", p["nn_distance_ratio"], None,
+                            "<< 1: decodes copy training samples"]])]
+    if sp.get("known"):
+        keys = ["n", "max_abs_offdiag_corr", "gaussian_total_correlation", "max_abs_var_minus_1",
+                "mean_abs_excess_kurtosis", "n_dims_failing", "dependence_tests_rejecting"]
+        blocks += ["## Training rows vs held-out rows", sp["note"] + ".",
+                   _table(["figure", "training rows", "held-out rows"], [[k, sp["train"][k], sp["heldout"][k]] for k in keys]
+                          + [["eps-loss (from training)", sp.get("eval_loss_train"), sp.get("eval_loss_heldout")]])]
+    elif sp.get("note"):
+        blocks.append(f"Training vs held-out rows: not compared ({sp['note']}).")
+    return blocks
+
+
 def _sections(s: dict[str, Any], plots: list[tuple[str, str]]) -> list[str]:
-    """The report body as Markdown blocks."""
+    """The report body as Markdown blocks: the answers and key figures first."""
     nm, ind = s["normality"], s["independence"]
-    blocks = [f"# pflatents analysis\n\nStore `{s['store']}`: {s['n_samples']} samples x {s['n_dims']} dims"
-              f" ({s['rows_note']}).", summary_table(s), "## Notes", "\n".join([
-                  f"- Latents are divided by the SDE's prior std ({s['prior_std']:g}) before the normality "
-                  "statistics, so the target is N(0, I) for every SDE (VE/EDM latents have std sigma_max).",
-                  f"- Every test is at level {s['alpha']} with Bonferroni over dims (normality) or pairs "
-                  "(dependence); each family is tested separately, so on N(0, I) data a run now and then "
-                  "sees one family reject.",
-                  f"- HSIC and binned MI use {ind['pair_test_dims']} dims; distance correlation uses a seeded "
+    target = (s.get("prior_target") or {}).get("target", "N(0, I)")
+    blocks = [f"# pflatents analysis\n\nStore `{s['store']}`: {s['n_samples']} samples, {s['n_dims']} coordinates"
+              f" tested ({s['rows_note']}).", summary_table(s), "## Notes", "\n".join([
+                  f"- Target: {target}. Latents are divided by the SDE's prior std ({s['prior_std']:g}) and "
+                  "standardised by p_T's mean and covariance where the data could be read.",
+                  f"- Every test is at level {s['alpha']} with Bonferroni over coordinates (normality: also over "
+                  "the 6 tests) or pairs (dependence); each family is tested separately, so on N(0, I) data a run "
+                  "now and then sees one family reject.",
+                  f"- HSIC and binned MI use {ind['pair_test_dims']} coordinates; distance correlation uses a seeded "
                   "subsample of rows and pairs (the flagged ones first)."]),
-              "## Normality",
-              _table([f"test (alone, level alpha/(6D) = {nm.get('per_test_level', 0):.3g})", "dims failing"], [[k, v] for k, v in nm["n_dims_failing_by_test"].items()]),
+              *_data_blocks(s), "## Normality",
+              _table([f"test (alone, level alpha/(6D) = {nm.get('per_test_level', 0):.3g})", "dims failing"],
+                     [[k, v] for k, v in nm["n_dims_failing_by_test"].items()]),
               f"Failing dims: {_fmt(nm['failing_dims'])}. Max KS {nm['max_ks']:.4g} (5%: {nm['ks_threshold_5pct']:.4g}),"
               f" max AD {nm['max_ad']:.4g} (5%: 2.492).", "## Distance correlation (subsample)",
               _table(["pair", "dCor", "p", "rejected"],
                      [[t["pair"], t["dcor"], t["p"], t["rejected"]] for t in ind["dcor_tests"]])]
+    blocks += _prior_blocks(s)
     rec = s.get("reconstruction")
-    if rec:
+    if rec and rec.get("max_abs_error") is not None:
         blocks += ["## Reconstruction", ROUND_TRIP_NOTE,
                    _table(["figure", "value"], [[k, v] for k, v in rec.items() if not isinstance(v, (dict, list))]),
                    _table(["quantile", "max abs error"], [[k, v] for k, v in rec["max_abs_error_quantiles"].items()]),
                    _table(["worst sample", "max abs error", "rmse"],
                           [[w["sample"], w["max_abs_error"], w["rmse"]] for w in rec["worst_samples"]])]
     if s.get("ica"):
-        blocks += ["## ICA comparison", ICA_NOTE, _table(
+        from pflatents.tasks.analysis.answers import ica_sentence
+
+        blocks += ["## ICA comparison", ica_sentence(s["ica"]["table"]), ICA_NOTE, _table(
             ["representation", "rows", "max abs corr", "max abs corr of squares", "mean abs excess kurtosis",
              "Amari distance to sources", "dependence tests rejecting"],
             [[r["representation"], r["n"], r["max_abs_corr"], r["max_abs_corr_of_squares"],
@@ -182,36 +264,13 @@ def _sections(s: dict[str, Any], plots: list[tuple[str, str]]) -> list[str]:
 
 
 def markdown_to_html(md: str, title: str = "pflatents analysis") -> str:
-    """Render the report's Markdown subset (headings, tables, lists, images, paragraphs) as HTML."""
-    def inline(t: str) -> str:
-        t = html.escape(t)
-        t = re.sub(r"!\[([^\]]*)\]\(([^)]+)\)", r'<img alt="\1" src="\2">', t)
-        t = re.sub(r"\*\*([^*]+)\*\*", r"<b>\1</b>", t)
-        return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    """The report's Markdown as a standalone HTML page (markdown-it-py, CommonMark plus tables; raw HTML off)."""
+    from markdown_it import MarkdownIt
 
-    out = []
-    for block in md.split("\n\n"):
-        lines = block.strip().splitlines()
-        if not lines:
-            continue
-        if lines[0].startswith("#"):
-            level = len(lines[0]) - len(lines[0].lstrip("#"))
-            out.append(f"<h{level}>{inline(lines[0].lstrip('#').strip())}</h{level}>")
-            lines = lines[1:]
-            if not lines:
-                continue
-        if lines[0].startswith("|"):
-            cells = [[c.strip() for c in ln.strip("|").split("|")] for ln in lines if not ln.startswith("|---")]
-            head = "".join(f"<th>{inline(c)}</th>" for c in cells[0])
-            body = "".join("<tr>" + "".join(f"<td>{inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
-            out.append(f"<table><tr>{head}</tr>{body}</table>")
-        elif lines[0].startswith("- "):
-            out.append("<ul>" + "".join(f"<li>{inline(ln[2:])}</li>" for ln in lines) + "</ul>")
-        else:
-            out.append(f"<p>{inline(' '.join(lines))}</p>")
+    body = MarkdownIt("commonmark", {"html": False}).enable("table").render(md)
     style = "body{font-family:sans-serif;max-width:60em}table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px}"
     return (f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-            f"<style>{style}</style></head><body>\n" + "\n".join(out) + "\n</body></html>\n")
+            f"<style>{style}</style></head><body>\n" + body + "\n</body></html>\n")
 
 
 def write_report(directory: str | Path, summary: dict[str, Any], data: dict[str, Any]) -> dict[str, str]:

@@ -241,12 +241,3 @@ def compute_stats(x: Any, cfg: StatsConfig = StatsConfig(), scheduler: str | Non
     plan = make_plan(int(np.prod(x.shape[1:])), cfg, shift, matrix)
     return finalize(reduce_dask(x, plan, scheduler), plan, cfg)
 
-
-def __getattr__(name: str) -> Any:
-    """Names that moved to the finishing modules, still importable from here for older callers."""
-    from pflatents.tasks.analysis import dependence, summary
-
-    for mod in (summary, dependence):
-        if hasattr(mod, name):
-            return getattr(mod, name)
-    raise AttributeError(name)

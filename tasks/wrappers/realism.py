@@ -1,0 +1,134 @@
+"""Prefect tasks for the questions that need the model or the training split: decodes of fresh prior
+draws against the data (realism, memorisation), and the statistics of training vs held-out rows.
+
+The training split is known when the store's model is a pflatents checkpoint trained with
+``--holdout`` on the same data (the checkpoint's recorded fingerprint equals the store's).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from pflatents.storage import LatentStore
+from pflatents.storage.analysis import analysis_group, write_arrays
+from pflatents.tasks.analysis.realism import realism
+from pflatents.tasks.analysis.reconstruct import read_rows
+from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
+from pflatents.tasks.analysis.summary import independence_failures, summarise
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.errors import InputError
+from pflatents.tasks.models.registry import load_model, resolve_device
+from pflatents.tasks.wrappers.analyze import latents_dask, pinned_config, stored_target, usable_rows
+
+__all__ = ["model_split", "check_prior_decodes", "split_stats", "REFERENCE_ROWS"]
+
+REFERENCE_ROWS = 50_000  # nearest-neighbour reference: at most this many (seeded) training rows
+
+
+def model_split(store: LatentStore) -> tuple[dict[str, Any] | None, str]:
+    """The model's recorded train/held-out split when it applies to this store's data, and a note."""
+    from pflatents.tasks.models.checkpoint import read_config
+
+    cfg = pinned_config(store)
+    spec = str(cfg.model.get("spec", ""))
+    if not spec.startswith("ckpt:"):
+        return None, "the model is not a pflatents checkpoint: its training rows are unknown"
+    try:
+        rec = (read_config(spec[5:]).get("data") or {}).get("holdout")
+    except InputError as e:
+        return None, f"cannot read the checkpoint's config: {str(e).splitlines()[0]}"
+    if not rec:
+        return None, "the checkpoint was trained on every row (no --holdout): no held-out rows to compare"
+    if rec.get("fingerprint") != cfg.data.get("fingerprint"):
+        return None, "the checkpoint's training data differ from this store's data: its split does not apply"
+    return rec, f"split recorded by the checkpoint: {rec['n_heldout']} held-out of {rec['n_samples']} rows"
+
+
+def _split_rows(store: LatentStore, ranges: list[list[int]]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(train rows, held-out rows) among the analysed rows, when the model's split is known."""
+    from pflatents.tasks.data.split import split_from_record
+
+    rec, _ = model_split(store)
+    if rec is None:
+        return None
+    train, held = split_from_record(rec)
+    rows = usable_rows(ranges)
+    return np.intersect1d(train, rows), np.intersect1d(held, rows)
+
+
+def _pick(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
+    """A seeded sorted subset of ``n`` of ``rows`` (all if fewer)."""
+    if n >= len(rows):
+        return rows
+    return np.sort(np.random.default_rng([seed, stream]).choice(rows, n, replace=False))
+
+
+@task(name="check_prior_decodes", cache_policy=NO_CACHE, persist_result=False)
+def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: int, alpha: float,
+                        device: str = "auto") -> dict[str, Any]:
+    """Decode ``m`` seeded prior draws; MMD, C2ST against held-out (or other) data rows and the
+    nearest-neighbour ratio against the training rows. Keeps 64 decodes for the report's grid."""
+    import torch
+
+    from pflatents.tasks.ode.batches import decode_block
+
+    store = LatentStore.open(store_url, mode="r+")
+    cfg = pinned_config(store)
+    sde = cfg.make_sde()
+    try:
+        source, model = open_source(cfg.data["spec"]), load_model(cfg.model["spec"], sde)
+    except (InputError, OSError) as e:
+        return {"skipped": f"the data or the model cannot be loaded: {str(e).splitlines()[0]}"}
+    split = _split_rows(store, ranges)
+    rows = usable_rows(ranges)
+    if split is not None and len(split[1]):
+        train, held = split[0], _pick(split[1], m, seed, 12)
+        against = "held-out rows (not trained on)"
+    else:
+        held = _pick(rows, min(m, len(rows) // 2), seed, 12)
+        train = np.setdiff1d(rows, held)
+        against = "data rows (the model may have trained on them)"
+    gen = torch.Generator().manual_seed(int(seed))
+    z = sde.prior_sample((m, *store.sample_shape), generator=gen).numpy()
+    x, _, status = decode_block(model, sde, z, cfg.make_solver(), cfg.batch_size, resolve_device(device), cfg.dtype)
+    ok = status == 0
+    ref = read_rows(source, _pick(train, REFERENCE_ROWS, seed, 13))
+    out = realism(x[ok], read_rows(source, held), ref, source.quantization, seed, alpha)
+    write_arrays(analysis_group(store, create=True),
+                 {"prior_decodes": (x[:64].reshape(min(m, 64), -1).astype(np.float32), ("decode", "value"))})
+    return {"m": int(m), "seed": int(seed), "compared_with": against, "n_decode_failures": int((~ok).sum()), **out}
+
+
+def _figures(s: dict[str, Any]) -> dict[str, Any]:
+    """The side-by-side figures of one row set."""
+    nm, ind = s["normality"], s["independence"]
+    return {"n": s["n_samples"], "max_abs_offdiag_corr": ind["max_abs_offdiag_corr"],
+            "corr_threshold": ind["corr_threshold"], "gaussian_total_correlation": ind["gaussian_total_correlation"],
+            "gaussian_total_correlation_null_mean": ind["gaussian_total_correlation_null_mean"],
+            "max_abs_var_minus_1": nm["max_abs_var_minus_1"], "mean_abs_excess_kurtosis": nm["mean_abs_excess_kurtosis"],
+            "n_dims_failing": nm["n_dims_failing"], "dependence_tests_rejecting": independence_failures(ind)}
+
+
+@task(name="split_stats", cache_policy=NO_CACHE, persist_result=False)
+def split_stats(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, Any], prior_std: float,
+                rows: int | None = None) -> dict[str, Any]:
+    """The key statistics of the training rows and of the held-out rows, side by side (when known)."""
+    store = LatentStore.open(store_url, mode="r")
+    rec, note = model_split(store)
+    split = _split_rows(store, ranges)
+    if split is None or min(len(split[0]), len(split[1])) < 3:
+        return {"known": False, "note": note if split is None else "fewer than 3 rows on one side"}
+    cfg = StatsConfig(**stats_cfg)
+    target = stored_target(store)
+    x = latents_dask(store, ranges, rows) / prior_std
+    pos = np.searchsorted(usable_rows(ranges), split[0]), np.searchsorted(usable_rows(ranges), split[1])
+    out: dict[str, Any] = {"known": True, "note": note}
+    for name, p in zip(("train", "heldout"), pos):
+        res = compute_stats(x[p], cfg, shift=target.shift, matrix=target.matrix)
+        out[name] = _figures(summarise(res, [], cfg))
+    out["eval_loss_train"], out["eval_loss_heldout"] = rec.get("eval_loss_train"), rec.get("eval_loss_heldout")
+    return out

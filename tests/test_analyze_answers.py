@@ -1,0 +1,89 @@
+"""`pflatents analyze` answers the three questions: the answers open the JSON and the report, prior
+decodes are checked by default (`--prior 0` skips), and a checkpoint trained with --holdout gets its
+training and held-out rows compared side by side."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import torch
+
+from pflatents.flows.cli import main
+from pflatents.tasks.analysis.answers import answers, ica_sentence
+from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.ode.sde import VPSDE
+from pflatents.tasks.training.train import TrainConfig, train_checkpoint
+
+
+def _analyze(args, capsys):
+    capsys.readouterr()
+    code = main(["analyze", *args, "--json"])
+    out = capsys.readouterr()
+    return code, (json.loads(out.out) if code == 0 else None), out.err
+
+
+def test_holdout_checkpoint_prior_decodes_and_answers(tmp_path, prefect_api, capsys):
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    x = (rng.normal(size=(600, 3)) * [1.0, 0.5, 0.2] + [0.5, 0.0, -0.3]).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    cfg = TrainConfig(arch_params={"hidden": 32, "depth": 1, "emb_dim": 8}, steps=150, batch_size=128, seed=1)
+    train_checkpoint(open_source(str(tmp_path / "x.npy")), VPSDE(), cfg, tmp_path / "m", holdout=0.25)
+    out = str(tmp_path / "s.zarr")
+    assert main(["extract", "--data", str(tmp_path / "x.npy"), "--model", str(tmp_path / "m"), "--out", out,
+                 "--solver", "rk4", "--steps", "12", "--shard-size", "300", "--no-progress"]) == 0
+    code, s, err = _analyze([out, "--prior", "120", "--report", str(tmp_path / "rep")], capsys)
+    assert code == 0, err
+    assert list(s)[0] == "answers" and set(s["answers"]) == {"realism", "bijection", "independence"}
+    for a in s["answers"].values():
+        assert a["answer"] and a["would_change"]
+    p = s["prior"]
+    assert p["m"] == 120 and p["compared_with"].startswith("held-out") and p["n_heldout"] == 120
+    for key in ("mmd", "mmd_p", "c2st_accuracy", "nn_distance_ratio"):
+        assert isinstance(p[key], float), key
+    assert 0 < p["nn_distance_ratio"] < 3 and 0 <= p["mmd_p"] <= 1
+    sp = s["splits"]
+    assert sp["known"] and sp["train"]["n"] == 450 and sp["heldout"]["n"] == 150
+    assert sp["eval_loss_heldout"] > 0 and "training vs held-out" in s["answers"]["independence"]["answer"]
+    md = (tmp_path / "rep" / "report.md").read_text()
+    first_screen = md[:md.index("| statistic |")]
+    assert "Does every prior draw decode" in first_screen and "Is the map a bijection?" in first_screen
+    assert "Training rows vs held-out rows" in md
+    assert "<table>" in (tmp_path / "rep" / "report.html").read_text()
+    code, s0, err = _analyze([out, "--prior", "0", "--overwrite"], capsys)
+    assert code == 0 and s0["prior"] == {"skipped": "--prior 0"} and s0["answers"]["realism"]["answer"] == "not checked"
+    code, _, err = _analyze([out, "--prior", "-3", "--overwrite"], capsys)
+    assert code == 2 and "--prior" in err
+
+
+def _row(name, sq, kurt, rejecting=(), amari=None):
+    return {"representation": name, "max_abs_corr_of_squares": sq, "corr_threshold": 0.02,
+            "mean_abs_excess_kurtosis": kurt, "kurtosis_threshold": 0.07,
+            "dependence_tests_rejecting": list(rejecting), "amari_distance": amari}
+
+
+def test_ica_sentence_says_which_representation_is_less_dependent():
+    laplace = ica_sentence([_row("FastICA(data)", 0.014, 3.2, amari=0.007),
+                            _row("PF-ODE latents", 0.01, 0.04, amari=0.51)])
+    assert "Neither representation" in laplace and "FastICA's components are not (ICA found" in laplace
+    assert "0.007 for FastICA" in laplace
+    dep = ica_sentence([_row("FastICA(data)", 0.3, 2.0, ["HSIC"]), _row("PF-ODE latents", 0.05, 0.5, ["HSIC"])])
+    assert dep.startswith("The PF-ODE latents have the weaker nonlinear dependence") and "are not Gaussian-like" in dep
+
+
+def test_bijection_answer_names_the_degenerate_direction():
+    s = {"n_samples": 1000, "n_dims": 63, "normality": {"n_dims_failing": 0},
+         "independence": {"n_pairs_over_threshold": 0, "bartlett_rejected": False, "n_pairs_over_threshold_squares": 0,
+                          "n_pairs_over_threshold_abs": 0, "hsic_n_pairs_rejected": 0, "mi_n_pairs_rejected": 0,
+                          "dcor_n_rejected": 0, "gaussian_total_correlation": 0.01,
+                          "gaussian_total_correlation_null_mean": 0.002, "max_abs_offdiag_corr": 0.05,
+                          "corr_threshold": 0.1},
+         "data": {"available": True, "rank": 63, "dims": 64, "n_degenerate": 1},
+         "latent": {"degenerate_part": [{"direction": "the all-ones direction over 64 dims", "latent_variance": 0.27,
+                                         "prior_variance": 1.0}]},
+         "reconstruction": {"max_abs_error": None}, "prior": {"skipped": "--prior 0"}}
+    a = answers(s)
+    assert a["bijection"]["answer"].startswith("no, not onto R^64: the data span 63 of 64 dims")
+    assert "variance 0.27 instead of 1" in a["bijection"]["answer"]
+    assert a["independence"]["answer"].startswith("yes")
