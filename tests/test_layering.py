@@ -4,7 +4,8 @@ Every module's imports are parsed with ``ast`` (imports inside functions too, si
 imports heavy packages lazily), so a rule holds for code paths no test happens to run. Rules:
 
 - storage imports neither tasks nor flows (nor prefect or torch); tasks never import flows;
-- the ODE core (tasks/ode) imports neither prefect, zarr, dask nor storage;
+- the ODE core (tasks/ode) imports neither prefect, zarr, dask nor storage; the statistics
+  (tasks/analysis) neither prefect, zarr nor storage;
 - among tasks, only the Prefect task wrappers (tasks/wrappers) import prefect or storage;
 - no module imports a name starting with ``_`` from another module;
 - CLI command modules (flows/cli/*) import none of each other, only ``flows.cli.common``;
@@ -104,6 +105,7 @@ def test_the_parser_sees_imports_inside_functions():
     ("pflatents.storage", ("pflatents.tasks", "pflatents.flows", "prefect", "torch")),
     ("pflatents.tasks", ("pflatents.flows",)),
     ("pflatents.tasks.ode", ("prefect", "zarr", "dask", "distributed", "pflatents.storage")),
+    ("pflatents.tasks.analysis", ("prefect", "zarr", "pflatents.storage")),
 ])
 def test_no_import_runs_upward(modules, forbidden):
     assert violations(modules, forbidden) == []

@@ -7,8 +7,6 @@ import json
 import multiprocessing as mp
 import os
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -388,10 +386,3 @@ def test_concurrent_shard_writes_from_processes(tmp_path: Path) -> None:
         np.testing.assert_array_equal(fresh.nfe_array()[i0:i1], nfe)
         assert fresh.verify_shard(i)
     assert fresh.meta["config"] == CONFIG
-
-
-def test_storage_imports_neither_prefect_nor_tasks() -> None:
-    code = ("import sys, pflatents.storage; "
-            "bad = [m for m in ('prefect', 'pflatents.tasks', 'pflatents.flows', 'torch', 'xarray') if m in sys.modules]; "
-            "assert not bad, bad")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
