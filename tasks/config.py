@@ -48,6 +48,11 @@ class JobSettings(BaseModel):
                                                              "existing store keeps its own)")
     batch_size: int = Field(1024, ge=1, description="samples integrated together")
     dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the ODE state")
+    precision: Optional[Literal["fp32", "tf32", "bf16", "fp64"]] = Field(
+        None, description="network evaluation: fp32 | tf32 | bf16 | fp64 (default fp64 with --dtype float64, "
+                          "else fp32; TF32 only with tf32; pinned)")
+    compile: Literal["auto", "on", "off"] = Field(
+        "auto", description="torch.compile the network (auto: on a GPU, never on a CPU; pinned)")
     incremental: bool = Field(False, description="the data may grow: extract only samples new since the last run "
                                                  "into the same store (always on for npydir:DIR)")
 
@@ -98,6 +103,9 @@ class ExtractConfig(BaseModel):
     shard_size: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     dtype: Literal["float32", "float64"] = "float32"  # pinned since the first release; absent means float32
+    # network precision and compilation (pflatents.tasks.models.precision); absent: float32 weights, eager
+    precision: Literal["fp32", "tf32", "bf16", "fp64"] = "fp32"
+    compile: Literal["auto", "on", "off"] = "off"
 
     def to_dict(self) -> dict[str, Any]:
         """The pinned JSON (the store's ``pflatents.config``)."""
@@ -189,6 +197,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     fingerprint are not part of the pinned identity (the store keeps those of its planned prefix).
     The adaptive solver's time variable is pinned resolved: what the integration uses.
     """
+    from pflatents.tasks.models.precision import resolve_precision
     from pflatents.tasks.models.registry import model_info
     from pflatents.tasks.ode.pfode import SolverConfig
 
@@ -214,4 +223,5 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
         data = {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
                 "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=scfg.to_dict(),
-                         shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype)
+                         shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype,
+                         precision=resolve_precision(job.precision, job.dtype, info.kind), compile=job.compile)

@@ -67,7 +67,7 @@ def test_pinned_config_round_trips_as_plain_json(tmp_path):
     job = JobSettings(data=str(data), model=f"gmm:{model}", out="o")
     cfg = build_config(job, source=open_source(str(data)), shard_size=20, incremental=False)
     d = cfg.to_dict()
-    assert set(d) == {"data", "model", "sde", "solver", "shard_size", "batch_size", "dtype"}
+    assert set(d) == {"data", "model", "sde", "solver", "shard_size", "batch_size", "dtype", "precision", "compile"}
     assert d["solver"]["time_var"] == "t"  # "auto" is pinned as what the integration uses
     assert d["solver"]["rtol"] == 5e-7 and d["batch_size"] == 1024
     assert ExtractConfig.from_dict(d) == cfg and ExtractConfig.from_dict(d).to_dict() == d

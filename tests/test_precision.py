@@ -151,3 +151,58 @@ def test_exact_scores_refuse_network_precisions(tmp_path):
     assert load_model(f"gmm:{p}", sde, precision="fp64") is load_model(f"gmm:{p}", sde)
     with pytest.raises(ModelError, match="--precision bf16 applies to networks"):
         load_model(f"gmm:{p}", sde, precision="bf16")
+
+
+def _job(tmp_path, ckpt, **kw):
+    from pflatents.flows.coordinator import Job
+
+    x = np.random.default_rng(2).standard_normal((24, 5)).astype(np.float32)
+    if not (tmp_path / "x.npy").exists():
+        np.save(tmp_path / "x.npy", x)
+    return Job(data=str(tmp_path / "x.npy"), model=str(ckpt), out=str(tmp_path / "s.zarr"), solver="rk4", steps=4,
+               shard_size=12, **kw)
+
+
+def _open(job):
+    from pflatents.flows.coordinator import locked, make_store, prepare
+
+    p = prepare(job)
+    with locked(lambda: make_store(p), p.url, {"command": "test"}) as store:
+        return store.config
+
+
+def test_precision_and_compile_are_pinned_and_a_different_precision_is_refused(tmp_path, ckpt):
+    from pflatents.storage.errors import StoreError
+
+    cfg = _open(_job(tmp_path, ckpt, precision="bf16", compile="off"))
+    assert cfg["precision"] == "bf16" and cfg["compile"] == "off"
+    assert _open(_job(tmp_path, ckpt, precision="bf16", compile="off")) == cfg  # the same job continues
+    for other in ({"compile": "off"}, {"precision": "fp64", "compile": "off"}, {"precision": "bf16"}):
+        with pytest.raises((InputError, StoreError), match="precision|compile"):
+            _open(_job(tmp_path, ckpt, **other))
+
+
+def test_default_precision_follows_the_state_dtype_and_old_stores_read_as_float32_eager(tmp_path, ckpt):
+    from pflatents.flows.coordinator import prepare
+    from pflatents.tasks.config import ExtractConfig
+
+    assert prepare(_job(tmp_path, ckpt)).cfg.precision == "fp32"
+    assert prepare(_job(tmp_path, ckpt, dtype="float64")).cfg.precision == "fp64"
+    assert prepare(_job(tmp_path, ckpt)).cfg.compile == "auto"
+    old = prepare(_job(tmp_path, ckpt)).cfg.to_dict()
+    del old["precision"], old["compile"]
+    back = ExtractConfig.from_dict(old)
+    assert back.precision == "fp32" and back.compile == "off"
+
+
+def test_a_network_precision_for_an_exact_score_is_refused_before_anything_is_written(tmp_path):
+    import json
+
+    from pflatents.flows.coordinator import Job, prepare
+
+    p = tmp_path / "g.json"
+    p.write_text(json.dumps({"weights": [1.0], "means": [[0.0, 0.0]], "covariances": [[[1.0, 0.0], [0.0, 1.0]]]}))
+    np.save(tmp_path / "x.npy", np.zeros((4, 2), np.float32))
+    with pytest.raises(InputError, match="--precision bf16 applies to networks"):
+        prepare(Job(data=str(tmp_path / "x.npy"), model=f"gmm:{p}", out=str(tmp_path / "s.zarr"), precision="bf16"))
+    assert not (tmp_path / "s.zarr").exists()
