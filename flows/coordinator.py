@@ -236,6 +236,7 @@ def locked(open_store: Callable[[], LatentStore], url: str, owner: dict) -> Iter
             _remove_if_only_lock(Path(url))
         raise
     store.fence(lock.token)
+    store.ensure_status_array()  # stores made before per-sample status get it, under the lock
     lock.keep_alive()
     try:
         yield store

@@ -11,18 +11,19 @@ import contextlib
 import os
 import socket
 import time
+
 from prefect import flow
 from prefect.artifacts import create_progress_artifact, update_progress_artifact
 from prefect.futures import as_completed
+from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pflatents.flows import progress
-from pflatents.storage import LatentStore
+from pflatents.storage import LatentStore, StoreLockedError
 from pflatents.tasks.errors import InputError
-from pflatents.tasks.wrappers.extract import integrate_shard
+from pflatents.tasks.wrappers.extract import integrate_shard, retry_shard_samples
 
 __all__ = ["extract", "make_runner", "ShardsFailed"]
-
 
 
 class ShardsFailed(RuntimeError):
@@ -79,34 +80,52 @@ def _gpu_annotation(gpu: bool):
 
 @flow(name="extract", persist_result=False, log_prints=True)
 def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries: int = 2,
-            request_gpu: bool = False) -> dict:
-    """Encode the given shards of a store's pinned job; FAILED (naming shard ids) if any shard fails."""
+            request_gpu: bool = False, retry_samples: bool = False):
+    """Encode the given shards of a store's pinned job; FAILED (naming shard ids) if any shard fails.
+
+    ``retry_samples`` also re-integrates, with a stricter setting, the flagged samples of done shards.
+    Tasks and the failure records are fenced on the token of the store lock held when the flow
+    starts (the coordinator's), so a run that lost its lock stops writing. A failed run ends in a
+    FAILED state carrying ``ShardsFailed`` (raised to the caller), without a traceback of its own.
+    """
     store = LatentStore.open(store_url)
+    lease = store.lock_token()
+    store.fence(lease)
+    retry_ids = [i for i in store.shards_with_failed_samples() if i not in set(shard_ids)] if retry_samples else []
     t0 = time.perf_counter()
-    task = integrate_shard.with_options(retries=retries, retry_delay_seconds=1)
+    opts = {"retries": retries, "retry_delay_seconds": 1}
     with _gpu_annotation(request_gpu):
-        futures = {task.submit(store_url, sid, device): sid for sid in shard_ids}
-    artifact = create_progress_artifact(0.0, description=f"pflatents extract: {len(shard_ids)} shards of {store_url}")
-    done, failures, n_samples, nfe_sum = 0, {}, 0, 0
+        futures = {integrate_shard.with_options(**opts).submit(store_url, sid, device, lease): sid
+                   for sid in shard_ids}
+        futures.update({retry_shard_samples.with_options(**opts).submit(store_url, sid, device, lease): sid
+                        for sid in retry_ids})
+    total = len(futures)
+    artifact = create_progress_artifact(0.0, description=f"pflatents extract: {total} shards of {store_url}")
+    done, failures, n_samples, nfe_sum, samples_failed = 0, {}, 0, 0, 0
     for fut in as_completed(list(futures)):
         sid = futures[fut]
         res = fut.result(raise_on_failure=False)
         if isinstance(res, BaseException):
             failures[sid] = f"{type(res).__name__}: {res}"
-            store.mark_failed(sid, failures[sid], {"host": socket.gethostname(), "pid": os.getpid()})
+            if not isinstance(res, StoreLockedError):  # a run that lost the lock records nothing
+                store.mark_failed(sid, failures[sid], {"host": socket.gethostname(), "pid": os.getpid()})
         else:
             n_samples, nfe_sum = n_samples + res["n"], nfe_sum + res["nfe_sum"]
+            samples_failed += res.get("samples_failed", 0)
         done += 1
-        update_progress_artifact(artifact, 100.0 * done / max(1, len(shard_ids)))
+        update_progress_artifact(artifact, 100.0 * done / max(1, total))
         for hook in progress.hooks:
             hook(0 if sid in failures else res["n"], {"shard_id": sid, "failed": sid in failures})
     wall = time.perf_counter() - t0
     summary = {"shards": len(shard_ids), "failed_shards": sorted(failures), "samples": n_samples,
                "seconds": wall, "samples_per_s": n_samples / wall if wall > 0 else 0.0,
-               "mean_nfe": nfe_sum / n_samples if n_samples else 0.0}
+               "mean_nfe": nfe_sum / n_samples if n_samples else 0.0, "samples_failed": samples_failed,
+               "retried_sample_shards": retry_ids}
     print(f"extract: {n_samples} samples in {wall:.1f} s ({summary['samples_per_s']:.0f}/s), "
-          f"mean NFE {summary['mean_nfe']:.1f}, {len(failures)} failed shard(s)")
+          f"mean NFE {summary['mean_nfe']:.1f}, {len(failures)} failed shard(s), "
+          f"{samples_failed} flagged sample(s)")
     if failures:
-        raise ShardsFailed(f"{len(failures)} shard(s) failed: {sorted(failures)}; first error: "
-                           f"{failures[min(failures)]}. Run `pflatents resume {store_url}` to retry them.")
+        message = (f"{len(failures)} shard(s) failed: {sorted(failures)}; first error: "
+                   f"{failures[min(failures)]}. Run `pflatents resume {store_url}` to retry them.")
+        return Failed(message=message, data=ShardsFailed(message))
     return summary

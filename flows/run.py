@@ -26,7 +26,10 @@ class RunSettings(BaseModel):
     runner: str = Field("local", description="local | dask | dask://HOST:PORT")
     workers: int = Field(1, ge=1, description="concurrent shard tasks (threads or LocalCluster workers)")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
-    retries: int = Field(2, ge=0, description="retries per shard on errors")
+    retries: int = Field(2, ge=0, description="retries per shard on errors that can change on retry")
+    retry_samples: bool = Field(False, description="also re-integrate the samples flagged step_limit or "
+                                "nonfinite in done shards, with 10x the step limit and 10x tighter tolerances "
+                                "(fixed-step solvers: 4x the steps), in float64")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "RunSettings":
@@ -110,7 +113,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
     ``shard_ids`` (in the order run), ``n_before`` and ``n_samples`` (published counts).
     """
     from pflatents.flows.coordinator import locked
-    from pflatents.flows.server import prefect_env
+    from pflatents.flows.server import note_before_flow, prefect_env
 
     with locked(open_store, url, {"command": command}) as store:
         n_before = store.n_samples
@@ -121,7 +124,8 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         pending = [i for i in pending if i in retry] + [i for i in pending if i not in retry]
         base = {"new": store.n_planned - n_before, "grown": grown, "retried": retry, "shard_ids": pending,
                 "n_before": n_before}
-        if not pending:
+        flagged = store.shards_with_failed_samples(records) if run.retry_samples else []
+        if not pending and not flagged:
             store.publish()
             if store.incremental:
                 msg = f"nothing new: {url} holds all {store.n_samples} samples of the data"
@@ -131,19 +135,21 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         if grown:
             say(f"{grown} new samples: store grows to {store.n_planned} samples")
         prefect_env()
+        note_before_flow()
         from pflatents.flows import extract as ex
         from pflatents.flows import progress as prog
         from pflatents.tasks.models.registry import resolve_device
 
         gpu = run.runner.startswith("dask") and resolve_device(run.device).type == "cuda"
         n_pending = sum(stop - start for start, stop in (store.shard_range(i) for i in pending))
+        n_pending += sum(int(records[i]["samples_failed"]) for i in flagged)
         with prog.bar(n_pending, "encoding", disabled=not progress) as update:
             hook = lambda n, info: update(advance=n)  # noqa: E731
             prog.hooks.append(hook)
             try:
                 flow = ex.extract.with_options(task_runner=ex.make_runner(run.runner, run.workers))
                 summary = flow(store_url=url, shard_ids=pending, device=run.device, retries=run.retries,
-                               request_gpu=gpu)
+                               request_gpu=gpu, retry_samples=run.retry_samples)
             except ex.ShardsFailed as e:
                 return Outcome(False, str(e), url, base)
             finally:
@@ -152,4 +158,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         n_samples = store.n_samples
     msg = (f"done: {summary['samples']} samples in {summary['seconds']:.1f} s "
            f"({summary['samples_per_s']:.0f} samples/s), mean NFE {summary['mean_nfe']:.1f} -> {url}")
+    if summary.get("samples_failed"):
+        msg += (f"\n{summary['samples_failed']} sample(s) could not be integrated (step limit or non-finite): "
+                f"stored flagged with NaN latents; `pflatents resume --retry-samples {url}` retries them")
     return Outcome(True, msg, url, {**summary, **base, "n_samples": n_samples})

@@ -21,19 +21,27 @@ def _le_bytes(a: np.ndarray, dtype: str) -> np.ndarray:
     return v
 
 
-def checksum(latents: np.ndarray, nfe: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM) -> str:
-    """Checksum of a shard: its little-endian float32 latents bytes followed by its int32 NFE bytes.
+def checksum(latents: np.ndarray, nfe: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM,
+             status: np.ndarray | None = None) -> str:
+    """Checksum of a shard: its little-endian float32 latents bytes followed by its int32 NFE bytes,
+    and by its int8 per-sample status bytes when any sample is flagged (so shards without flagged
+    samples keep the checksum they had before the status existed).
 
     ``algorithm`` "crc32c" (CRC-32C, ~20 GB/s; the default, written as ``crc32c:<8 hex>``) or
     "blake2b" (160-bit, ~0.6 GB/s; what older records hold, written as ``blake2b:<40 hex>``).
     """
-    lat, counts = _le_bytes(latents, "<f4"), _le_bytes(nfe, "<i4")
+    parts = [_le_bytes(latents, "<f4"), _le_bytes(nfe, "<i4")]
+    if status is not None and np.any(status):
+        parts.append(_le_bytes(status, "i1"))
     if algorithm == "crc32c":
-        return f"crc32c:{google_crc32c.extend(google_crc32c.value(lat), counts):08x}"
+        value = google_crc32c.value(parts[0])
+        for part in parts[1:]:
+            value = google_crc32c.extend(value, part)
+        return f"crc32c:{value:08x}"
     if algorithm == "blake2b":
         h = hashlib.blake2b(digest_size=20)
-        h.update(lat)
-        h.update(counts)
+        for part in parts:
+            h.update(part)
         return "blake2b:" + h.hexdigest()
     raise StoreError(f"unknown checksum algorithm {algorithm!r} (known: crc32c, blake2b)")
 

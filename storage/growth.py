@@ -31,6 +31,7 @@ class Growth:
     _group: zarr.Group
     _latents: zarr.Array
     _nfe: zarr.Array
+    _status: zarr.Array | None
     url: str
     n_samples: int
     n_planned: int
@@ -67,6 +68,8 @@ class Growth:
                                      "checksum": None, "timings": {}, "device": None})
         self._latents.resize((n_new, *self.sample_shape))
         self._nfe.resize((n_new,))
+        if self._status is not None:
+            self._status.resize((n_new,))
         self.meta.update(n_planned=int(n_new), n_shards=len(plan_shards(int(n_new), size)),
                          data_prefix=to_json(dict(data_prefix), "data_prefix"))
         self._put_meta()

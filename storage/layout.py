@@ -5,6 +5,9 @@ Layout of a store (one Zarr v3 group per extraction)::
     <store>/zarr.json            group attrs "pflatents": format version, config, hash, versions...
     <store>/latents              float32 (N, *sample_shape), chunks (shard_size, *sample_shape)
     <store>/nfe                  int32 (N,), chunks (shard_size,)
+    <store>/status               int8 (N,), chunks (shard_size,): per-sample status, 0 ok, 1 step_limit
+                                 (the solver's step limit), 2 nonfinite; flagged samples hold NaN
+                                 latents in a done shard (stores made before it: all ok)
     <store>/shards/<id:06d>      one child group per shard; its attrs are the shard record:
                                  "writing" (chunk being written), "done" (verified) or "failed";
                                  no record = pending. Each record is its own zarr.json, replaced
@@ -33,13 +36,15 @@ from pflatents.storage.errors import StoreError
 if TYPE_CHECKING:
     from pflatents.storage.location import Location
 
-__all__ = ["FORMAT_VERSION", "ATTR", "INCOMPLETE_ATTR", "MiB", "now", "plan_shards", "default_shard_size",
-           "dimension_names", "versions", "check_layout", "not_a_store_message", "build"]
+__all__ = ["FORMAT_VERSION", "ATTR", "INCOMPLETE_ATTR", "MiB", "SAMPLE_STATUS", "now", "plan_shards",
+           "default_shard_size", "dimension_names", "versions", "check_layout", "not_a_store_message", "build",
+           "create_status_array"]
 
 FORMAT_VERSION = 1
 ATTR = "pflatents"
 INCOMPLETE_ATTR = "pflatents_incomplete"
 MiB = 1 << 20
+SAMPLE_STATUS = ("ok", "step_limit", "nonfinite")  # codes 0, 1, 2 of the status array (the solver's)
 
 
 def now() -> str:
@@ -131,8 +136,16 @@ def build(loc: Location, meta: dict[str, Any], incomplete: bool) -> zarr.Group:
     root.create_array("nfe", shape=(n,), chunks=(size,), dtype="int32",
                       compressors=ZstdCodec(level=3), fill_value=0,
                       dimension_names=("sample",), overwrite=True)
+    create_status_array(root, n, size)
     root.create_group("shards", overwrite=True)
     if "lock" not in root:
         root.create_group("lock")
     root.attrs.put({ATTR: meta})
     return root
+
+
+def create_status_array(root: zarr.Group, n: int, shard_size: int) -> zarr.Array:
+    """The per-sample status array (int8, 0 = ok), chunked like the shards."""
+    return root.create_array("status", shape=(n,), chunks=(shard_size,), dtype="int8",
+                             compressors=ZstdCodec(level=3), fill_value=0,
+                             dimension_names=("sample",), overwrite=True)

@@ -20,7 +20,7 @@ import numpy as np
 from pflatents.storage.checksums import bad_rows, checksum, first_indices
 from pflatents.storage.config import to_json
 from pflatents.storage.errors import ShardVerifyError, StoreError
-from pflatents.storage.layout import now
+from pflatents.storage.layout import SAMPLE_STATUS, now
 
 if TYPE_CHECKING:
     import zarr
@@ -38,46 +38,91 @@ class ShardRecords:
     _loc: Location
     _latents: zarr.Array
     _nfe: zarr.Array
+    _status: zarr.Array | None
     read_only: bool
     url: str
     sample_shape: tuple[int, ...]
     n_shards: int
+    n_planned: int
     shard_range: Any
     _check_fence: Any
 
     def write_shard(self, shard_id: int, latents: np.ndarray, nfe: np.ndarray,
-                    info: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                    info: Mapping[str, Any] | None = None, status: np.ndarray | None = None
+                    ) -> dict[str, Any]:
         """Write, read back and verify one shard, then record it done; returns the record.
+
+        ``status`` (per sample: 0 ok, 1 step_limit, 2 nonfinite; default all ok) flags samples the
+        solver could not finish: their latents are stored as NaN, the shard is still done, and its
+        record counts them (``samples_failed``, ``sample_status``).
 
         Raises:
             StoreError: wrong shape or dtype for this shard, or the store is read-only.
-            ShardVerifyError: non-finite latents (nothing written) or a read-back mismatch.
+            ShardVerifyError: non-finite latents of a sample not flagged (nothing written) or a
+                read-back mismatch.
         """
         self._check_writable()
         i0, i1 = self.shard_range(shard_id)
         x = self._as_latents(shard_id, latents, i1 - i0)
         n = self._as_nfe(shard_id, nfe, i1 - i0)
+        st = self._as_status(shard_id, status, i1 - i0)
+        flagged = st != 0
+        if flagged.any():
+            x = x.copy()
+            x[flagged] = np.nan
         bad = bad_rows(x)
+        bad = bad[~flagged[bad]]
         if bad.size:
             raise ShardVerifyError(f"shard {shard_id} (samples {i0}..{i1 - 1}) has NaN/Inf "
                                    f"latents at samples {first_indices(bad + i0)}; not written")
         self._put_record(shard_id, {**self._base_record(shard_id), "state": "writing",
                                     "finished": None, "started": now()})
         t0 = time.perf_counter()
-        # write_empty_chunks: skip zarr's "is this chunk all fill value (NaN)?" scan of every
-        # chunk (several passes over it); x is finite, so it never equals the NaN fill anyway
+        # write_empty_chunks: skip zarr's "is this chunk all fill value?" scan of every chunk
+        # (several passes over it); every chunk of a written shard is stored
         self._latents.with_config({"write_empty_chunks": True})[i0:i1] = x
         test_pause()
         self._nfe.with_config({"write_empty_chunks": True})[i0:i1] = n
+        if self._status is not None:
+            self._status.with_config({"write_empty_chunks": True})[i0:i1] = st
         t1 = time.perf_counter()
-        problem, digest = self._read_back(i0, i1, x, n)
+        problem, digest = self._read_back(i0, i1, x, n, st)
         if problem:
             raise ShardVerifyError(f"shard {shard_id} (samples {i0}..{i1 - 1}) failed "
                                    f"read-back verification: {problem}; not marked done")
         timings = {"write_s": t1 - t0, "verify_s": time.perf_counter() - t1}
         record = self._record(shard_id, "done", None, digest, info, timings)
+        if flagged.any():
+            codes = np.bincount(st[flagged].astype(np.int64), minlength=len(SAMPLE_STATUS))
+            record["samples_failed"] = int(flagged.sum())
+            record["sample_status"] = {SAMPLE_STATUS[c]: int(k) for c, k in enumerate(codes) if c and k}
+            record["failed_samples"] = first_indices(np.flatnonzero(flagged) + i0, 20)
         self._put_record(shard_id, record)
         return record
+
+    def read_shard(self, shard_id: int) -> tuple[np.ndarray, np.ndarray]:
+        """A shard's stored latents (float32; NaN where flagged or unwritten) and NFE (int32), as copies."""
+        i0, i1 = self.shard_range(shard_id)
+        return (np.array(self._latents[i0:i1], dtype=np.float32, copy=True),
+                np.array(self._nfe[i0:i1], dtype=np.int32, copy=True))
+
+    def sample_status(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Per-sample status codes (int8: 0 ok, 1 step_limit, 2 nonfinite) of samples ``[start, stop)``."""
+        stop = self.n_planned if stop is None else int(stop)
+        if self._status is None:
+            return np.zeros(max(0, stop - int(start)), dtype=np.int8)
+        return np.asarray(self._status[int(start):stop], dtype=np.int8)
+
+    def failed_mask(self, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """True for samples in ``[start, stop)`` whose latents are NaN because the solver could not
+        finish them (flagged step_limit or nonfinite): the rows an analysis must leave out."""
+        return self.sample_status(start, stop) != 0
+
+    def shards_with_failed_samples(self, records: Mapping[int, Mapping[str, Any]] | None = None) -> list[int]:
+        """Ids of done shards that hold flagged samples (``resume --retry-samples`` re-integrates them)."""
+        records = self.shard_records() if records is None else records
+        return [i for i, r in sorted(records.items())
+                if r.get("state") == "done" and int(r.get("samples_failed") or 0) > 0 and i < self.n_shards]
 
     def mark_failed(self, shard_id: int, error: str, info: Mapping[str, Any] | None = None
                     ) -> dict[str, Any]:
@@ -111,7 +156,10 @@ class ShardRecords:
         failed = [{"id": i, "error": records[i].get("error")}
                   for i, s in enumerate(states) if s in ("failed", "corrupt")]
         done = states.count("done")
+        flagged = self.shards_with_failed_samples(records)
+        samples_failed = sum(int(records[i]["samples_failed"]) for i in flagged)
         return {"url": self.url, "n_shards": self.n_shards, "done": done, "failed": len(failed),
+                "samples_failed": samples_failed, "shards_with_failed_samples": flagged,
                 "pending": self.n_shards - done - len(failed), "n_samples": self.n_samples,
                 "n_planned": self.n_planned, "incremental": self.incremental,
                 "sample_shape": list(self.sample_shape), "shard_size": self.shard_size,
@@ -166,20 +214,36 @@ class ShardRecords:
                              f"got {v.min()}..{v.max()}")
         return np.ascontiguousarray(v, dtype=np.int32)
 
-    def _read_chunk(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray] | str:
-        """Samples ``[i0, i1)`` (latents, nfe) as stored, or why they cannot be read."""
+    def _as_status(self, shard_id: int, status: Any, n: int) -> np.ndarray:
+        """Validate a shard's per-sample status codes and return them as int8 (None: all ok)."""
+        if status is None:
+            return np.zeros(n, dtype=np.int8)
+        v = np.asarray(status)
+        if v.shape != (n,) or v.dtype.kind not in "iu":
+            raise StoreError(f"shard {shard_id}: status must be {n} integers, got {v.dtype} {v.shape}")
+        if n and (v.min() < 0 or v.max() >= len(SAMPLE_STATUS)):
+            raise StoreError(f"shard {shard_id}: status codes must lie in 0..{len(SAMPLE_STATUS) - 1} "
+                             f"({', '.join(SAMPLE_STATUS)}), got {v.min()}..{v.max()}")
+        if v.any() and self._status is None:
+            raise StoreError(f"shard {shard_id}: {self.url} has no per-sample status array (made by an "
+                             f"older pflatents); run extract or resume on it once to add it")
+        return np.ascontiguousarray(v, dtype=np.int8)
+
+    def _read_chunk(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
+        """Samples ``[i0, i1)`` (latents, nfe, status) as stored, or why they cannot be read."""
         try:
-            return np.asarray(self._latents[i0:i1]), np.asarray(self._nfe[i0:i1])
+            return (np.asarray(self._latents[i0:i1]), np.asarray(self._nfe[i0:i1]),
+                    self.sample_status(i0, i1))
         except Exception as exc:  # a corrupt chunk fails to decode in codec-specific ways
             return f"cannot read the chunk back ({type(exc).__name__}: {exc})"
 
-    def _read_back(self, i0: int, i1: int, x: np.ndarray, n: np.ndarray
+    def _read_back(self, i0: int, i1: int, x: np.ndarray, n: np.ndarray, st: np.ndarray
                    ) -> tuple[str | None, str | None]:
         """Re-read what ``write_shard`` just wrote: (problem or None, checksum of the stored data).
 
-        The stored data must equal ``x`` / ``n`` bit for bit (the stored latents are then
-        finite too: ``x`` was checked before the write); the checksum is computed from the
-        data read back, once.
+        The stored data must equal ``x`` / ``n`` / ``st`` bit for bit (the stored latents are
+        then finite where not flagged: ``x`` was checked before the write); the checksum is
+        computed from the data read back, once.
         """
         got = self._read_chunk(i0, i1)
         if isinstance(got, str):
@@ -194,7 +258,9 @@ class ShardRecords:
         if not np.array_equal(m, n):
             rows = np.flatnonzero(m != n)
             return f"nfe read back differ from those written at samples {first_indices(rows + i0)}", None
-        return None, checksum(y, m)
+        if not np.array_equal(got[2], st):
+            return "status read back differs from the status written", None
+        return None, checksum(y, m, status=st)
 
 
 def test_pause() -> None:

@@ -26,6 +26,7 @@ from pflatents.storage.layout import (
     MiB,
     build,
     check_layout,
+    create_status_array,
     not_a_store_message,
     now,
     plan_shards,
@@ -47,6 +48,7 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
         self.meta: dict[str, Any] = dict(group.attrs[ATTR])  # type: ignore[arg-type]
         self._latents: zarr.Array = group["latents"]  # type: ignore[assignment]
         self._nfe: zarr.Array = group["nfe"]  # type: ignore[assignment]
+        self._status: zarr.Array | None = group["status"] if "status" in group else None  # type: ignore[assignment]
         self._lock = loc.new_lock()
         self._fence: str | None = None
 
@@ -248,6 +250,15 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
         finally:
             self.fence(None)
             self.release_lock()
+
+    def ensure_status_array(self) -> bool:
+        """Add the per-sample status array to a store made before it (all samples ok); True if
+        added. The coordinator calls this under the store lock, before tasks write."""
+        if self._status is not None or self.read_only:
+            return False
+        self._check_fence()
+        self._status = create_status_array(self._group, self.n_planned, self.shard_size)
+        return True
 
     def lock_token(self) -> str | None:
         """The token of the store lock's live holder, or None when nobody holds it."""

@@ -68,6 +68,8 @@ class ShardVerify:
     def _check_chunk(self, i0: int, i1: int, expected: str) -> str | None:
         """Re-read samples ``[i0, i1)``; return what is wrong with them, or None if all is well.
 
+        Latents must be finite except for samples flagged in the status array.
+
         ``expected`` is a record's checksum; its prefix names the algorithm (crc32c, blake2b).
         """
         algorithm = expected.split(":", 1)[0] if ":" in expected else ""
@@ -76,9 +78,10 @@ class ShardVerify:
         got = self._read_chunk(i0, i1)
         if isinstance(got, str):
             return got
-        x, n = got
+        x, n, st = got
         bad = bad_rows(x)
+        bad = bad[st[bad] == 0]  # flagged samples hold NaN by design
         if bad.size:
             return f"NaN/Inf at samples {first_indices(bad + i0)}"
-        digest = checksum(x, n, algorithm)
+        digest = checksum(x, n, algorithm, status=st)
         return None if digest == expected else f"checksum {digest} != recorded {expected}"

@@ -79,9 +79,14 @@ def test_failed_shard_is_recorded_others_done_then_resume(job, prefect_api, caps
     tmp, data, model = job
     assert _extract(tmp, data, model, out="ref.zarr") == 0
     monkeypatch.setenv("PFLATENTS_FAIL_SHARDS", "2")
+    log = tmp / "faults.log"
+    monkeypatch.setenv("PFLATENTS_FAULT_LOG", str(log))
     rc = _extract(tmp, data, model, extra=["--retries", "1"])
     err = capsys.readouterr().err
     assert rc == 1 and "[2]" in err
+    # the injection happened, once: a deterministic failure is not retried
+    assert log.read_text().splitlines() == [f"{tmp / 'out.zarr'} 2 permanent"]
+    assert "Traceback" not in err and "raise ShardsFailed" not in err   # the flow fails without a traceback
     url = str(tmp / "out.zarr")
     assert main(["status", url, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
@@ -97,7 +102,10 @@ def test_failed_shard_is_recorded_others_done_then_resume(job, prefect_api, caps
 def test_transient_failure_is_retried(job, prefect_api, monkeypatch):
     tmp, data, model = job
     monkeypatch.setenv("PFLATENTS_FAIL_ONCE", "1")
+    log = tmp / "faults.log"
+    monkeypatch.setenv("PFLATENTS_FAULT_LOG", str(log))
     assert _extract(tmp, data, model, extra=["--retries", "1"]) == 0
+    assert log.read_text().splitlines() == [f"{tmp / 'out.zarr'} 1 transient"]   # it did fail once
     g = zarr.open_group(str(tmp / "out.zarr"), mode="r")
     assert all(g["shards"][f"{i:06d}"].attrs["state"] == "done" for i in range(4))
 

@@ -105,7 +105,7 @@ def test_sigkill_then_resume_is_bit_identical(tmp_path, cli_env, moment):
 def test_second_process_on_same_store_refuses(tmp_path, cli_env):
     data, model = write_gmm_job(tmp_path, n=2000)
     out = tmp_path / "out.zarr"
-    env = env_with(cli_env, PFLATENTS_PAUSE_IN_WRITE="0.5")
+    env = env_with(cli_env, PFLATENTS_PAUSE_IN_WRITE="1.5")
     a = _start(_args(data, model, out), env)
     try:
         _wait_for(lambda: "done" in _states(out), 240, a)

@@ -3,14 +3,21 @@
 Tasks receive a store URL and a shard id, never tensors; the pinned config in the store says what to
 do. Sources and models are cached per worker process, so each is opened/loaded once, not per shard.
 
+Prefect retries a failed shard only when its error can change on retry (``can_change_on_retry``):
+I/O, network, memory, a read-back mismatch. A sample the solver cannot finish is not an error: it is
+stored flagged (``LatentStore.write_shard(status=...)``) and the shard is done.
+
 Fault injection for tests and operators: ``PFLATENTS_FAIL_SHARDS="3,7"`` makes those shards fail on
-every attempt; ``PFLATENTS_FAIL_ONCE="3"`` makes shard 3 fail on its first attempt in a process only
-(a transient error that a retry fixes); ``PFLATENTS_FAIL_SHARDS_FILE=path`` makes the shards listed in that
-file (comma-separated) fail while the file exists (for long-lived servers and scheduled runs).
+every attempt (a deterministic error: not retried); ``PFLATENTS_FAIL_ONCE="3"`` makes shard 3 of each
+store fail on its first attempt in a process only (a transient error that a retry fixes);
+``PFLATENTS_FAIL_SHARDS_FILE=path`` makes the shards listed in that file (comma-separated) fail while
+the file exists (for long-lived servers and scheduled runs). With ``PFLATENTS_FAULT_LOG=path`` every
+injected failure appends a line ``<store> <shard> <kind>`` there, so a test can tell that it happened.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import socket
@@ -20,19 +27,27 @@ import time
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from pflatents.storage import LatentStore
+import numpy as np
+
+from pflatents.storage import LatentStore, ShardVerifyError, StoreLockedError
 from pflatents.tasks.ode.batches import encode_block
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.ode.pfode import SolverConfig
 
-__all__ = ["run_shard", "integrate_shard", "InjectedFault"]
+__all__ = ["run_shard", "retry_samples", "integrate_shard", "retry_shard_samples", "can_change_on_retry",
+           "stricter", "InjectedFault", "TransientFault"]
 
-_failed_once: set[int] = set()
+_failed_once: set[tuple[str, int]] = set()
 _lock = threading.Lock()
 
 
 class InjectedFault(RuntimeError):
-    """Raised by the fault-injection hook."""
+    """Raised by the fault-injection hook (a permanent failure: not retried)."""
+
+
+class TransientFault(InjectedFault):
+    """An injected failure that a retry fixes."""
 
 
 def _ids(var: str) -> set[int]:
@@ -48,13 +63,22 @@ def _file_ids(var: str) -> set[int]:
     return {int(v) for v in text.replace(" ", "").replace("\n", ",").split(",") if v}
 
 
-def _inject_fault(shard_id: int) -> None:
+def _inject_fault(store_url: str, shard_id: int) -> None:
     if shard_id in _ids("PFLATENTS_FAIL_SHARDS") or shard_id in _file_ids("PFLATENTS_FAIL_SHARDS_FILE"):
+        _log_fault(store_url, shard_id, "permanent")
         raise InjectedFault(f"injected failure of shard {shard_id} (PFLATENTS_FAIL_SHARDS)")
     with _lock:
-        if shard_id in _ids("PFLATENTS_FAIL_ONCE") and shard_id not in _failed_once:
-            _failed_once.add(shard_id)
-            raise InjectedFault(f"injected transient failure of shard {shard_id} (PFLATENTS_FAIL_ONCE)")
+        if shard_id in _ids("PFLATENTS_FAIL_ONCE") and (store_url, shard_id) not in _failed_once:
+            _failed_once.add((store_url, shard_id))
+            _log_fault(store_url, shard_id, "transient")
+            raise TransientFault(f"injected transient failure of shard {shard_id} (PFLATENTS_FAIL_ONCE)")
+
+
+def _log_fault(store_url: str, shard_id: int, kind: str) -> None:
+    path = os.environ.get("PFLATENTS_FAULT_LOG")
+    if path:
+        with open(path, "a") as f:
+            f.write(f"{store_url} {shard_id} {kind}\n")
 
 
 @functools.lru_cache(maxsize=4)
@@ -77,33 +101,103 @@ def _source(spec: str, stop: int = 0):
     return src
 
 
-def run_shard(store_url: str, shard_id: int, device: str = "auto") -> dict:
-    """Encode shard ``shard_id`` of the store's pinned job and write it; returns a small summary."""
-    from pflatents.tasks.config import ExtractConfig  # config (de)serialisation lives with the flows
+def can_change_on_retry(exc: BaseException | None) -> bool:
+    """True for errors that a retry of the same shard may not repeat: I/O and network errors, lost
+    workers, memory pressure, a read-back mismatch, an injected transient fault. Errors that follow
+    from the inputs (bad data or settings, a mismatched or locked store, a lost lock, an injected
+    permanent fault, programming errors) would fail the same way again and are not retried."""
+    if isinstance(exc, (TransientFault, ShardVerifyError)):
+        return True
+    deterministic = (InjectedFault, StoreLockedError, ValueError, TypeError, LookupError, AttributeError,
+                     ArithmeticError, NotImplementedError, AssertionError)
+    return exc is not None and not isinstance(exc, deterministic)
 
-    t0 = time.perf_counter()
-    _inject_fault(shard_id)
+
+def _retry_condition(task, task_run, state) -> bool:
+    """Prefect's ``retry_condition_fn``: retry a failed attempt only if its error can change."""
+    exc = state.data if isinstance(getattr(state, "data", None), BaseException) else None
+    return can_change_on_retry(exc)
+
+
+def _open(store_url: str, shard_id: int, device: str, lease: str | None):
+    """The store (fenced on the coordinator's lock token), its config, the shard's range, the SDE,
+    the device and the model."""
+    from pflatents.tasks.config import ExtractConfig
+
     store = LatentStore.open(store_url)
+    store.fence(lease)
     cfg = ExtractConfig.from_dict(store.config)
     start, stop = store.shard_range(shard_id)
     sde, dev = cfg.make_sde(), resolve_device(device)
-    model = load_model(cfg.model["spec"], sde)
+    return store, cfg, start, stop, sde, dev, load_model(cfg.model["spec"], sde)
+
+
+def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
+    """Encode shard ``shard_id`` of the store's pinned job and write it; returns a small summary.
+
+    Samples the solver cannot finish (step limit, non-finite) do not fail the shard: they are stored
+    flagged, with NaN latents (``LatentStore.failed_mask``), and counted in the summary."""
+    t0 = time.perf_counter()
+    _inject_fault(store_url, shard_id)
+    store, cfg, start, stop, sde, dev, model = _open(store_url, shard_id, device, lease)
     block = _source(cfg.data["spec"], stop).read(start, stop)
     t1 = time.perf_counter()
     z, nfe, status = encode_block(model, sde, block, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
     t2 = time.perf_counter()
-    bad = [start + int(i) for i in (status != 0).nonzero()[0][:10]]
-    if bad:
-        raise RuntimeError(f"shard {shard_id}: {int((status != 0).sum())} samples did not finish "
-                           f"(step limit or non-finite), first indices {bad}")
     info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
             "host": socket.gethostname(), "pid": os.getpid()}
-    store.write_shard(shard_id, z, nfe, info)
+    store.write_shard(shard_id, z, nfe, info, status=status)
     return {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(nfe.sum()), "seconds": time.perf_counter() - t0,
-            "device": str(dev)}
+            "device": str(dev), "samples_failed": int((status != 0).sum())}
 
 
-@task(name="integrate_shard", retries=2, retry_delay_seconds=1, cache_policy=NO_CACHE, persist_result=False)
-def integrate_shard(store_url: str, shard_id: int, device: str = "auto") -> dict:
+def stricter(solver: SolverConfig) -> SolverConfig:
+    """The setting flagged samples are retried with: an adaptive solver gets 10x the step limit and
+    10x tighter tolerances, a fixed-step solver 4x the steps (the state is also integrated in float64)."""
+    if solver.adaptive:
+        return dataclasses.replace(solver, max_steps=solver.max_steps * 10, rtol=solver.rtol / 10,
+                                   atol=solver.atol / 10)
+    return dataclasses.replace(solver, steps=solver.steps * 4)
+
+
+def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
+    """Re-integrate the flagged samples of a done shard with ``stricter`` settings in float64.
+
+    The shard's other samples are kept bit for bit; samples that now finish get their latents, the
+    rest stay flagged. The shard record notes how many were retried and recovered, and the setting."""
+    t0 = time.perf_counter()
+    store, cfg, start, stop, sde, dev, model = _open(store_url, shard_id, device, lease)
+    before = store.sample_status(start, stop)
+    idx = np.flatnonzero(before)
+    if idx.size == 0:
+        return {"shard_id": shard_id, "n": 0, "nfe_sum": 0, "seconds": 0.0, "device": str(dev), "samples_failed": 0}
+    block = _source(cfg.data["spec"], stop).read(start, stop)[idx]
+    solver = stricter(cfg.make_solver())
+    z, nfe, status = encode_block(model, sde, block, solver, cfg.batch_size, dev, "float64")
+    latents, counts = store.read_shard(shard_id)
+    latents[idx], counts[idx] = z, nfe
+    after = before.copy()
+    after[idx] = status
+    info = {"device": str(dev), "host": socket.gethostname(), "pid": os.getpid(),
+            "retried_samples": {"n": int(idx.size), "recovered": int((status == 0).sum()),
+                                "solver": solver.to_dict(), "dtype": "float64"},
+            "timings": {"integrate_s": time.perf_counter() - t0}}
+    store.write_shard(shard_id, latents, counts, info, status=after)
+    return {"shard_id": shard_id, "n": int(idx.size), "nfe_sum": int(nfe.sum()), "seconds": time.perf_counter() - t0,
+            "device": str(dev), "samples_failed": int((after != 0).sum())}
+
+
+_TASK = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_condition, cache_policy=NO_CACHE,
+             persist_result=False)
+
+
+@task(name="integrate_shard", **_TASK)
+def integrate_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
     """Encode one shard and write it to the store (done only after read-back verification)."""
-    return run_shard(store_url, shard_id, device)
+    return run_shard(store_url, shard_id, device, lease)
+
+
+@task(name="retry_samples", **_TASK)
+def retry_shard_samples(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
+    """Re-integrate a done shard's flagged samples with a stricter setting (``resume --retry-samples``)."""
+    return retry_samples(store_url, shard_id, device, lease)
