@@ -19,8 +19,9 @@ caller wins: one process runs one extraction's precision at a time.
 Compilation (``auto | on | off``): ``torch.compile`` of the network; on a GPU a convolutional network
 is also put in channels_last memory format. ``auto`` compiles on a GPU and never on a CPU, where a
 compile of a small U-Net took ~34 s on 2 cores, longer than small jobs run. Compilation reorders
-floating-point operations, so it changes latents at the level of the network's rounding (like the
-device or the batch size does): it is recorded per shard, not pinned.
+floating-point operations, so it changes latents at the level of the network's rounding; like the
+precision it is pinned in the store's config (``ExtractConfig.compile``), and a store continues only
+with the same mode.
 """
 
 from __future__ import annotations
