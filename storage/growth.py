@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from pflatents.storage.config import config_hash, to_json
 from pflatents.storage.errors import StoreError
 from pflatents.storage.layout import ATTR, plan_shards
+from pflatents.storage.records import pause_for_tests
 
 if TYPE_CHECKING:
     import zarr
@@ -70,6 +71,7 @@ class Growth:
         self._nfe.resize((n_new,))
         if self._status is not None:
             self._status.resize((n_new,))
+        pause_for_tests("PFLATENTS_PAUSE_IN_GROW")  # kill tests: arrays grown, plan not yet
         self.meta.update(n_planned=int(n_new), n_shards=len(plan_shards(int(n_new), size)),
                          data_prefix=to_json(dict(data_prefix), "data_prefix"))
         self._put_meta()

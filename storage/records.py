@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
     from pflatents.storage.location import Location
 
-__all__ = ["ShardRecords", "record_key", "record_of", "PAUSE_ENV"]
+__all__ = ["ShardRecords", "record_key", "record_of", "pause_for_tests", "PAUSE_ENV"]
 
 PAUSE_ENV = "PFLATENTS_PAUSE_IN_WRITE"  # test hook: seconds to sleep after the latents write
 
@@ -81,7 +81,7 @@ class ShardRecords:
         # write_empty_chunks: skip zarr's "is this chunk all fill value?" scan of every chunk
         # (several passes over it); every chunk of a written shard is stored
         self._latents.with_config({"write_empty_chunks": True})[i0:i1] = x
-        test_pause()
+        pause_for_tests()
         self._nfe.with_config({"write_empty_chunks": True})[i0:i1] = n
         if self._status is not None:
             self._status.with_config({"write_empty_chunks": True})[i0:i1] = st
@@ -263,9 +263,10 @@ class ShardRecords:
         return None, checksum(y, m, status=st)
 
 
-def test_pause() -> None:
-    """Sleep ``$PFLATENTS_PAUSE_IN_WRITE`` seconds: kill tests aim at a half-written shard."""
-    seconds = float(os.environ.get(PAUSE_ENV) or 0)
+def pause_for_tests(var: str = PAUSE_ENV) -> None:
+    """Sleep ``$<var>`` seconds: kill tests aim at a half-written shard (``PFLATENTS_PAUSE_IN_WRITE``)
+    or a half-done growth step (``PFLATENTS_PAUSE_IN_GROW``)."""
+    seconds = float(os.environ.get(var) or 0)
     if seconds > 0:
         time.sleep(seconds)
 

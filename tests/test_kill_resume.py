@@ -149,3 +149,67 @@ def test_bad_input_is_two_plain_lines_and_nothing_written(tmp_path, cli_env):
     res = cli(_args(data, model, foreign), env=cli_env)
     assert res.returncode == 2 and no_traceback(res.stderr) and "foreign" in res.stderr
     assert tree_hash(foreign) == before
+
+
+def test_sigkills_at_random_moments_then_resume_each_time_bit_identical(tmp_path, cli_env):
+    """Kill a multi-shard extract (then each resume) at random moments inside the integration window;
+    every resume continues, and the finished store equals an uninterrupted run bit for bit."""
+    data, model = write_gmm_job(tmp_path, n=3000)                  # 15 shards
+    out = tmp_path / "out.zarr"
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    env = env_with(cli_env, PFLATENTS_PAUSE_IN_WRITE="0.2")
+    kills = 0
+    for attempt in range(4):
+        done_before = _states(out).count("done")
+        args = _args(data, model, out) if attempt == 0 else ["resume", str(out), "--no-progress"]
+        proc = _start(args, env)
+        try:
+            # inside the integration window: a shard of this run has started (a record moved on)
+            _wait_for(lambda: _states(out).count("done") > done_before or "writing" in _states(out), 240, proc)
+            time.sleep(rng.uniform(0.0, 1.0))
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(30)
+        kills += proc.returncode == -signal.SIGKILL
+        if _states(out).count("done") == len(_states(out)):
+            break
+    assert kills >= 2, f"seed {seed}: the runs ended before they could be killed"
+    res = cli(["resume", str(out), "--no-progress"], env=cli_env)
+    assert res.returncode == 0, f"seed {seed}: {res.stderr[-3000:]}"
+    _assert_complete_and_equal(out, _reference(data, model))
+
+
+def test_sigkill_inside_a_growth_step_then_extract_again(tmp_path, cli_env):
+    """Kill an incremental run after its arrays grew and before the plan names the new size; the
+    next run grows again and the store equals one grown without a kill, bit for bit."""
+    data, model = write_gmm_job(tmp_path, n=1000)
+    x = np.load(data)
+    folder, out = tmp_path / "incoming", tmp_path / "inc.zarr"
+    folder.mkdir()
+    np.save(folder / "000.npy", x[:500])
+    args = _args(f"npydir:{folder}", model, out)
+    first = cli(args, env=cli_env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    np.save(folder / "001.npy", x[500:])
+    proc = _start(args, env_with(cli_env, PFLATENTS_PAUSE_IN_GROW="60"))
+
+    def arrays_grown() -> bool:
+        try:
+            return zarr.open_array(str(out / "latents"), mode="r").shape[0] == 1000
+        except Exception:
+            return False
+
+    try:
+        _wait_for(arrays_grown, 240, proc)
+        attrs = zarr.open_group(str(out), mode="r").attrs["pflatents"]
+        assert (attrs["n_planned"], attrs["n_samples"]) == (500, 500)   # the plan is not grown yet
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    assert proc.returncode == -signal.SIGKILL
+    res = cli(args, env=cli_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    attrs = zarr.open_group(str(out), mode="r").attrs["pflatents"]
+    assert (attrs["n_planned"], attrs["n_samples"]) == (1000, 1000)
+    _assert_complete_and_equal(out, _reference(data, model))
