@@ -128,6 +128,8 @@ def test_flagged_samples_end_to_end_then_retry_samples(tmp_path, prefect_api, ca
     assert main(["status", url, "--json"]) == 0
     st = json.loads(capsys.readouterr().out)
     assert (st["done"], st["failed"], st["samples_failed"]) == (3, 0, len(flagged))
+    assert main(["status", url]) == 0
+    assert f"flagged  {len(flagged)} samples" in capsys.readouterr().out
     store = LatentStore.open(url, mode="r")
     assert np.flatnonzero(store.failed_mask()).tolist() == flagged
     x = np.load(data)

@@ -73,6 +73,9 @@ def cmd_status(a: argparse.Namespace) -> int:
         print(f"samples  {st['n_samples']} published, {st['n_planned']} planned (incremental store)")
     for f in st.get("failed_shards", []):
         print(f"  failed shard {f['id']}: {f['error']}")
+    if st.get("samples_failed"):
+        print(f"flagged  {st['samples_failed']} samples the solver could not finish (NaN latents) in shards "
+              f"{st['shards_with_failed_samples']}; `pflatents resume --retry-samples {url}` retries them")
     cfg = st.get("config", {})
     if cfg:
         print(f"config   {json.dumps(cfg, default=str)}")
