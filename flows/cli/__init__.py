@@ -21,7 +21,7 @@ from pflatents.flows.cli.common import EXIT_FAILED, EXIT_OK, EXIT_USAGE, prefect
 __all__ = ["main", "entry", "build_parser", "COMMAND_MODULES", "EXIT_OK", "EXIT_FAILED", "EXIT_USAGE"]
 
 # The command modules, in the order their subcommands are listed by --help.
-COMMAND_MODULES = ("extract", "analyze", "train", "serve", "demo", "verify")
+COMMAND_MODULES = ("extract", "analyze", "train", "serve", "demo", "verify", "server")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     prefect_env()
     args = build_parser().parse_args(argv)
+    from pflatents.flows import server
+
+    server.note_printers[:] = [lambda msg: print(msg, file=sys.stderr, flush=True)]
     from pflatents.storage.errors import StoreError
     from pflatents.tasks.errors import InputError
 
