@@ -321,10 +321,10 @@ def test_read_back_mismatch_is_not_done(tmp_path: Path, monkeypatch) -> None:
     real = LatentStore._read_chunk
 
     def flipped(self, i0, i1):  # the store hands back something else than was written
-        y, m = real(self, i0, i1)
+        y, m, st = real(self, i0, i1)
         y = y.copy()
         y[2, 1] = -y[2, 1]
-        return y, m
+        return y, m, st
 
     monkeypatch.setattr(LatentStore, "_read_chunk", flipped)
     with pytest.raises(ShardVerifyError, match=r"verification: latents .* samples 6; not marked done"):
