@@ -10,12 +10,11 @@ their own shards.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import shutil
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Callable, Iterator
 
 from pflatents.tasks.config import ExtractConfig, JobSettings, build_config
 from pflatents.storage import (
@@ -31,7 +30,7 @@ from pflatents.storage import (
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.data.sources import Source, open_source
 
-__all__ = ["Job", "Prepared", "prepare", "make_store", "grow_to_source", "check_source", "locked",
+__all__ = ["Job", "Prepared", "prepare", "make_store", "grow_to_source", "check_source", "locked", "bitwise_caveats",
            "data_spec", "model_spec", "store_url"]
 
 
@@ -262,3 +261,30 @@ def _remove_if_only_lock(root: Path) -> None:
         return
     if entries <= {"lock"}:
         shutil.rmtree(root, ignore_errors=True)
+
+
+def bitwise_caveats(store: LatentStore, device: str) -> list[str]:
+    """Why shards written now may differ in their last bits from the shards already done.
+
+    What bitwise resume promises: a shard's latents are a deterministic function of the pinned
+    config (batch size included) on the same device kind with the same torch and numpy; a resume
+    under those conditions writes exactly what an uninterrupted run would have (tested by the kill
+    tests). Another device kind (CPU vs CUDA kernels) or other library versions keep the latents
+    within the solver's tolerance, not bit for bit; this lists such differences for a warning.
+    """
+    from pflatents.storage.layout import versions
+    from pflatents.tasks.models.registry import resolve_device
+
+    lines = []
+    pinned, now = store.meta.get("versions") or {}, versions()
+    changed = [f"{k} {pinned[k]} -> {now.get(k)}" for k in ("torch", "numpy") if k in pinned and pinned[k] != now.get(k)]
+    if changed:
+        lines.append(f"library versions differ from those {store.url} was made with ({', '.join(changed)})")
+    kinds = sorted({str(r.get("device") or "").split(":")[0] for r in store.shard_records().values()
+                    if r.get("state") == "done" and r.get("device")})
+    kind = resolve_device(device).type
+    if kinds and kinds != [kind]:
+        lines.append(f"done shards ran on {', '.join(kinds)}, this run on {kind}")
+    if lines:
+        lines.append("new shards then agree with the done ones within the solver's tolerance, not bit for bit")
+    return lines

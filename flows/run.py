@@ -134,6 +134,10 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
             return Outcome(True, msg, url, {**base, "samples": 0, "n_samples": store.n_samples})
         if grown:
             say(f"{grown} new samples: store grows to {store.n_planned} samples")
+        from pflatents.flows.coordinator import bitwise_caveats
+
+        for line in bitwise_caveats(store, run.device):
+            say(f"note: {line}")
         prefect_env()
         note_before_flow()
         from pflatents.flows import extract as ex

@@ -155,3 +155,16 @@ def test_flagged_samples_end_to_end_then_retry_samples(tmp_path, prefect_api, ca
     record = store.shard_record(1)
     assert record["retried_samples"] == {"n": 3, "recovered": 3, "solver": strict.to_dict(), "dtype": "float64"}
     assert store.verify(mark=False)["corrupt"] == []
+
+
+def test_resume_warns_where_bitwise_equality_is_not_promised(tmp_path) -> None:
+    from pflatents.flows.coordinator import bitwise_caveats
+
+    store = _make(tmp_path / "s.zarr")
+    store.write_shard(0, *shard_data(store, 0), {"device": "cpu"})
+    assert bitwise_caveats(store, "cpu") == []                  # same kind, same versions: bit for bit
+    store.write_shard(1, *shard_data(store, 1), {"device": "cuda:0"})
+    store.meta["versions"]["torch"] = "0.0.1"
+    lines = bitwise_caveats(store, "cpu")
+    assert "torch 0.0.1 -> " in lines[0] and "done shards ran on cpu, cuda, this run on cpu" in lines[1]
+    assert "not bit for bit" in lines[-1]
