@@ -172,3 +172,39 @@ def test_s3_lease_is_taken_by_conditional_writes(s3_env):
     second[0].check()
     second[0].release()
     assert not fs.exists("bkt/lease.zarr/lock/owner.json")
+
+
+def test_s3_two_first_runs_at_once_create_the_store_once(s3_env, monkeypatch):
+    """Lock first, then create (issue 12 defect 3): racing first runs on S3 never both create."""
+    import threading
+
+    from pflatents.flows.coordinator import locked
+    from pflatents.storage import LatentStore, StoreLockedError, open_or_create
+    from store_workers import shard_data
+
+    for key, value in s3_env.items():
+        monkeypatch.setenv(key, value)
+    url = "s3://bkt/race.zarr"
+    outcomes, go = [], threading.Barrier(4)
+
+    def run():
+        go.wait()
+        try:
+            with locked(lambda: open_or_create(url, config={"c": 1}, n_samples=10, sample_shape=(4,), shard_size=4),
+                        url, {"command": "extract"}) as store:
+                if store.shard_record(0) is None:
+                    store.write_shard(0, *shard_data(store, 0))
+                outcomes.append(store.meta["created"])
+        except StoreLockedError:
+            outcomes.append("refused")
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    created = {o for o in outcomes if o != "refused"}
+    assert len(outcomes) == 4 and len(created) == 1, outcomes     # every run that ran saw one creation
+    store = LatentStore.open(url, mode="r")
+    assert store.pending_shards() == [1, 2] and store.verify_shard(0)
+    assert store.status()["lock"] is None
