@@ -7,6 +7,11 @@ whose lease ran out (``$PFLATENTS_LOCK_LEASE_S``, default 600 s after its last r
 over by a conditional PUT, so of two racing coordinators exactly one wins. A holder in our own
 process table (same kernel boot id and PID namespace) that is dead is taken over at once. On fsspec
 filesystems without conditional writes the same steps run unconditionally: best effort.
+
+``lease_until`` is the holder's wall clock: the machines' clocks must agree to well within the lease
+(NTP does; the default lease is 600 s). The conditional writes keep the lock exclusive whatever the
+clocks say; a clock far ahead only takes a live holder's lease early, which its next renewal or
+fenced write then reports as lost.
 """
 
 from __future__ import annotations
