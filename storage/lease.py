@@ -127,7 +127,7 @@ class LeaseLock(StoreLock):
 
     def _hint(self) -> str:
         return (f", or for its lease to run out ({self.lease_s:g} s after its last renewal) if that "
-                f"process is gone")
+                f"process is gone (to take over sooner, remove {self.path} once you are sure it is)")
 
     # ---- helpers -------------------------------------------------------------------------
 
