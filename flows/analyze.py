@@ -8,7 +8,6 @@ runners as extraction, the ICA comparison, a Prefect markdown artifact, and the 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -101,19 +100,6 @@ def _check_inputs(store: Any, opts: AnalyzeOptions, device: str) -> None:
 
 # ---- the flow --------------------------------------------------------------------------------
 
-def _json_safe(v: Any) -> Any:
-    """Non-finite floats -> None, numpy scalars -> Python, recursively."""
-    if isinstance(v, dict):
-        return {str(k): _json_safe(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_json_safe(x) for x in v]
-    if hasattr(v, "item") and not isinstance(v, (str, bytes)):
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
 def _recon_names(store: Any) -> list[str]:
     """Per-sample arrays the reconstruction writes for this store's data and model."""
     from pflatents.tasks.wrappers.analyze import RECON_ARRAYS, pinned_config
@@ -151,12 +137,13 @@ def _reconstruct(store: Any, ranges: list[list[int]], opts: AnalyzeOptions, devi
     return out
 
 
-def _rows_note(store: Any, ranges: list[list[int]], partial: bool) -> str:
+def _rows_note(store: Any, ranges: list[list[int]], partial: bool, n_flagged: int = 0) -> str:
     used = sum(b - a for a, b in ranges)
-    if used == store.n_samples:
-        return "all samples"
+    flagged = (f"; {n_flagged} samples the solver flagged (NaN latents) are left out" if n_flagged else "")
+    if used + n_flagged == store.n_samples:
+        return ("all samples" if not n_flagged else f"{used} of {store.n_samples} samples") + flagged
     return (f"--partial: only the done shards were used, {used} of {store.n_samples} samples; "
-            f"the rest are pending or failed")
+            f"the rest are pending or failed") + flagged
 
 
 def _make_flow() -> Any:
@@ -164,13 +151,14 @@ def _make_flow() -> Any:
 
     @flow(name="analyze", persist_result=False, log_prints=True)
     def analyze(store_url: str, options: dict, ranges: list, device: str = "auto", rows: int | None = None,
-                report: str | None = None) -> dict:
+                report: str | None = None, n_flagged: int = 0) -> dict:
         """Statistics, reconstruction, ICA and report of one store; returns the JSON summary."""
         from prefect.artifacts import create_markdown_artifact
 
         from pflatents.tasks.config import ExtractConfig
         from pflatents.storage import LatentStore
         from pflatents.storage.analysis import analysis_group, reset_analysis, write_analysis_attrs
+        from pflatents.storage.config import to_json
         from pflatents.tasks.analysis.answers import answers
         from pflatents.tasks.analysis.report import summary_table
         from pflatents.tasks.analysis.summary import verdict
@@ -191,9 +179,10 @@ def _make_flow() -> Any:
                             else {"skipped": "--prior 0"})
         summary["splits"] = split_stats(store_url, ranges, opts.stats, prior_std, rows)
         summary.update(store=store_url, n_samples_store=store.n_samples, prior_std=prior_std,
-                       rows_note=_rows_note(store, ranges, opts.partial), partial=opts.partial)
+                       rows_note=_rows_note(store, ranges, opts.partial, n_flagged), partial=opts.partial,
+                       n_flagged_excluded=n_flagged)
         summary["verdict"] = verdict(summary)
-        summary = _json_safe({"answers": answers(summary), **summary})
+        summary = to_json({"answers": answers(summary), **summary}, "analysis summary", nonfinite="null")
         write_analysis_attrs(analysis_group(store, create=True), opts.to_dict(), summary)
         create_markdown_artifact(markdown=summary_table(summary), key="pflatents-analysis",
                                  description=f"pflatents analysis of {store_url}")
@@ -230,7 +219,9 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
 
     url = store_url(store)
     st = LatentStore.open(url, mode="r+")
-    ranges = [list(r) for r in done_ranges(st, partial)]
+    from pflatents.tasks.wrappers.analyze import drop_flagged
+
+    ranges, n_flagged = drop_flagged(st, [list(r) for r in done_ranges(st, partial)])
     opts = _options(st.n_samples, reconstruct=reconstruct, ica=ica, ica_samples=ica_samples, sources=sources,
                     partial=partial, seed=seed, alpha=alpha, dcor_pairs=dcor_pairs, rows=rows, workers=workers,
                     prior=prior)
@@ -242,4 +233,4 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
 
     flow = _make_flow().with_options(task_runner=make_runner(runner, workers))
     return flow(store_url=url, options=opts.to_dict(), ranges=ranges, device=device, rows=rows,
-                report=str(Path(report).expanduser().resolve()) if report else None)
+                report=str(Path(report).expanduser().resolve()) if report else None, n_flagged=n_flagged)

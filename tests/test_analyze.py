@@ -172,3 +172,18 @@ def test_laplace_oracle_ica_conclusions(tmp_path, prefect_api, capsys):
         assert r["dependence_tests_rejecting"] == [] and r["mean_abs_excess_kurtosis"] < r["kurtosis_threshold"]
     assert ica["mean_abs_excess_kurtosis"] > 2 and raw["mean_abs_excess_kurtosis"] > 0.5
     assert out["independence"]["n_pairs_over_threshold"] == 0 and out["normality"]["n_dims_failing"] == 0
+
+
+def test_flagged_samples_are_cut_out_of_the_ranges():
+    from pflatents.tasks.wrappers.analyze import drop_flagged, usable_rows
+
+    class Store:  # the one method drop_flagged relies on
+        def status_array(self):
+            s = np.zeros(20, np.int8)
+            s[[0, 5, 6, 19]] = [1, 2, 1, 1]
+            return s
+
+    ranges, n = drop_flagged(Store(), [[0, 10], [15, 20]])
+    assert n == 4 and ranges == [[1, 5], [7, 10], [15, 19]]
+    assert usable_rows(ranges).tolist() == [1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 18]
+    assert drop_flagged(object(), [[0, 10]]) == ([[0, 10]], 0)

@@ -108,3 +108,13 @@ def test_exact_latents_pass_the_p_T_test_at_a_million_where_N01_fails(sde):
     assert exact["n_dims_failing"] == 0
     n_star = target.info["n_indistinguishable_from_standard_normal"]
     assert 1e4 < n_star < n and target.info["max_abs_mean_shift"] == pytest.approx(0.02)
+
+
+def test_raw_covariance_comes_back_from_a_square_transform_and_is_kept_beside_a_projection():
+    rng = np.random.default_rng(4)
+    x = rng.normal(size=(3000, 5)) @ rng.normal(size=(5, 5)) + 1.0
+    square, proj = rng.normal(size=(5, 5)), np.linalg.qr(rng.normal(size=(5, 3)))[0]
+    for m in (square, proj):
+        res = S.compute_stats(x, CFG, scheduler="sync", shift=x.mean(0) * 0.5, matrix=m)
+        np.testing.assert_allclose(res["full_cov"], np.cov(x.T), rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(res["full_mean"], x.mean(0), rtol=1e-10)

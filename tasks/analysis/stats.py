@@ -5,8 +5,9 @@ integer counts (Phi-histogram, contingency tables) with an associative merge (Ch
 dask tree-reduction gives the same answer however the array is chunked (to rounding; counts exactly).
 Before the accumulators see a chunk, an optional affine map ``(x - shift) @ matrix`` takes the
 latents to the coordinates that are tested (whitened against the true prior p_T, with the data's
-degenerate directions projected out: see ``prior.py`` and ``spectrum.py``); the co-moment of the
-untransformed rows is then kept as well, so the latent covariance spectrum comes from the same pass.
+degenerate directions projected out: see ``prior.py`` and ``spectrum.py``). The covariance of the
+untransformed rows (for the latent spectrum) comes from the same pass: mapped back through the
+inverse when the matrix is square, else from a co-moment of the raw rows kept alongside.
 The finishing steps live in ``normality.py``, ``dependence.py`` and ``summary.py``.
 
 Pure numpy / scipy / dask: no Prefect, no zarr.
@@ -135,7 +136,8 @@ def _accum_rows(x: np.ndarray, plan: Plan) -> dict[str, Any]:
     """The accumulator of one piece of rows (float64); with a transform, also the raw co-moment."""
     extra = {}
     if plan.matrix is not None:
-        extra["full"] = _comoment(x)
+        if plan.matrix.shape[1] < plan.matrix.shape[0]:  # a projection: the raw covariance is lost
+            extra["full"] = _comoment(x)
         x = (x - plan.shift) @ plan.matrix
     xp = x[:, plan.pair_dims]
     return {**extra, "mom": _moments(x), "z": _comoment(x), "sq": _comoment(x * x), "abs": _comoment(np.abs(x)),
@@ -225,6 +227,9 @@ def finalize(acc: dict[str, Any], plan: Plan, cfg: StatsConfig) -> dict[str, Any
     out["cov_z"] = acc["z"]["C"] / max(n - 1, 1)
     if "full" in acc:
         out["full_mean"], out["full_cov"] = acc["full"]["mean"], acc["full"]["C"] / max(n - 1, 1)
+    elif plan.matrix is not None:  # square: x = y A^-1 + shift
+        inv = np.linalg.inv(plan.matrix)
+        out["full_mean"], out["full_cov"] = acc["z"]["mean"] @ inv + plan.shift, inv.T @ out["cov_z"] @ inv
     out["hsic"], out["hsic_p"] = hsic(acc, len(plan.pair_dims), 2 * len(plan.freqs))
     out["mi"], out["mi_p"] = binned_mi(acc["table"], len(plan.pair_dims), plan.mi_bins)
     return out

@@ -25,7 +25,7 @@ from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import summarise
 from pflatents.tasks.errors import InputError
 
-__all__ = ["pinned_config", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
+__all__ = ["pinned_config", "drop_flagged", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
            "latents_dask", "RECON_ARRAYS"]
 
 RECON_ARRAYS = ["recon_max_abs", "recon_rmse", "recon_nfe", "recon_status"]
@@ -37,6 +37,25 @@ def pinned_config(store: LatentStore) -> Any:
 
     return ExtractConfig.from_dict(store.config)
 
+
+
+def drop_flagged(store: LatentStore, ranges: list[list[int]]) -> tuple[list[list[int]], int]:
+    """The ranges without the samples the solver flagged (status != 0: NaN latents), and how many.
+
+    Relies on the store's per-sample status array through ``LatentStore.status_array()``; a store
+    without that method or array has no flagged samples to drop."""
+    get = getattr(store, "status_array", None)
+    status = get() if callable(get) else None
+    if status is None:
+        return ranges, 0
+    out: list[list[int]] = []
+    n_flagged = 0
+    for a, b in ranges:
+        bad = np.flatnonzero(np.asarray(status[a:b]) != 0) + a
+        n_flagged += len(bad)
+        edges = [a, *(v for k in bad for v in (int(k), int(k) + 1)), b]
+        out += [[lo, hi] for lo, hi in zip(edges[::2], edges[1::2]) if hi > lo]
+    return out, n_flagged
 
 
 def usable_rows(ranges: list[list[int]]) -> np.ndarray:
