@@ -3,13 +3,21 @@
 Layout::
 
     <store>/analysis/zarr.json     attrs "pflatents_analysis": {"config": ..., "summary": ...}
-    <store>/analysis/<per-dim>     float64 (D,), dimension_names ("dim",): mean, var, skew, ...
-    <store>/analysis/<matrix>      float64 (D, D), ("dim_i", "dim_j"): corr, corr_squares, corr_abs
+    <store>/analysis/<per-dim>     float64 (R,), dimension_names ("dim",): mean, var, skew, ... of the R
+                                   tested coordinates (R = the data's rank; R = D when no data
+                                   direction is degenerate)
+    <store>/analysis/coordinate_dims int64 (R,), ("dim",): the latent dim each coordinate stays closest to
+    <store>/analysis/prior_shift   float64 (D,), ("latent_dim",): p_T's mean in prior-std units
+    <store>/analysis/prior_matrix  float64 (D, R), ("latent_dim", "dim"): tested coordinates of latents
+                                   z / prior_std are (z / prior_std - prior_shift) @ prior_matrix
+    <store>/analysis/<matrix>      float64 (R, R), ("dim_i", "dim_j"): corr, corr_squares, corr_abs
     <store>/analysis/<pair matrix> float64 (P, P), ("pair_i", "pair_j"): hsic, hsic_p, mi, mi_p
     <store>/analysis/pair_dims     int64 (P,), ("pair_i",): which dims the pair tests used
-    <store>/analysis/sample_index  int64 (R,), ("sample",): rows given a reconstruction check
-    <store>/analysis/recon_*       float32 (R,), ("sample",): per-sample errors, chunked so that each
+    <store>/analysis/sample_index  int64 (S,), ("sample",): rows given a reconstruction check
+    <store>/analysis/recon_*       float32 (S,), ("sample",): per-sample errors, chunked so that each
                                    reconstruction task owns whole chunks (concurrent writers)
+    <store>/analysis/prior_decodes float32 (<= 64, D), ("decode", "value"): decodes of the first seeded
+                                   prior draws of the realism check (the report's image grid)
 
 ``xr.open_zarr(store, group="analysis", consolidated=False)`` reads it as one Dataset.
 """
