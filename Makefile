@@ -23,8 +23,10 @@ demo: venv
 test: venv
 	$(BIN)/python -m pytest -q tests
 
+# without the slow tests and the integration tests (real Prefect server, flow runs, CLI subprocess
+# pipelines); `make test` runs everything.
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
 
 bench: venv
 	$(BIN)/python benchmarks/solvers.py

@@ -29,26 +29,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 BIN = Path(sys.executable).parent
-
-
-def make_job(d: Path, n: int, dim: int = 8, k: int = 3, seed: int = 0) -> tuple[Path, Path]:
-    rng = np.random.default_rng(seed)
-    means = rng.normal(0, 2, (k, dim))
-    covs = []
-    for _ in range(k):
-        a = rng.normal(size=(dim, dim))
-        covs.append(a @ a.T / dim + 0.1 * np.eye(dim))
-    comp = rng.choice(k, n)
-    chol = np.linalg.cholesky(np.stack(covs))
-    x = means[comp] + np.einsum("nij,nj->ni", chol[comp], rng.normal(size=(n, dim)))
-    model = d / "gmm.json"
-    model.write_text(json.dumps({"weights": [1.0 / k] * k, "means": means.tolist(),
-                                 "covariances": [c.tolist() for c in covs]}))
-    np.save(d / "x.npy", x.astype(np.float32))
-    return d / "x.npy", model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaleout import write_job  # noqa: E402  (the GMM job generator the benchmarks share)
 
 
 def timed(args: list[str], env: dict) -> tuple[float, str]:
@@ -82,7 +65,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     a = ap.parse_args()
     d = Path(tempfile.mkdtemp(prefix="pflatents-local-start-"))
-    data, model = make_job(d, a.n)
+    data, model = write_job(d, a.n, dim=8, k=3)
     env = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
     env.update(PREFECT_HOME=str(d / "prefect-home"), PYTHONUNBUFFERED="1")
     results: dict = {"n": a.n, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}

@@ -16,24 +16,29 @@ from pflatents.storage.errors import StoreError
 __all__ = ["to_json", "config_hash", "config_diff", "format_diff"]
 
 
-def to_json(value: Any, where: str = "config") -> Any:
-    """Return ``value`` as plain JSON types (numpy scalars/arrays, tuples, paths converted)."""
+def to_json(value: Any, where: str = "config", nonfinite: str = "raise") -> Any:
+    """Return ``value`` as plain JSON types (numpy scalars/arrays, tuples, paths converted).
+
+    A NaN or infinite float raises StoreError (``nonfinite="raise"``, for configs and records) or
+    becomes None (``nonfinite="null"``, for results such as an analysis summary)."""
     if value is None or isinstance(value, (bool, int, str)):
         return value
     if isinstance(value, float):
         if not math.isfinite(value):
+            if nonfinite == "null":
+                return None
             raise StoreError(f"{where} is {value}: only finite numbers can be stored in attrs")
         return value
     if isinstance(value, np.generic):
-        return to_json(value.item(), where)
+        return to_json(value.item(), where, nonfinite)
     if isinstance(value, np.ndarray):
-        return to_json(value.tolist(), where)
+        return to_json(value.tolist(), where, nonfinite)
     if isinstance(value, PurePath):
         return str(value)
     if isinstance(value, Mapping):
-        return {str(k): to_json(v, f"{where}.{k}") for k, v in value.items()}
+        return {str(k): to_json(v, f"{where}.{k}", nonfinite) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [to_json(v, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [to_json(v, f"{where}[{i}]", nonfinite) for i, v in enumerate(value)]
     raise StoreError(f"{where} has a {type(value).__name__} value, which is not plain JSON")
 
 

@@ -94,3 +94,14 @@ def cli_env(prefect_server):
     env["PREFECT_API_URL"] = prefect_server
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+# Fixtures that start or use a real Prefect server: the tests that take them are integration tests
+# (`make test-fast` leaves them out; `make test` and CI run them).
+SERVER_FIXTURES = {"prefect_server", "prefect_api", "cli_env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.integration)

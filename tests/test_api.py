@@ -1,4 +1,6 @@
-"""The notebook API (``import pflatents``): extract, resume, analyze, open_latents, on real stores."""
+"""The notebook API (``import pflatents``): extract, resume, analyze, open_latents, on real stores.
+
+Tests that take ``prefect_api`` are marked integration by conftest."""
 
 from __future__ import annotations
 
@@ -18,8 +20,6 @@ from pflatents.tasks.models.scores import GaussianMixtureScore
 from pflatents.tasks.ode.batches import encode_block
 from pflatents.tasks.ode.pfode import SolverConfig
 from pflatents.tasks.ode.sde import VPSDE
-
-pytestmark = pytest.mark.integration
 
 
 def test_import_is_cheap():
