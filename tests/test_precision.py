@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from pflatents.tasks.errors import InputError, ModelError
 from pflatents.tasks.models import precision as P
 from pflatents.tasks.models.adapters import DeviceNet
 from pflatents.tasks.models.registry import load_model
+from pflatents.tasks.ode.pfode import SolverConfig
 from pflatents.tasks.ode.sde import VPSDE
 from pflatents.tasks.training.train import TrainConfig, train_checkpoint
 
@@ -206,3 +208,23 @@ def test_a_network_precision_for_an_exact_score_is_refused_before_anything_is_wr
     with pytest.raises(InputError, match="--precision bf16 applies to networks"):
         prepare(Job(data=str(tmp_path / "x.npy"), model=f"gmm:{p}", out=str(tmp_path / "s.zarr"), precision="bf16"))
     assert not (tmp_path / "s.zarr").exists()
+
+
+def test_a_shard_runs_at_the_pinned_precision_and_records_how_the_network_ran(tmp_path, ckpt):
+    from pflatents.storage import LatentStore
+    from pflatents.tasks.ode.batches import encode_block
+    from pflatents.tasks.wrappers.extract import run_shard
+
+    job = _job(tmp_path, ckpt, precision="fp64", compile="off")
+    cfg = _open(job)
+    run_shard(job.out, 0, device="cpu")
+    store = LatentStore.open(job.out, mode="r")
+    z = np.asarray(store.latents_array()[:12])
+    x = np.load(tmp_path / "x.npy")[:12]
+    sde = VPSDE()
+    solver = SolverConfig(**{k: v for k, v in cfg["solver"].items()})
+    want64, _, _ = encode_block(load_model(str(ckpt), sde, precision="fp64"), sde, x, solver, 1024, torch.device("cpu"))
+    want32, _, _ = encode_block(load_model(str(ckpt), sde, precision="fp32"), sde, x, solver, 1024, torch.device("cpu"))
+    assert np.array_equal(z, want64) and not np.array_equal(z, want32)
+    rec = json.dumps(store.shard_record(0), default=str)
+    assert '"network": {"precision": "fp64", "compile": "eager"}' in rec, rec

@@ -70,6 +70,10 @@ class DeviceNet:
         self.compile_status: dict[str, str] = {}  # device -> "compiled" | "eager" | "failed: ..."
         self._lock = threading.Lock()
 
+    def compile_state(self, device) -> str | None:
+        """"compiled", "eager" or "failed: why" on ``device`` once the network has run there, else None."""
+        return self.compile_status.get(str(_full(device)))
+
     def with_settings(self, precision: str | None, compile: str = "off") -> "DeviceNet":
         """The same module and call at another precision / compile mode (shares nothing mutable)."""
         return DeviceNet(self.module, self.fn, precision, compile)

@@ -129,7 +129,8 @@ def _open(store_url: str, shard_id: int, device: str, lease: str | None):
     cfg = ExtractConfig.from_dict(store.config)
     start, stop = store.shard_range(shard_id)
     sde, dev = cfg.make_sde(), resolve_device(device)
-    return store, cfg, start, stop, sde, dev, load_model(cfg.model["spec"], sde)
+    model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
+    return store, cfg, start, stop, sde, dev, model
 
 
 def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
@@ -145,10 +146,17 @@ def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | 
     z, nfe, status = encode_block(model, sde, block, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
     t2 = time.perf_counter()
     info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
-            "host": socket.gethostname(), "pid": os.getpid()}
+            "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
     store.write_shard(shard_id, z, nfe, info, status=status)
     return {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(nfe.sum()), "seconds": time.perf_counter() - t0,
             "device": str(dev), "samples_failed": int((status != 0).sum())}
+
+
+def _network_status(model, dev) -> dict:
+    """How the network ran on ``dev``: the pinned precision, and compiled / eager / failed (with why)."""
+    net = getattr(model, "net", None)
+    state = net.compile_state(dev) if hasattr(net, "compile_state") else None
+    return {"precision": getattr(net, "precision", None), "compile": state}
 
 
 def stricter(solver: SolverConfig) -> SolverConfig:
