@@ -52,11 +52,16 @@ def test_rank_and_degenerate_directions_of_data_on_a_known_subspace():
 
 
 def test_constant_dims_alone_keep_the_dims_as_coordinates():
-    x = np.random.default_rng(1).normal(size=(500, 5))
+    x = np.random.default_rng(1).normal(size=(500, 6))
     x[:, [0, 3]] = -1.0
+    x[:, 5] = -1.0
+    x[[7, 70, 300], 5] = -1.0 + 2 / 16  # off the background by one step in 3 of 500 samples
     spec = data_spectrum(len(x), x.mean(0), np.cov(x.T), quantization=17)
+    assert spec.floor == pytest.approx((2 / 16) ** 2 / 12)  # the quantisation noise's variance
     assert spec.axis_aligned and spec.rank == 3 and spec.coord_dims.tolist() == [1, 2, 4]
-    np.testing.assert_array_equal(spec.basis, np.eye(5)[:, [1, 2, 4]])
+    assert spec.constant_dims.tolist() == [0, 3, 5]
+    np.testing.assert_array_equal(spec.basis, np.eye(6)[:, [1, 2, 4]])
+    assert data_spectrum(len(x), x.mean(0), np.cov(x.T)).rank == 4  # not quantised: dim 5 has variance
 
 
 def test_patch_like_case_attributes_total_correlation_to_the_degenerate_direction():

@@ -39,6 +39,10 @@ def _realism(s: dict[str, Any]) -> dict[str, Any]:
     return {"answer": verdict, "numbers": nums, "would_change": change}
 
 
+def _dims(dims: list[int], k: int = 8) -> str:
+    return "dims " + ", ".join(str(d) for d in dims[:k]) + (", ..." if len(dims) > k else "")
+
+
 def _bijection(s: dict[str, Any]) -> dict[str, Any]:
     data, rec = s.get("data") or {}, s.get("reconstruction") or {}
     parts, nums = [], {}
@@ -47,9 +51,17 @@ def _bijection(s: dict[str, Any]) -> dict[str, Any]:
         nums.update(rank=data["rank"], dims=data["dims"], n_degenerate=data["n_degenerate"])
         if data["n_degenerate"]:
             deg = (s.get("latent") or {}).get("degenerate_part") or []
-            along = "; ".join(f"along {d['direction']} the latents have variance {d['latent_variance']:.2g} "
-                              f"instead of {d['prior_variance']:.2g}" for d in deg[:3])
-            parts.append(f"no, not onto R^{data['dims']}: the data span {data['rank']} of {data['dims']} dims ({along})")
+            axis = [d for d in deg if d["direction"].startswith("dim ")]
+            other = [d for d in deg if not d["direction"].startswith("dim ")]
+            along = []
+            if axis:
+                along.append(f"{data['n_constant_dims']} (nearly) constant dims ({_dims(data['constant_dims'])}), "
+                             f"where the latents have variance {min(d['latent_variance'] for d in axis):.2g} to "
+                             f"{max(d['latent_variance'] for d in axis):.2g} instead of {axis[0]['prior_variance']:.2g}")
+            along += [f"along {d['direction']} the latents have variance {d['latent_variance']:.2g} instead of "
+                      f"{d['prior_variance']:.2g}" for d in other[:3]]
+            parts.append(f"no, not onto R^{data['dims']}: the data span {data['rank']} of {data['dims']} dims "
+                         f"({'; '.join(along)})")
             change.append("nothing in the model can: those directions carry no data; train and analyse on the "
                           f"{data['rank']} spanned coordinates, or read the latents' degenerate part as constant")
         else:

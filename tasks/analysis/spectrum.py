@@ -6,9 +6,11 @@ from 1, and every statistic that includes that direction reports it (max |corr| 
 total correlation). So the analysis works out, from one pass over the data:
 
 - the data's covariance spectrum, its rank and the directions whose variance is below a resolution
-  floor (``max(rel_floor * largest eigenvalue, step^2 / N)`` where quantised data have grid step
-  ``step``: a single sample one step away from all others already has variance ~step^2 / N);
-  axis-aligned constant dims are the special case found first, from the per-dim variances;
+  floor: ``rel_floor`` (1e-6) times the largest eigenvalue, and for quantised data with grid step
+  ``step`` at least the variance of the quantisation noise itself, ``step^2 / 12`` (a pixel that
+  leaves the background in a handful of samples carries less variance than rounding does, and its
+  latent is a spike with a few outliers, not a Gaussian); axis-aligned (nearly) constant dims are
+  the special case found first, from the per-dim variances;
 - a basis of the non-degenerate subspace close to the coordinate axes (constant dims dropped, other
   degenerate directions projected out with the symmetric (Loewdin) orthonormalisation of the
   projected axes), so "coordinate j" still means "about dim j";
@@ -26,7 +28,10 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["DataSpectrum", "moments_pass", "data_spectrum", "name_direction", "latent_spectrum"]
+__all__ = ["DataSpectrum", "moments_pass", "data_spectrum", "name_direction", "latent_spectrum",
+           "CONSTANT_LATENT_VAR"]
+
+CONSTANT_LATENT_VAR = 1e-6  # latent dims with less variance (prior-std units, target ~1) count as constant
 
 
 @dataclass(frozen=True)
@@ -111,7 +116,7 @@ def data_spectrum(n: int, mean: np.ndarray, cov: np.ndarray, quantization: int |
     lam_max = float(max(np.linalg.eigvalsh(cov).max(), 0.0)) if d else 0.0
     floor = rel_floor * lam_max
     if quantization:
-        floor = max(floor, (2.0 / (quantization - 1)) ** 2 / max(n, 1))
+        floor = max(floor, (2.0 / (quantization - 1)) ** 2 / 12.0)
     floor = max(floor, np.finfo(np.float64).tiny)
     var = np.diag(cov)
     const = np.flatnonzero(var < floor)
@@ -166,11 +171,13 @@ def latent_spectrum(spec: DataSpectrum | None, latent_mean: np.ndarray, latent_c
     """The ``data`` and ``latent`` blocks and the total correlation's per-eigendirection split.
 
     ``latent_cov`` is the covariance of the latents in prior-std units; ``target_var`` the variance
-    the true prior has along each degenerate direction (1 when not given)."""
+    the true prior has along each degenerate direction (1 when not given). Latent dims with variance
+    below ``CONSTANT_LATENT_VAR`` are counted as constant and left out of the correlation matrix
+    (their total correlation is infinite, and says only that they are constant)."""
     cov = np.asarray(latent_cov, dtype=np.float64)
     lam = np.linalg.eigvalsh(cov)
     var = np.diag(cov)
-    live = np.flatnonzero(var > 1e-12 * max(float(var.max()), 1e-300))
+    live = np.flatnonzero(var > CONSTANT_LATENT_VAR)
     sd = np.sqrt(var[live])
     r = cov[np.ix_(live, live)] / np.outer(sd, sd)
     mu, vec = np.linalg.eigh(r)
