@@ -136,7 +136,7 @@ def serve_job(job, schedule: dict, run: dict, url: str) -> None:
             raise InputError(f"invalid cron expression {when['cron']!r}: {e}".splitlines()[0]) from None
     print(f"serving deployment extract-scheduled/{name} ({_describe(when)}) on {url}; "
           f"store {job.out}; stop with Ctrl-C", flush=True)
-    _scheduled_flow().serve(name=name, parameters={"job": job.to_dict(), **run}, limit=1,
+    _scheduled_flow().serve(name=name, parameters={"job": job.to_dict(), "run": run}, limit=1,
                             print_starting_message=False, entrypoint_type=EntrypointType.MODULE_PATH, **when)
 
 
@@ -144,14 +144,14 @@ def _describe(when: dict) -> str:
     return f"every {when['interval'].total_seconds():g} s" if "interval" in when else f"cron {when['cron']}"
 
 
-def run_scheduled(job: dict, runner: str = "local", workers: int = 1, device: str = "auto",
-                  retries: int = 2) -> tuple[bool, str, dict]:
-    """One scheduled run: lock, grow, extract pending shards, publish. Returns (ok, message, summary)."""
+def run_scheduled(job: dict, run: dict | None = None) -> tuple[bool, str, dict]:
+    """One scheduled run: lock, grow, extract pending shards, publish. Returns (ok, message, summary).
+
+    ``job`` and ``run`` are the plain forms of the job and run settings (any field of each)."""
     from pflatents.flows.coordinator import Job
     from pflatents.flows.run import RunSettings, extract_job
 
-    run = RunSettings(runner=runner, workers=workers, device=device, retries=retries)
-    out = extract_job(Job.from_dict(job), run, command="serve")
+    out = extract_job(Job.from_dict(job), RunSettings.from_dict(run or {}), command="serve")
     s = out.summary
     if not out.ok or not s.get("samples"):
         return out.ok, out.message, s
@@ -171,10 +171,9 @@ def _flow():
     from prefect.states import Completed, Failed
 
     @flow(name="extract-scheduled", persist_result=False, log_prints=True)
-    def scheduled_extract(job: dict, runner: str = "local", workers: int = 1, device: str = "auto",
-                          retries: int = 2):
+    def scheduled_extract(job: dict, run: dict | None = None):
         """A scheduled incremental extraction; FAILED with the failed shard ids in its message."""
-        ok, message, _ = run_scheduled(job, runner=runner, workers=workers, device=device, retries=retries)
+        ok, message, _ = run_scheduled(job, run)
         print(message)
         return Completed(message=message) if ok else Failed(message=message)
 
