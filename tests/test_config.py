@@ -120,3 +120,43 @@ def test_job_resolved_makes_paths_absolute(tmp_path, monkeypatch):
     assert job.out == str(tmp_path / "o.zarr") and job.steps == 7 and isinstance(job, Job)
     assert Job.from_dict(job.to_dict()) == job
 
+
+def test_serve_settings_from_toml_and_yaml_with_flag_overrides(tmp_path):
+    from pflatents.flows.coordinator import Job
+    from pflatents.flows.serve import split_settings
+    from pflatents.tasks.errors import InputError
+
+    (tmp_path / "job.toml").write_text('[job]\ndata = "npydir:in"\nmodel = "gmm:m.json"\nout = "s3://b/x.zarr"\n'
+                                       'solver = "rk4"\nsteps = 20\n[schedule]\ninterval = 3600\n'
+                                       '[run]\nrunner = "dask://h:8786"\n')
+    (tmp_path / "job.yaml").write_text("data: npydir:in\nmodel: gmm:m.json\nout: o.zarr\ncron: '0 * * * *'\n"
+                                       "t-eps: 0.001\n")
+    flags = dict.fromkeys(["data", "model", "out", "sde", "t_eps", "solver", "rtol", "atol", "steps", "grid",
+                           "shard_size", "batch_size", "dtype", "interval", "cron", "name", "runner", "workers",
+                           "device", "retries"])
+    job, when, run = split_settings(str(tmp_path / "job.toml"), {**flags, "steps": 30})
+    assert Job.from_dict(job) == Job(data="npydir:in", model="gmm:m.json", out="s3://b/x.zarr", solver="rk4",
+                                     steps=30, incremental=True)
+    assert when == {"interval": 3600} and run["runner"] == "dask://h:8786" and run["retries"] == 2
+    job, when, _ = split_settings(str(tmp_path / "job.yaml"), flags)
+    assert Job.from_dict(job).t_eps == 0.001 and when == {"cron": "0 * * * *"}
+    with pytest.raises(InputError, match="exactly one schedule"):
+        split_settings(str(tmp_path / "job.yaml"), {**flags, "interval": 5})
+    with pytest.raises(InputError, match="unknown job setting"):
+        Job.from_dict({"data": "a", "model": "b", "out": "c", "stepz": 3})
+    (tmp_path / "bad.toml").write_text('data = "d"\nmodel = "m"\nout = "o"\ninterval = 5\n[run]\nworkers = 0\n')
+    with pytest.raises(InputError, match="workers.*0"):
+        split_settings(str(tmp_path / "bad.toml"), {})
+
+
+def test_help_loads_neither_prefect_nor_torch():
+    """`pflatents --help` builds every subcommand's flags from the settings models without heavy imports."""
+    import json
+    import subprocess
+    import sys
+
+    code = ("import sys, json\nfrom pflatents.flows.cli import build_parser\nbuild_parser()\n"
+            "print(json.dumps([m for m in ('prefect', 'torch', 'zarr', 'dask') if m in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == []

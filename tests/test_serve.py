@@ -55,31 +55,6 @@ def _save(folder, name, x):
     os.replace(folder / f".{name}.tmp.npy", folder / name)
 
 
-def test_serve_settings_from_toml_and_yaml_with_flag_overrides(tmp_path):
-    from pflatents.flows.coordinator import Job
-    from pflatents.flows.serve import split_settings
-    from pflatents.tasks.errors import InputError
-
-    (tmp_path / "job.toml").write_text('[job]\ndata = "npydir:in"\nmodel = "gmm:m.json"\nout = "s3://b/x.zarr"\n'
-                                       'solver = "rk4"\nsteps = 20\n[schedule]\ninterval = 3600\n'
-                                       '[run]\nrunner = "dask://h:8786"\n')
-    (tmp_path / "job.yaml").write_text("data: npydir:in\nmodel: gmm:m.json\nout: o.zarr\ncron: '0 * * * *'\n"
-                                       "t-eps: 0.001\n")
-    flags = dict.fromkeys(["data", "model", "out", "sde", "t_eps", "solver", "rtol", "atol", "steps", "grid",
-                           "shard_size", "batch_size", "dtype", "interval", "cron", "name", "runner", "workers",
-                           "device", "retries"])
-    job, when, run = split_settings(str(tmp_path / "job.toml"), {**flags, "steps": 30})
-    assert Job.from_dict(job) == Job(data="npydir:in", model="gmm:m.json", out="s3://b/x.zarr", solver="rk4",
-                                     steps=30, incremental=True)
-    assert when == {"interval": 3600} and run["runner"] == "dask://h:8786" and run["retries"] == 2
-    job, when, _ = split_settings(str(tmp_path / "job.yaml"), flags)
-    assert Job.from_dict(job).t_eps == 0.001 and when == {"cron": "0 * * * *"}
-    with pytest.raises(InputError, match="exactly one schedule"):
-        split_settings(str(tmp_path / "job.yaml"), {**flags, "interval": 5})
-    with pytest.raises(InputError, match="unknown job setting"):
-        Job.from_dict({"data": "a", "model": "b", "out": "c", "stepz": 3})
-
-
 def test_serve_without_server_says_how_to_start_one(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
     res = cli(["serve", "--data", "x.npy", "--model", "gmm:m.json", "--out", str(tmp_path / "o.zarr"),
