@@ -4,10 +4,6 @@ Tests that take ``prefect_api`` are marked integration by conftest."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-
 import numpy as np
 import pytest
 import torch
@@ -20,15 +16,6 @@ from pflatents.tasks.models.scores import GaussianMixtureScore
 from pflatents.tasks.ode.batches import encode_block
 from pflatents.tasks.ode.pfode import SolverConfig
 from pflatents.tasks.ode.sde import VPSDE
-
-
-def test_import_is_cheap():
-    """``import pflatents`` loads neither Prefect, torch nor zarr (they load on the first call)."""
-    code = ("import sys, json, pflatents\n"
-            "print(json.dumps([m for m in ('prefect', 'torch', 'zarr', 'xarray', 'pydantic') if m in sys.modules]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert json.loads(out.stdout.strip().splitlines()[-1]) == []
 
 
 def test_extract_open_resume_analyze(tmp_path, prefect_api, monkeypatch):

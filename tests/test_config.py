@@ -149,14 +149,15 @@ def test_serve_settings_from_toml_and_yaml_with_flag_overrides(tmp_path):
         split_settings(str(tmp_path / "bad.toml"), {})
 
 
-def test_help_loads_neither_prefect_nor_torch():
-    """`pflatents --help` builds every subcommand's flags from the settings models without heavy imports."""
+@pytest.mark.parametrize("code", ["import pflatents", "from pflatents.flows.cli import build_parser; build_parser()"])
+def test_import_and_help_load_neither_prefect_nor_torch(code):
+    """``import pflatents`` and `pflatents --help` (every subcommand's flags, built from the settings
+    models) stay light: Prefect, torch, zarr and dask load on the first real call."""
     import json
     import subprocess
     import sys
 
-    code = ("import sys, json\nfrom pflatents.flows.cli import build_parser\nbuild_parser()\n"
-            "print(json.dumps([m for m in ('prefect', 'torch', 'zarr', 'dask') if m in sys.modules]))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    probe = f"import sys, json\n{code}\nprint(json.dumps([m for m in ('prefect', 'torch', 'zarr', 'dask') if m in sys.modules]))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
