@@ -128,8 +128,10 @@ def _independence(s: dict[str, Any]) -> dict[str, Any]:
     sp = s.get("splits") or {}
     if sp.get("known"):
         t, h = sp["train"], sp["heldout"]
-        answer += (f"; training vs held-out rows: {t['n_dims_failing']} vs {h['n_dims_failing']} coordinates not "
-                   f"Gaussian, total correlation {t['gaussian_total_correlation']:.3g} vs {h['gaussian_total_correlation']:.3g}")
+        answer += (f"; training vs held-out rows ({t['n']} vs {h['n']}): {t['n_dims_failing']} vs {h['n_dims_failing']} "
+                   f"coordinates not Gaussian, total correlation {t['gaussian_total_correlation']:.3g} (null "
+                   f"{t['gaussian_total_correlation_null_mean']:.2g}) vs {h['gaussian_total_correlation']:.3g} (null "
+                   f"{h['gaussian_total_correlation_null_mean']:.2g})")
     ica = s.get("ica")
     if ica:
         answer += ". ICA: " + ica_sentence(ica["table"]).rstrip(".")
