@@ -92,6 +92,8 @@ def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: i
         held = _pick(rows, min(m, len(rows) // 2), seed, 12)
         train = np.setdiff1d(rows, held)
         against = "data rows (the model may have trained on them)"
+    if len(held) < 5 or len(train) < 1:
+        return {"skipped": f"too few data rows to compare with ({len(held)} held out, {len(train)} reference)"}
     gen = torch.Generator().manual_seed(int(seed))
     z = sde.prior_sample((m, *store.sample_shape), generator=gen).numpy()
     x, _, status = decode_block(model, sde, z, cfg.make_solver(), cfg.batch_size, resolve_device(device), cfg.dtype)
