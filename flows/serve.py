@@ -28,7 +28,8 @@ __all__ = ["load_settings", "split_settings", "api_url", "check_server", "serve_
            "scheduled_extract", "NO_SERVER"]
 
 SCHEDULE_KEYS = ("interval", "cron", "name")
-NO_SERVER = """scheduled runs need a Prefect server, and PREFECT_API_URL is not set. Start one and point at it:
+NO_SERVER = """scheduled runs need a Prefect server, and none is running here (PREFECT_API_URL is not set). Either
+    pflatents server start                       (a local one every pflatents command finds), or
     prefect server start --host 127.0.0.1 --port 4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api"""
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 
 from pflatents.flows.cli.common import EXIT_FAILED, EXIT_OK
 
@@ -36,6 +37,9 @@ def cmd_server(a: argparse.Namespace) -> int:
         what = "started" if st["started_now"] else "already running"
         print(f"Prefect server {what}: {st['url']} (pid {st['pid']}, log {st['log']})")
         print("pflatents commands use it while PREFECT_API_URL is unset; stop it with `pflatents server stop`")
+        if os.environ.get("PREFECT_API_URL") and os.environ["PREFECT_API_URL"] != st["url"]:
+            print(f"note: PREFECT_API_URL is set ({os.environ['PREFECT_API_URL']}): commands in this shell report "
+                  f"there, not to this server")
         return EXIT_OK
     if a.action == "stop":
         st = server.stop_server()
