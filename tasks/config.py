@@ -118,6 +118,10 @@ class ExtractConfig(BaseModel):
         d = dict(d)
         d.pop("extra", None)
         d["solver"] = _pinned_solver(d["solver"], d["sde"])
+        if "precision" not in d and d.get("model", {}).get("kind") == "gmm":
+            from pflatents.tasks.models.precision import ANALYTIC_PRECISION
+
+            d["precision"] = ANALYTIC_PRECISION[d.get("dtype", "float32")]  # an exact score ran in the state's dtype
         try:
             return cls(**d)
         except ValidationError as e:
@@ -224,4 +228,5 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
                 "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=scfg.to_dict(),
                          shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype,
-                         precision=resolve_precision(job.precision, job.dtype, info.kind), compile=job.compile)
+                         precision=resolve_precision(job.precision, job.dtype, info.kind),
+                         compile="off" if info.kind == "gmm" else job.compile)  # an exact score has nothing to compile

@@ -96,6 +96,19 @@ def test_old_pinned_configs_read_with_what_they_meant(tmp_path):
     assert cfg.pinned_like(d) == cfg.to_dict()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_gmm_store_pinned_before_precision_and_compile_continues_with_the_defaults(tmp_path, dtype):
+    """An exact score has no network: stores pinned before the precision and compile fields existed
+    continue with default settings (their state dtype decided the precision; nothing was compiled)."""
+    data, model = write_gmm_job(tmp_path, n=50)
+    job = JobSettings(data=str(data), model=f"gmm:{model}", out="o", dtype=dtype)
+    cfg = build_config(job, source=open_source(str(data)), shard_size=20, incremental=False)
+    old = cfg.to_dict()
+    del old["precision"], old["compile"]
+    assert cfg.pinned_like(old) is old
+    assert cfg.compile == "off" and cfg.precision == {"float32": "fp32", "float64": "fp64"}[dtype]
+
+
 def test_a_store_pinned_by_the_earlier_code_keeps_opening(tmp_path):
     """A store whose pinned JSON was written with time_var 'auto' continues with the same settings,
     and is refused (naming the field) with other ones; the stored JSON is left as it was."""
