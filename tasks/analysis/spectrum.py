@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 __all__ = ["DataSpectrum", "moments_pass", "data_spectrum", "name_direction", "latent_spectrum",
            "CONSTANT_LATENT_VAR"]
@@ -61,11 +62,21 @@ class DataSpectrum:
         return self.degenerate.shape[1] == len(self.constant_dims)
 
 
-def _comoment(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
-    x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+def _comoment_piece(x: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+    x = np.asarray(x, dtype=np.float64)
     mean = x.mean(0) if len(x) else np.zeros(x.shape[1])
     c = x - mean
     return len(x), mean, c.T @ c
+
+
+def _comoment(x: np.ndarray, piece: int = 8192) -> tuple[int, np.ndarray, np.ndarray]:
+    """(n, mean, co-moment) of a chunk, in pieces of ``piece`` rows: small float64 temporaries are
+    reused by the allocator, where whole-chunk ones cost a page fault per page every time."""
+    x = np.asarray(x).reshape(len(x), -1)
+    out = _comoment_piece(x[:piece])
+    for i in range(piece, len(x), piece):
+        out = _merge(out, _comoment_piece(x[i:i + piece]))
+    return out
 
 
 def _merge(a: tuple, b: tuple) -> tuple:
@@ -89,7 +100,8 @@ def moments_pass(x: Any, scheduler: str | None = None) -> tuple[int, np.ndarray,
     while len(parts) > 1:
         parts = [dask.delayed(_merge)(*parts[i:i + 2]) if i + 1 < len(parts) else parts[i]
                  for i in range(0, len(parts), 2)]
-    n, mean, c = dask.compute(parts[0], scheduler=scheduler)[0]
+    with threadpool_limits(limits=1, user_api="blas"):  # dask runs chunks in parallel; BLAS threads on
+        n, mean, c = dask.compute(parts[0], scheduler=scheduler)[0]  # top of them only contend
     return n, mean, c / max(n - 1, 1)
 
 

@@ -146,10 +146,13 @@ def _accum_rows(x: np.ndarray, plan: Plan) -> dict[str, Any]:
 
 def chunk_accum(block: np.ndarray, plan: Plan) -> dict[str, Any]:
     """Accumulator of a chunk (N_chunk, D), computed in pieces of SUB_ROWS rows."""
-    x = np.asarray(block, dtype=np.float64).reshape(len(block), -1)
+    x = np.asarray(block).reshape(len(block), -1)
     if not np.isfinite(x).all():
         raise ValueError("latents hold NaN or Inf values")
-    parts = [_accum_rows(x[i:i + SUB_ROWS], plan) for i in range(0, max(len(x), 1), SUB_ROWS)]
+    # float64 piece by piece: small temporaries are reused by the allocator, a whole-chunk copy
+    # costs a page fault per page on every chunk
+    parts = [_accum_rows(np.asarray(x[i:i + SUB_ROWS], dtype=np.float64), plan)
+             for i in range(0, max(len(x), 1), SUB_ROWS)]
     return functools.reduce(merge, parts)
 
 
