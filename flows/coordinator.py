@@ -170,6 +170,7 @@ def _check_fixed_store(store: LatentStore, p: Prepared) -> None:
     new = p.cfg.to_dict()
     same = {**new, "data": {**pinned, **{k: v for k, v in new["data"].items() if k != "incremental"}}}
     same["data"].update(n_samples=n_old, fingerprint=pinned.get("fingerprint"))
+    same = ExtractConfig(**same).pinned_like(store.config)  # a store pinned by earlier code, same meaning: matches
     store.check_matches(same, None, tuple(p.src.sample_shape), p.shard_size)
     store.make_incremental(new, {"n": n_old, "fingerprint": pinned["fingerprint"]})
 

@@ -174,3 +174,20 @@ def test_import_and_help_load_neither_prefect_nor_torch(code):
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+def test_a_fixed_store_pinned_by_the_earlier_code_converts_to_incremental(tmp_path):
+    """--incremental on grown data converts a fixed-length store whose pinned JSON has the older spelling."""
+    import numpy as np
+
+    data, model = write_gmm_job(tmp_path, n=80)
+    x = np.load(data)
+    first = tmp_path / "first.npy"
+    np.save(first, x[:50])
+    url = str(tmp_path / "old.zarr")
+    p = prepare(Job(data=str(first), model=f"gmm:{model}", out=url, shard_size=25))
+    open_or_create(url, config=_old_config(p.cfg, time_var="auto"), n_samples=50, sample_shape=(8,), shard_size=25)
+    np.save(first, x)  # the same file grew by 30 samples
+    grown = prepare(Job(data=str(first), model=f"gmm:{model}", out=url, shard_size=25, incremental=True))
+    with locked(lambda: make_store(grown), url, {"command": "test"}) as store:
+        assert store.incremental and store.n_samples == 50
