@@ -31,6 +31,10 @@ GRIDS = ("logsnr", "edm", "time")
 # what the adaptive solver steps in: the SDE's own t, s = log(sigma/alpha), or "auto" = the SDE's choice
 # (t for vp/ve/edm; s for a discrete diffusers schedule, whose coefficients are piecewise in t)
 TIME_VARS = ("auto", "t", "s")
+# what the adaptive solver's tolerance bounds: each step's local error ("local", the classical control),
+# or its contribution to the latent ("latent": on encode the tolerance at t is weighted by
+# sigma(t)/sigma(T), the bound on how much the flow from t to T amplifies an error; decode is unweighted)
+CONTROLS = ("local", "latent")
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,8 @@ class SolverConfig:
     t_eps: float = 1e-5
     max_steps: int = 10_000
     time_var: str = "auto"
+    control: str = "local"
+    noise: float = 0.0  # relative noise level of the right-hand side (pflatents.tasks.ode.solvers.Control)
 
     def __post_init__(self) -> None:
         if self.name not in SOLVER_NAMES:
@@ -53,8 +59,10 @@ class SolverConfig:
             raise SolverError(f"unknown time grid {self.grid!r}; choose one of {', '.join(GRIDS)}")
         if self.time_var not in TIME_VARS:
             raise SolverError(f"unknown time variable {self.time_var!r}; choose one of {', '.join(TIME_VARS)}")
+        if self.control not in CONTROLS:
+            raise SolverError(f"unknown error control {self.control!r}; choose one of {', '.join(CONTROLS)}")
         if self.adaptive:
-            S.Control(self.rtol, self.atol, max_steps=self.max_steps)  # validates
+            S.Control(self.rtol, self.atol, max_steps=self.max_steps, noise=self.noise)  # validates
         elif not (isinstance(self.steps, int) and not isinstance(self.steps, bool) and self.steps >= 1):
             raise SolverError(f"steps must be an integer >= 1 for the fixed-step solver {self.name!r}; got {self.steps!r}")
         if not (isinstance(self.t_eps, (int, float)) and math.isfinite(self.t_eps) and self.t_eps > 0):
@@ -69,6 +77,11 @@ class SolverConfig:
         d = {"name": self.name, "t_eps": self.t_eps}
         if self.adaptive:
             d.update(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps, time_var=self.time_var)
+            # the extensions appear only when used, so configs pinned before them keep their hash
+            if self.control != "local":
+                d["control"] = self.control
+            if self.noise:
+                d["noise"] = self.noise
         else:
             d.update(steps=self.steps, grid=self.grid)
         return d
@@ -208,6 +221,25 @@ def _augment(F: Callable, hutchinson: bool, m: int) -> Callable:
     return G
 
 
+def _latent_weight(sde: SDE, t_start: float, t_end: float, in_t: bool) -> Callable | None:
+    """Encode (t increasing): tolerance factor sigma(t)/sigma(t_end) at the solver's time (t or s); decode: None.
+
+    For Gaussian data N(mu, C) the flow from t to T scales the eigendirection of C with eigenvalue lam
+    by sqrt((alpha_T^2 lam + sigma_T^2) / (alpha_t^2 lam + sigma_t^2)) <= max(alpha_T/alpha_t, sigma_T/sigma_t);
+    sharp (near-degenerate or quantised) directions reach sigma_T/sigma_t. Weighting the tolerance by
+    its inverse makes it a bound on each step's share of the latent error.
+    """
+    if t_end <= t_start:
+        return None
+    sig_end = float(sde.sigma(torch.tensor(t_end, dtype=F64)))
+
+    def w(v: torch.Tensor) -> torch.Tensor:
+        t = v if in_t else sde.t_of_s(v)
+        return (sde.sigma(t.to(F64)) / sig_end).clamp(max=1.0)
+
+    return w
+
+
 def integrate(model: ScoreModel, sde: SDE, x: torch.Tensor, t_start: float, t_end: float,
               cfg: SolverConfig, likelihood: str | None = None, seed: int = 0,
               sample_index: torch.Tensor | None = None) -> PFResult:
@@ -243,7 +275,8 @@ def integrate(model: ScoreModel, sde: SDE, x: torch.Tensor, t_start: float, t_en
     ctx = torch.no_grad() if likelihood is not None else torch.inference_mode()
     with ctx:
         if cfg.adaptive:
-            ctl = S.Control(cfg.rtol, cfg.atol, max_steps=cfg.max_steps)
+            weight = _latent_weight(sde, t_start, t_end, in_t) if cfg.control == "latent" else None
+            ctl = S.Control(cfg.rtol, cfg.atol, max_steps=cfg.max_steps, weight=weight, noise=cfg.noise)
             res = S.solve_adaptive(F, y0, s_start, s_end, ctl, S.TABLEAUS[cfg.name])
         elif cfg.name in MULTISTEP:
             res = solve_dpmpp2m(model, sde, x, make_grid(sde, t_start, t_end, cfg.steps, cfg.grid))

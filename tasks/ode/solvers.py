@@ -125,7 +125,18 @@ def solve_fixed(F: ODEFunc, y0: torch.Tensor, grid: torch.Tensor, tab: Tableau) 
 
 @dataclass(frozen=True)
 class Control:
-    """Step-size controller settings (Hairer, Norsett & Wanner, DOPRI5 code defaults)."""
+    """Step-size controller settings (Hairer, Norsett & Wanner, DOPRI5 code defaults), plus two extensions.
+
+    - ``weight(s) -> (B,)``: a per-sample factor on the tolerance at the step's start (None: 1). The
+      PF-ODE's encode direction amplifies an error made at t by up to sigma(T)/sigma(t); weighting the
+      tolerance by sigma(t)/sigma(T) makes it a bound on each step's contribution to the *latent*
+      error rather than on the local error (``pflatents.tasks.ode.pfode``).
+    - ``noise``: the relative noise level of the right-hand side (RMS of |F_lo - F_hi| / RMS |F_hi|,
+      e.g. a float32 network against float64; 0: none). An embedded error estimate carries that
+      noise as |h| sum_j |e_j| noise |F|; the controller adds ``NOISE_K`` times it to each sample's
+      tolerance, so it never asks for accuracy below what F can deliver: the step size is then set by
+      the truncation error alone and the step count stays bounded however small the tolerance.
+    """
 
     rtol: float
     atol: float
@@ -134,6 +145,8 @@ class Control:
     max_factor: float = 10.0
     min_factor: float = 0.2
     max_steps: int = 10_000
+    weight: Callable[[torch.Tensor], torch.Tensor] | None = None
+    noise: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -142,18 +155,30 @@ class Control:
                 raise SolverError(f"{name} must be a finite number > 0; got {v!r}")
         if not (isinstance(self.max_steps, int) and self.max_steps >= 1):
             raise SolverError(f"max_steps must be an integer >= 1; got {self.max_steps!r}")
+        if not (isinstance(self.noise, (int, float)) and math.isfinite(self.noise) and self.noise >= 0):
+            raise SolverError(f"noise must be a finite number >= 0; got {self.noise!r}")
 
 
-def _err_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, ctl: Control) -> torch.Tensor:
-    """Per-sample RMS of err / (atol + rtol max(|y0|, |y1|)), float64 (B,)."""
-    scale = ctl.atol + ctl.rtol * torch.maximum(y0.abs(), y1.abs())
-    return (err / scale).to(F64).pow(2).mean(dim=1).sqrt()
+NOISE_K = 5.0  # margin on the noise term: with noise alone an error ratio <= 0.2, where the PI controller grows h
+
+
+def _err_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, ctl: Control, w: torch.Tensor | None = None,
+              floor: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample RMS of err / (w (atol + rtol max(|y0|, |y1|)) + floor), float64 (B,)."""
+    scale = (ctl.atol + ctl.rtol * torch.maximum(y0.abs(), y1.abs())).to(F64)
+    if w is not None:
+        scale = scale * w[:, None]
+    if floor is not None:
+        scale = scale + floor[:, None]
+    return (err.to(F64) / scale).pow(2).mean(dim=1).sqrt()
 
 
 def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor, direction: float,
                   span: torch.Tensor, order: int, ctl: Control) -> torch.Tensor:
     """Per-sample starting step (Hairer, Norsett & Wanner, Sec. II.4): one extra F evaluation."""
-    scale = ctl.atol + ctl.rtol * y.abs()
+    scale = (ctl.atol + ctl.rtol * y.abs()).to(F64)
+    if ctl.weight is not None:
+        scale = scale * ctl.weight(s)[:, None]
     d0 = (y / scale).to(F64).pow(2).mean(1).sqrt()
     d1 = (k0 / scale).to(F64).pow(2).mean(1).sqrt()
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
@@ -195,6 +220,7 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
     status[start_bad] = NONFINITE
     active = (span > 0) & ~start_bad
     expo = 1.0 / (tab.order) - 0.75 * ctl.beta  # Hairer: 0.2 - 0.75 beta for order 5
+    e1 = sum(abs(e) for e in tab.e)  # noise gain of the embedded error estimate
     while True:
         idx = torch.nonzero(active).squeeze(1)
         if idx.numel() == 0:
@@ -206,7 +232,9 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
         y_new, err, k_new, n = rk_step(F, ya, sa, direction * ha, tab, ka)
         nfe[idx] += n
         steps[idx] += 1
-        en = _err_norm(err, ya, y_new, ctl)
+        w = ctl.weight(sa) if ctl.weight is not None else None
+        floor = NOISE_K * e1 * ctl.noise * ha * ka.to(F64).pow(2).mean(1).sqrt() if ctl.noise > 0 else None
+        en = _err_norm(err, ya, y_new, ctl, w, floor)
         finite = torch.isfinite(en) & torch.isfinite(y_new).all(1)
         en = torch.where(finite, en, torch.full_like(en, float("inf")))
         acc = en <= 1.0
