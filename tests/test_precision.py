@@ -228,3 +228,18 @@ def test_a_shard_runs_at_the_pinned_precision_and_records_how_the_network_ran(tm
     assert np.array_equal(z, want64) and not np.array_equal(z, want32)
     rec = json.dumps(store.shard_record(0), default=str)
     assert '"network": {"precision": "fp64", "compile": "eager"}' in rec, rec
+
+
+def test_a_compiled_network_runs_through_dynamo_and_matches_eager(monkeypatch):
+    """The real torch.compile path (dynamo tracing; the 'eager' backend keeps the test fast)."""
+    import functools
+
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="eager"))
+    net = Net()
+    x, lab = _inputs()
+    dn = DeviceNet(net, precision="fp32", compile="on")
+    with torch.no_grad():
+        out = dn(x, lab)
+        assert torch.equal(out, net(x.float(), lab.float()).double())
+        dn(x[:7], lab[:7])  # another batch size (adaptive solvers shrink batches)
+    assert dn.compile_state("cpu") == "compiled"

@@ -102,7 +102,8 @@ class DeviceNet:
                     self.compile_status[str(device)] = "compiled"
                 except Exception as e:  # noqa: BLE001 -- any compile failure falls back to eager
                     self._fail(device, e)
-            return self._compiled[device] or m
+            compiled = self._compiled[device]
+            return m if compiled is None else compiled  # (a compiled module has no truth value)
 
     def _fail(self, device: torch.device, e: BaseException) -> None:
         msg = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"

@@ -186,7 +186,8 @@ def reconstruct_chunk(store_url: str, chunk_id: int, device: str = "auto") -> di
     source, sde = open_source(cfg.data["spec"]), cfg.make_sde()
     z = read_latents(store, index).astype(np.float32)
     x = read_rows(source, index)
-    values = reconstruct_rows(load_model(cfg.model["spec"], sde), sde, z, x, cfg.make_solver(),
+    values = reconstruct_rows(load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile),
+                              sde, z, x, cfg.make_solver(),
                               cfg.batch_size, resolve_device(device), cfg.dtype, source.quantization)
     write_sample_chunk(store, i0, values)
     return {"chunk": chunk_id, "n": int(len(index)), "max_abs_error": float(values["recon_max_abs"].max())}
@@ -229,7 +230,8 @@ def _image_grids(store: LatentStore, index: np.ndarray, device: str, n: int = 8)
 
     cfg = pinned_config(store)
     sde, dev = cfg.make_sde(), resolve_device(device)
-    model, solver = load_model(cfg.model["spec"], sde), cfg.make_solver()
+    model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
+    solver = cfg.make_solver()
     out: dict[str, np.ndarray] = {}
     if len(index):
         idx = index[:n]

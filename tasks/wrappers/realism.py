@@ -80,7 +80,8 @@ def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: i
     cfg = pinned_config(store)
     sde = cfg.make_sde()
     try:
-        source, model = open_source(cfg.data["spec"]), load_model(cfg.model["spec"], sde)
+        source = open_source(cfg.data["spec"])
+        model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
     except (InputError, OSError) as e:
         return {"skipped": f"the data or the model cannot be loaded: {str(e).splitlines()[0]}"}
     split = _split_rows(store, ranges)
