@@ -140,7 +140,8 @@ def test_config_json_is_plain(job, capsys, prefect_api):
 
 def test_console_script_exit_codes(tmp_path, cli_env):
     """The installed `pflatents` (which skips the interpreter's teardown) keeps main's exit codes:
-    1 naming the failed shard, 0 after resume, 2 for bad input without a traceback."""
+    1 naming the failed shard (Prefect's task-run log only with --debug), 0 after resume, 2 for bad
+    input without a traceback."""
     from extract_helpers import cli, env_with, no_traceback
 
     data, model = write_gmm_job(tmp_path, n=600, dim=4)
@@ -150,6 +151,9 @@ def test_console_script_exit_codes(tmp_path, cli_env):
     res = cli(args, env=env_with(cli_env, PFLATENTS_FAIL_SHARDS="1"))
     assert res.returncode == 1, res.stderr[-2000:]
     assert "[1]" in res.stderr and "resume" in res.stderr
+    assert no_traceback(res.stderr) and "Task run" not in res.stderr, res.stderr  # the summary, what to do
+    res = cli(["--debug", *args], env=env_with(cli_env, PFLATENTS_FAIL_SHARDS="1"))
+    assert res.returncode == 1 and "Task run 'integrate_shard" in res.stderr  # --debug shows Prefect's run log
     res = cli(["resume", str(out), "--no-progress"], env=cli_env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "done: 200 samples" in res.stdout

@@ -43,7 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from pflatents.tasks.errors import InputError
 
     try:
-        return args.func(args)
+        with _run_logs_off_the_terminal(not args.debug):
+            return args.func(args)
     except (InputError, StoreError) as e:
         if args.debug:
             raise
@@ -52,6 +53,25 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pflatents: interrupted", file=sys.stderr)
         return 130
+
+
+@contextlib.contextmanager
+def _run_logs_off_the_terminal(quiet: bool):
+    """Without --debug, Prefect's flow- and task-run logs (a failed shard's traceback, for one) go to
+    the Prefect API only, not to the terminal: the CLI prints one summary line naming the failed
+    shards and what to do. Prefect's logging config sets no ``propagate`` for these two loggers, so
+    turning it off here survives Prefect configuring its logging later."""
+    import logging
+
+    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")] if quiet else []
+    before = [lg.propagate for lg in loggers]
+    for lg in loggers:
+        lg.propagate = False
+    try:
+        yield
+    finally:
+        for lg, p in zip(loggers, before):
+            lg.propagate = p
 
 
 def entry() -> None:
