@@ -56,8 +56,8 @@ def temporary_server_note() -> str | None:
 
     if PREFECT_API_URL.value():
         return None
-    return ("pflatents: no Prefect server configured, so Prefect starts a temporary one for this command "
-            "(18-35 s measured); `pflatents server start` keeps one running for every command")
+    return ("pflatents: no Prefect server configured, so Prefect starts a temporary one for this command (10-35 s "
+            "measured, benchmarks/README.md); `pflatents server start` keeps one running for every command")
 
 
 def note_before_flow() -> None:
