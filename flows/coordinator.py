@@ -90,7 +90,9 @@ def prepare(job: Job) -> Prepared:
     A growing source (``npydir:``) is always incremental. Incremental jobs scan only new samples
     for NaN/Inf, under the lock (``grow_to_source``); fixed jobs scan everything here. Without an
     explicit shard size an existing store keeps the one it was made with (the default depends on
-    the data's length, which grows); a new store gets chunks of ~8 MiB, clipped to N.
+    the data's length, which grows); a new store gets chunks of ~8 MiB, clipped to N, and at least one
+    batch (``batch_size`` samples; a GPU needs batches of thousands, 682 samples of 32x32x3 fill 8 MiB),
+    so every shard task integrates full batches.
     """
     src = open_source(data_spec(job.data))
     incremental = job.incremental or src.spec.startswith("npydir:")
@@ -99,7 +101,8 @@ def prepare(job: Job) -> Prepared:
     url = store_url(job.out)
     shard_size = job.shard_size
     if shard_size is None:
-        shard_size = _pinned_shard_size(url) or default_shard_size(_sample_nbytes(src), len(src))
+        shard_size = _pinned_shard_size(url) or max(default_shard_size(_sample_nbytes(src), len(src)),
+                                                    min(job.batch_size, len(src)))
     cfg = build_config(job, source=src, shard_size=shard_size, incremental=incremental)
     return Prepared(job=job, url=url, src=src, cfg=cfg, shard_size=shard_size)
 

@@ -44,8 +44,8 @@ class JobSettings(BaseModel):
     atol: float = Field(5e-7, gt=0, description="dopri5 absolute tolerance")
     steps: int = Field(50, ge=1, description="steps of a fixed-step solver")
     grid: str = Field("logsnr", description="time grid of fixed-step solvers: logsnr | edm | time")
-    shard_size: Optional[int] = Field(None, ge=1, description="samples per shard (default: chunks of ~8 MiB; an "
-                                                             "existing store keeps its own)")
+    shard_size: Optional[int] = Field(None, ge=1, description="samples per shard (default: chunks of ~8 MiB and at "
+                                                             "least one batch; an existing store keeps its own)")
     batch_size: int = Field(1024, ge=1, description="samples integrated together")
     dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the ODE state")
     precision: Optional[Literal["fp32", "tf32", "bf16", "fp64"]] = Field(
