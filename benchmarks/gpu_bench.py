@@ -160,6 +160,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--channels", type=int, default=32, help="U-Net base channels")
     ap.add_argument("--size", type=int, default=32, help="patch side (patches are size x size x 3)")
     ap.add_argument("--analyze-timeout", type=float, default=600.0, help="stop analyze after this many seconds")
+    ap.add_argument("--workers", type=int, default=1,
+                    help="extract's concurrent shard tasks (2 overlaps one shard's store write with the next's integration)")
     ap.add_argument("--gmm", type=int, default=32768, help="batch of the GMM core-only figure (0 skips)")
     ap.add_argument("--json", default=None, help="also write the results here")
     a = ap.parse_args(argv)
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         out, dt = pflatents("extract", "--data", str(work / "extract.npy"), "--model", str(ck), "--out", str(store),
                             "--solver", a.solver, "--steps", str(a.steps), "--precision", a.precision,
                             "--compile", a.compile, "--batch-size", str(a.batch), "--shard-size", str(a.batch),
-                            "--device", str(dev), "--no-progress", env=env)
+                            "--device", str(dev), "--workers", str(a.workers), "--no-progress", env=env)
     m = re.search(r"done: (\d+) samples in ([\d.]+) s \((\d+) samples/s\), mean NFE ([\d.]+)", out)
     res["extract"] = {"wall_s": dt, "samples_per_s_wall": a.n_extract / dt, **smi.summary()}
     if m:

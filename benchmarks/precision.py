@@ -1,6 +1,6 @@
 """What each network precision costs in latent error, and whether torch.compile pays on this CPU.
 
-    .venv/bin/python benchmarks/precision.py [--n 64] [--models digits,colour] [--solvers 'rk4 64,dopri5 5e-7'] [--compile]
+    .venv/bin/python benchmarks/precision.py [--n 64] [--models digits,colour] [--solvers 'rk4 64,dopri5 5e-7'] [--no-ref] [--compile]
 
 Models: the learned-model benchmark's trained checkpoints (benchmarks/learned_models.py: the digits
 MLP and the 8x8x3 colour-patch U-Net), loaded through the product's registry with
@@ -40,14 +40,16 @@ def _q(e: np.ndarray) -> str:
     return f"{np.quantile(e, 0.5):.1e} / {np.quantile(e, 0.99):.1e} / {e.max():.1e}"
 
 
-def precision_table(name: str, n: int, solvers: list[str]) -> None:
+def precision_table(name: str, n: int, solvers: list[str], with_ref: bool = True) -> None:
     path, test = trained(name, n_test=n)
     sde = VPSDE()
-    m = load(path)
-    ref = reference(m, test, 1e-5)
-    z_ref = ref["z_ref"]
     x = torch.from_numpy(test)
-    print(f"\n### {name} ({n} held-out samples, t_eps 1e-5; reference converged to {ref['conv_enc'].max():.1e})\n")
+    if with_ref:
+        ref = reference(load(path), test, 1e-5)
+        z_ref, conv = ref["z_ref"], f"reference converged to {ref['conv_enc'].max():.1e}"
+    else:
+        z_ref, conv = None, "no float64 reference (--no-ref)"
+    print(f"\n### {name} ({n} held-out samples, t_eps 1e-5; {conv})\n")
     print("| solver | precision | state | mean NFE | err vs f64 ref p50 / p99 / max | precision's own share "
           "p50 / p99 / max | s |")
     print("|---|---|---|---|---|---|---|")
@@ -63,7 +65,8 @@ def precision_table(name: str, n: int, solvers: list[str]) -> None:
             z = r.x.double()
             if own is None:
                 own = z
-            rows.append(f"| {sname} | {prec} | {dtype} | {r.nfe.double().mean():.0f} | {_q(sample_err(z, z_ref))} | "
+            vs_ref = _q(sample_err(z, z_ref)) if z_ref is not None else "-"
+            rows.append(f"| {sname} | {prec} | {dtype} | {r.nfe.double().mean():.0f} | {vs_ref} | "
                         f"{_q(sample_err(z, own))} | {dt:.1f} |")
         print("\n".join(reversed(rows)), flush=True)
 
@@ -111,11 +114,12 @@ def main() -> None:
     ap.add_argument("--models", default="digits,colour")
     ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"comma-separated, of: {', '.join(SOLVERS)}")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile on this CPU")
+    ap.add_argument("--no-ref", action="store_true", help="skip the float64 reference (the precisions' own share only)")
     a = ap.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     names = a.models.split(",")
     for name in names:
-        precision_table(name, a.n, a.solvers.split(","))
+        precision_table(name, a.n, a.solvers.split(","), with_ref=not a.no_ref)
     if a.compile:
         compile_table(names)
 
