@@ -174,16 +174,22 @@ def test_laplace_oracle_ica_conclusions(tmp_path, prefect_api, capsys):
     assert out["independence"]["n_pairs_over_threshold"] == 0 and out["normality"]["n_dims_failing"] == 0
 
 
-def test_flagged_samples_are_cut_out_of_the_ranges():
+def test_flagged_samples_are_left_out(tmp_path, prefect_api, capsys):
+    """Samples the solver could not finish (NaN latents, flagged in the store) are cut out of the ranges."""
+    from pflatents.storage import LatentStore
     from pflatents.tasks.wrappers.analyze import drop_flagged, usable_rows
 
-    class Store:  # the one method drop_flagged relies on
-        def status_array(self):
-            s = np.zeros(20, np.int8)
-            s[[0, 5, 6, 19]] = [1, 2, 1, 1]
-            return s
-
-    ranges, n = drop_flagged(Store(), [[0, 10], [15, 20]])
-    assert n == 4 and ranges == [[1, 5], [7, 10], [15, 19]]
-    assert usable_rows(ranges).tolist() == [1, 2, 3, 4, 7, 8, 9, 15, 16, 17, 18]
-    assert drop_flagged(object(), [[0, 10]]) == ([[0, 10]], 0)
+    rng = np.random.default_rng(8)
+    x, z = rng.normal(size=(1000, 3)), rng.normal(size=(1000, 3))
+    url = craft_store(tmp_path, x, z, shard=500, done=set())
+    store = LatentStore.open(url, mode="r+")
+    status = np.zeros(1000, np.int8)
+    status[[0, 5, 6, 999]] = [1, 2, 1, 1]
+    for sid in range(2):
+        i0, i1 = store.shard_range(sid)
+        store.write_shard(sid, z[i0:i1].astype(np.float32), np.zeros(i1 - i0, np.int32), status=status[i0:i1])
+    ranges, n = drop_flagged(LatentStore.open(url, mode="r"), [[0, 500], [500, 1000]])
+    assert n == 4 and ranges == [[1, 5], [7, 500], [500, 999]] and len(usable_rows(ranges)) == 996
+    code, s, err = _analyze([url, "--prior", "0"], capsys)
+    assert code == 0, err
+    assert s["n_samples"] == 996 and s["n_flagged_excluded"] == 4 and "4 samples the solver flagged" in s["rows_note"]

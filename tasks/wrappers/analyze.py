@@ -40,18 +40,12 @@ def pinned_config(store: LatentStore) -> Any:
 
 
 def drop_flagged(store: LatentStore, ranges: list[list[int]]) -> tuple[list[list[int]], int]:
-    """The ranges without the samples the solver flagged (status != 0: NaN latents), and how many.
-
-    Relies on the store's per-sample status array through ``LatentStore.status_array()``; a store
-    without that method or array has no flagged samples to drop."""
-    get = getattr(store, "status_array", None)
-    status = get() if callable(get) else None
-    if status is None:
-        return ranges, 0
+    """The ranges without the samples the solver flagged (their latents are NaN), and how many:
+    ``LatentStore.failed_mask`` marks them."""
     out: list[list[int]] = []
     n_flagged = 0
     for a, b in ranges:
-        bad = np.flatnonzero(np.asarray(status[a:b]) != 0) + a
+        bad = np.flatnonzero(store.failed_mask(a, b)) + a
         n_flagged += len(bad)
         edges = [a, *(v for k in bad for v in (int(k), int(k) + 1)), b]
         out += [[lo, hi] for lo, hi in zip(edges[::2], edges[1::2]) if hi > lo]
