@@ -103,7 +103,8 @@ def prepare(job: Job) -> Prepared:
     if shard_size is None:
         shard_size = _pinned_shard_size(url) or max(default_shard_size(_sample_nbytes(src), len(src)),
                                                     min(job.batch_size, len(src)))
-    cfg = build_config(job, source=src, shard_size=shard_size, incremental=incremental)
+    pinned = _pinned_config(url) if job.latent_tol is not None else None  # --latent-tol reuses its pilot
+    cfg = build_config(job, source=src, shard_size=shard_size, incremental=incremental, pinned=pinned)
     return Prepared(job=job, url=url, src=src, cfg=cfg, shard_size=shard_size)
 
 
@@ -122,6 +123,17 @@ def _pinned_shard_size(url: str) -> int | None:
         return None
     try:
         return LatentStore.open(url, mode="r").shard_size
+    except StoreError:
+        return None
+
+
+def _pinned_config(url: str) -> dict | None:
+    """The pinned config of the store at ``url`` if one is there (a hint read without the lock, like the
+    shard size: the config is checked again under the lock)."""
+    if store_kind(url) != "complete":
+        return None
+    try:
+        return LatentStore.open(url, mode="r").config
     except StoreError:
         return None
 

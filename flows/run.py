@@ -73,6 +73,10 @@ def extract_job(job, run: RunSettings, *, command: str = "extract", say: Callabl
     from pflatents.flows.coordinator import grow_to_source, make_store, prepare
 
     p = prepare(job)
+    if p.cfg.pilot is not None:
+        from pflatents.tasks.ode.pilot import describe
+
+        say(describe(p.cfg.pilot))
     run.check()
     grow = (lambda store: grow_to_source(store, p.src)) if p.incremental else None
     return run_pending(lambda: make_store(p), p.url, run, command=command, grow=grow, say=say, progress=progress)

@@ -55,6 +55,10 @@ class JobSettings(BaseModel):
         "auto", description="torch.compile the network (auto: on a GPU, never on a CPU; pinned)")
     incremental: bool = Field(False, description="the data may grow: extract only samples new since the last run "
                                                  "into the same store (always on for npydir:DIR)")
+    latent_tol: Optional[float] = Field(
+        None, gt=0, description="per-sample latent error (p99, max-abs) wanted: a pilot on 128 seeded samples picks "
+                                "the cheapest dopri5 tolerance meeting it against a float64 run, pinned; explicit "
+                                "--solver/--rtol/--atol/--steps win")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobSettings":
@@ -106,10 +110,15 @@ class ExtractConfig(BaseModel):
     # network precision and compilation (pflatents.tasks.models.precision); absent: float32 weights, eager
     precision: Literal["fp32", "tf32", "bf16", "fp64"] = "fp32"
     compile: Literal["auto", "on", "off"] = "off"
+    # --latent-tol: the target, the pilot's choice and figures (pflatents.tasks.ode.pilot); absent: none asked
+    pilot: Optional[dict[str, Any]] = None
 
     def to_dict(self) -> dict[str, Any]:
-        """The pinned JSON (the store's ``pflatents.config``)."""
-        return self.model_dump()
+        """The pinned JSON (the store's ``pflatents.config``); no ``pilot`` key when none ran."""
+        d = self.model_dump()
+        if d["pilot"] is None:
+            del d["pilot"]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
@@ -193,13 +202,29 @@ def solver_from_dict(d: dict):
     return SolverConfig(**d)
 
 
-def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool) -> ExtractConfig:
+def _latent_tol(job: JobSettings, scfg, sde, source, precision: str, pinned: Optional[dict[str, Any]]):
+    """(solver config, pinned pilot record) for ``--latent-tol``: explicit solver flags win; a store that
+    pinned a pilot for the same target and t_eps reuses its choice; otherwise the pilot runs."""
+    explicit = sorted({"solver", "rtol", "atol", "steps"} & job.model_fields_set)
+    if explicit:
+        return scfg, {"target": job.latent_tol, "skipped": "explicit --" + ", --".join(explicit)}
+    old = (pinned or {}).get("pilot") or {}
+    if old.get("target") == job.latent_tol and old.get("choice") and old["choice"].get("t_eps") == job.t_eps:
+        return solver_from_dict(old["choice"]), old
+    from pflatents.tasks.ode.pilot import latent_pilot
+
+    return latent_pilot(job.model, sde, source, job.t_eps, job.dtype, precision, job.latent_tol)
+
+
+def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool,
+                 pinned: Optional[dict[str, Any]] = None) -> ExtractConfig:
     """Validate the job against the data and the model, and freeze it into one config.
 
     ``shard_size`` is the one chosen for the store (the job's, the existing store's, or the default)
     and ``incremental`` whether the job follows a growing source: then the data's length and
     fingerprint are not part of the pinned identity (the store keeps those of its planned prefix).
-    The adaptive solver's time variable is pinned resolved: what the integration uses.
+    The adaptive solver's time variable is pinned resolved: what the integration uses. ``pinned`` is
+    the existing store's config, if any (``--latent-tol`` reuses its pilot's choice).
     """
     from pflatents.tasks.models.precision import resolve_precision
     from pflatents.tasks.models.registry import model_info
@@ -226,7 +251,11 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     else:
         data = {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
                 "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
+    precision = resolve_precision(job.precision, job.dtype, info.kind)
+    pilot = None
+    if job.latent_tol is not None:
+        scfg, pilot = _latent_tol(job, scfg, sde, source, precision, pinned)
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=scfg.to_dict(),
-                         shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype,
-                         precision=resolve_precision(job.precision, job.dtype, info.kind),
-                         compile="off" if info.kind == "gmm" else job.compile)  # an exact score has nothing to compile
+                         shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype, precision=precision,
+                         compile="off" if info.kind == "gmm" else job.compile,  # an exact score has nothing to compile
+                         pilot=pilot)

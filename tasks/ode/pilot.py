@@ -117,3 +117,47 @@ def choose(model: ScoreModel, sde: SDE, x0: torch.Tensor, target: float, cands: 
         best = min(range(len(rows)), key=lambda i: rows[i]["p99"])
     refinfo = {"setting": ref_cfg.to_dict(), "nfe_mean": float(ref.nfe.double().mean()), "dtype": "float64"}
     return PilotResult(target, dataclasses.replace(cands[best]), bool(ok), rows, int(x0.shape[0]), refinfo)
+
+
+PILOT_N, PILOT_SEED = 128, 0
+
+
+def pilot_subset(source, n: int = PILOT_N, seed: int = PILOT_SEED) -> np.ndarray:
+    """A seeded subset of ``n`` samples of a source (all of them when it has fewer), in index order."""
+    total = len(source)
+    idx = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
+    return np.concatenate([source.read(int(i), int(i) + 1) for i in idx]).astype(np.float64)
+
+
+def latent_pilot(model_spec: str, sde: SDE, source, t_eps: float, dtype: str, precision: str, target: float,
+                 n: int = PILOT_N, seed: int = PILOT_SEED) -> tuple[SolverConfig, dict]:
+    """``--latent-tol``: measure the right-hand side's noise, run the pilot, return (choice, pinned record).
+
+    The model runs at the job's ``precision`` (the working one) and, for the reference and the noise
+    floor, in float64 (``fp64``; an exact score in a float64 state). The record holds the target, the
+    choice, whether it met the target, the noise floor and every candidate's p50 / p99 / max and NFE.
+    """
+    from pflatents.tasks.models.registry import load_model
+
+    work = load_model(model_spec, sde, precision)
+    hi = load_model(model_spec, sde, "fp64")
+    x = torch.from_numpy(pilot_subset(source, n, seed))
+    dt = F64 if dtype == "float64" else torch.float32
+    noise = float(f"{rhs_noise(work, hi, sde, x, t_eps, dt):.1e}")  # 2 digits: a stable pinned value
+    res = choose(work, sde, x, target, candidates(t_eps, noise), dt, model_ref=hi)
+    rec = {**res.to_dict(), "seed": seed, "noise": noise}
+    return res.choice, rec
+
+
+def describe(rec: dict) -> str:
+    """One line for the CLI: what the pilot chose and why."""
+    if "skipped" in rec:
+        return f"latent-tol {rec['target']:g}: no pilot ({rec['skipped']} given)"
+    ch = rec.get("choice") or {}
+    row = next((r for r in rec.get("candidates", []) if r["setting"] == ch), None)
+    what = f"{ch.get('name')} tol {ch.get('rtol'):g}" if ch.get("rtol") is not None else str(ch)
+    figs = f" (pilot p99 {row['p99']:.1e}, max {row['max']:.1e}, {row['nfe_mean']:.0f} NFE/sample)" if row else ""
+    if rec.get("met"):
+        return f"latent-tol {rec['target']:g}: pilot on {rec['n']} samples chose {what}{figs}"
+    return (f"latent-tol {rec['target']:g}: NOT met by any candidate on {rec['n']} pilot samples; using the most "
+            f"accurate, {what}{figs}: this model's latents cannot be made that reproducible at this precision")
