@@ -208,8 +208,10 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
                   prior: int = 300) -> dict:
     """Validate everything before Prefect starts, run the ``analyze`` flow, return its JSON summary.
 
-    The summary is also written to the store's ``analysis`` group; ``report`` (a directory) gets
-    report.html, report.md and PNG plots. A store with pending or failed shards is refused unless
+    The summary opens with the three answers (``answers``: realism, bijection, independence); ``prior``
+    seeded prior draws are decoded and compared with the data (0 skips; skipped with a reason when
+    the model or data cannot be loaded). The summary is also written to the store's ``analysis``
+    group; ``report`` (a directory) gets report.html, report.md and PNG plots. A store with pending or failed shards is refused unless
     ``partial``; a stored analysis made with other settings is kept unless ``overwrite``.
     """
     from pflatents.flows.coordinator import store_url
