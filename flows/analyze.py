@@ -26,11 +26,12 @@ class AnalyzeOptions:
     sources: str | None = None
     partial: bool = False
     prior: int = 300             # decodes of fresh prior draws for the realism tests (0: skip)
+    stability: int = 0           # stored samples re-encoded ~10x more accurately (0: skip)
 
     def to_dict(self) -> dict[str, Any]:
         return {"stats": self.stats, "reconstruct": self.reconstruct, "ica": self.ica,
                 "ica_n": self.ica_n if self.ica else None, "sources": self.sources, "partial": self.partial,
-                "prior": self.prior}
+                "prior": self.prior, **({"stability": self.stability} if self.stability else {})}
 
 
 # ---- validation (before Prefect) -------------------------------------------------------------
@@ -178,10 +179,18 @@ def _make_flow() -> Any:
         summary["prior"] = (check_prior_decodes(store_url, ranges, opts.prior, seed, alpha, device) if opts.prior
                             else {"skipped": "--prior 0"})
         summary["splits"] = split_stats(store_url, ranges, opts.stats, prior_std, rows)
+        if opts.stability:
+            from pflatents.tasks.wrappers.stability import check_stability
+
+            summary["stability"] = check_stability(store_url, ranges, opts.stability, seed, device)
         summary.update(store=store_url, n_samples_store=store.n_samples, prior_std=prior_std,
                        rows_note=_rows_note(store, ranges, opts.partial, n_flagged), partial=opts.partial,
                        n_flagged_excluded=n_flagged)
         summary["verdict"] = verdict(summary)
+        if opts.stability:
+            st = summary["stability"]
+            summary["verdict"] += (f" Latent stability: p99 drift {st['p99']:.2g} vs a 10x more accurate re-encode "
+                                   f"({'meets' if st['meets_target'] else 'MISSES'} the target {st['target']:g}).")
         summary = to_json({"answers": answers(summary), **summary}, "analysis summary", nonfinite="null")
         write_analysis_attrs(analysis_group(store, create=True), opts.to_dict(), summary)
         create_markdown_artifact(markdown=summary_table(summary), key="pflatents-analysis",
@@ -205,7 +214,7 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
                   sources: str | None = None, report: str | None = None, partial: bool = False,
                   overwrite: bool = False, seed: int = 0, alpha: float = 0.05, dcor_pairs: int = 8,
                   rows: int | None = None, runner: str = "local", workers: int = 1, device: str = "auto",
-                  prior: int = 300) -> dict:
+                  prior: int = 300, stability: int = 0) -> dict:
     """Validate everything before Prefect starts, run the ``analyze`` flow, return its JSON summary.
 
     The summary opens with the three answers (``answers``: realism, bijection, independence); ``prior``
@@ -227,6 +236,14 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
     opts = _options(st.n_samples, reconstruct=reconstruct, ica=ica, ica_samples=ica_samples, sources=sources,
                     partial=partial, seed=seed, alpha=alpha, dcor_pairs=dcor_pairs, rows=rows, workers=workers,
                     prior=prior)
+    if isinstance(stability, bool) or not isinstance(stability, int) or stability < 0:
+        from pflatents.tasks.errors import InputError
+
+        raise InputError(f"--stability takes a number of samples >= 0; got {stability!r}")
+    if stability:
+        from dataclasses import replace
+
+        opts = replace(opts, stability=stability)
     check_analysis_config(st, opts.to_dict(), overwrite)
     _check_inputs(st, opts, device)
     prefect_env()

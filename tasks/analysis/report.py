@@ -82,6 +82,11 @@ def summary_table(s: dict[str, Any]) -> str:
             ["dims failing normality", nm["n_dims_failing"], "0"]]
     if rec:
         rows += [["round-trip max abs error", rec.get("max_abs_error"), ""], ["round-trip RMSE", rec.get("rmse"), ""]]
+    stab = s.get("stability")
+    if stab:  # `--stability N`: drift against a ~10x more accurate re-encode
+        rows.append([f"latent stability p50 / p99 / max ({stab['n']} samples)",
+                     f"{stab['p50']:.2g} / {stab['p99']:.2g} / {stab['max']:.2g}",
+                     f"p99 <= {stab['target']:g}: {'yes' if stab['meets_target'] else 'NO'}"])
     head = answers_markdown(s)
     table = _table(["statistic", "value", "pass line (5%, Bonferroni)"], rows)
     return (head + "\n\n" if head else "") + table + f"\n\n**Verdict:** {s['verdict']}\n"
