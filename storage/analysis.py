@@ -77,13 +77,17 @@ def read_analysis_attrs(store: LatentStore) -> dict[str, Any] | None:
 def check_analysis_config(store: LatentStore, config: Mapping[str, Any], overwrite: bool) -> None:
     """Refuse (naming the fields) to mix results of different settings unless ``overwrite``.
 
+    Settings the stored analysis predates (absent from its config) do not count as a difference,
+    so an analysis written by an earlier version is re-run without ``--overwrite``.
+
     Raises:
         AnalysisConfigError: an analysis with a different config is stored and not ``overwrite``.
     """
     stored = (read_analysis_attrs(store) or {}).get("config")
     if stored is None or overwrite:
         return
-    diffs = config_diff(stored, to_json(dict(config)), "analysis")
+    new = {k: v for k, v in to_json(dict(config)).items() if k in stored}  # settings added since the
+    diffs = config_diff(stored, new, "analysis")                          # stored analysis: not a clash
     if diffs:
         raise AnalysisConfigError(
             f"store {store.url} holds an analysis made with different settings: {format_diff(diffs)}\n"

@@ -109,6 +109,15 @@ def test_analyze_extracted_store_end_to_end(tmp_path, prefect_api, capsys):
     assert code == 2 and "analysis.reconstruct" in err and "--overwrite" in err and "Traceback" not in err
     code, s2, _ = _analyze([out, "--overwrite"], capsys)
     assert code == 0 and s2["reconstruction"]["max_abs_error"] is None
+    # an analysis written before a setting existed (here: no "prior" in its config) is not refused for it
+    import zarr
+
+    group = zarr.open_group(out, path="analysis", mode="r+")
+    attrs = dict(group.attrs["pflatents_analysis"])
+    attrs["config"] = {k: v for k, v in attrs["config"].items() if k != "prior"}
+    group.attrs["pflatents_analysis"] = attrs
+    code, _, err = _analyze([out], capsys)
+    assert code == 0, err
     assert "recon_max_abs" not in xr.open_zarr(out, group="analysis", consolidated=False)
 
 
