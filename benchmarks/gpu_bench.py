@@ -241,6 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     from pflatents.storage import LatentStore
 
+    res["extract"].update(shard_timings(LatentStore.open(str(store), mode="r")))
+    say(f"extract shards after the first (compile done): {res['extract']['steady_samples_per_s']:,.0f} samples/s "
+        f"per task; read {res['extract']['read_fraction']:.0%}, write + verify {res['extract']['write_fraction']:.0%}")
     z = np.asarray(LatentStore.open(str(store), mode="r").latents_array()[:a.n_ref])
     ref_model = load_model(str(ck), sde, precision="fp64", compile="off")
     x_ref = torch.from_numpy(x_ext[:a.n_ref]).to(dev, torch.float64)
@@ -273,10 +276,26 @@ def main(argv: list[str] | None = None) -> dict:
     return res
 
 
+def shard_timings(store) -> dict:
+    """From the shard records: samples/s of one task over the shards after the first (the first
+    carries the compile), and the shares of reading and of writing + verifying in the task time."""
+    recs = sorted(store.shard_records().items())
+    t = {k: 0.0 for k in ("read_s", "integrate_s", "write_s", "verify_s")}
+    n = 0
+    for _, r in recs[1:] or recs:
+        for k in t:
+            t[k] += float(r.get("timings", {}).get(k, 0.0))
+        n += int(r["stop"]) - int(r["start"])
+    total = sum(t.values()) or float("nan")
+    return {"steady_samples_per_s": n / total, "read_fraction": t["read_s"] / total,
+            "write_fraction": (t["write_s"] + t["verify_s"]) / total}
+
+
 def _table(res: dict, say) -> None:
     e, c, n, le = res["extract"], res["core_only"], res["network_only"], res["latent_error"]
     rows = [("device", res["device"]), ("samples/s end to end (flow)", e.get("samples_per_s")),
             ("samples/s end to end (process wall, incl. start-up and compile)", e["samples_per_s_wall"]),
+            ("samples/s of one extract task after the first shard", e.get("steady_samples_per_s")),
             ("samples/s core only", c["samples_per_s"]), ("end to end / core only", e.get("vs_core_only")),
             ("mean NFE", e.get("mean_nfe", c["mean_nfe"])), ("network-only limit, sample-evals/s", n["sample_evals_per_s"]),
             ("core throughput x NFE / network limit", c["fraction_of_network_limit"]),
