@@ -33,7 +33,7 @@ def test_holdout_checkpoint_prior_decodes_and_answers(tmp_path, prefect_api, cap
     out = str(tmp_path / "s.zarr")
     assert main(["extract", "--data", str(tmp_path / "x.npy"), "--model", str(tmp_path / "m"), "--out", out,
                  "--solver", "rk4", "--steps", "12", "--shard-size", "300", "--no-progress"]) == 0
-    code, s, err = _analyze([out, "--prior", "120", "--report", str(tmp_path / "rep")], capsys)
+    code, s, err = _analyze([out, "--prior", "120", "--reconstruct", "40", "--report", str(tmp_path / "rep")], capsys)
     assert code == 0, err
     assert list(s)[0] == "answers" and set(s["answers"]) == {"realism", "bijection", "independence"}
     for a in s["answers"].values():
@@ -45,6 +45,8 @@ def test_holdout_checkpoint_prior_decodes_and_answers(tmp_path, prefect_api, cap
     assert 0 < p["nn_distance_ratio"] < 3 and 0 <= p["mmd_p"] <= 1
     sp = s["splits"]
     assert sp["known"] and sp["train"]["n"] == 450 and sp["heldout"]["n"] == 150
+    assert sp["train"]["round_trip_n_checked"] + sp["heldout"]["round_trip_n_checked"] == 40
+    assert 0 < sp["heldout"]["round_trip_max_abs_error"] < 0.1
     assert sp["eval_loss_heldout"] > 0 and "training vs held-out" in s["answers"]["independence"]["answer"]
     md = (tmp_path / "rep" / "report.md").read_text()
     first_screen = md[:md.index("| statistic |")]

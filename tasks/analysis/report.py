@@ -217,8 +217,9 @@ def _prior_blocks(s: dict[str, Any]) -> list[str]:
                            ["nearest-training distance, decodes / held-out", p["nn_distance_ratio"], None,
                             "<< 1: decodes copy training samples"]])]
     if sp.get("known"):
-        keys = ["n", "max_abs_offdiag_corr", "gaussian_total_correlation", "max_abs_var_minus_1",
-                "mean_abs_excess_kurtosis", "n_dims_failing", "dependence_tests_rejecting"]
+        keys = ["n", "max_abs_offdiag_corr", "gaussian_total_correlation", "gaussian_total_correlation_null_mean",
+                "max_abs_var_minus_1", "mean_abs_excess_kurtosis", "n_dims_failing", "dependence_tests_rejecting",
+                *(k for k in ("round_trip_n_checked", "round_trip_max_abs_error") if k in sp["train"])]
         blocks += ["## Training rows vs held-out rows", sp["note"] + ".",
                    _table(["figure", "training rows", "held-out rows"], [[k, sp["train"][k], sp["heldout"][k]] for k in keys]
                           + [["eps-loss (from training)", sp.get("eval_loss_train"), sp.get("eval_loss_heldout")]])]

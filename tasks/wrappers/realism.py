@@ -22,7 +22,7 @@ from pflatents.tasks.analysis.summary import independence_failures, summarise
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.models.registry import load_model, resolve_device
-from pflatents.tasks.wrappers.analyze import latents_dask, pinned_config, stored_target, usable_rows
+from pflatents.tasks.wrappers.analyze import latents_dask, pinned_config, recon_values, stored_target, usable_rows
 
 __all__ = ["model_split", "check_prior_decodes", "split_stats", "REFERENCE_ROWS"]
 
@@ -133,5 +133,11 @@ def split_stats(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, An
     for name, p in zip(("train", "heldout"), pos):
         res = compute_stats(x[p], cfg, shift=target.shift, matrix=target.matrix)
         out[name] = _figures(summarise(res, [], cfg))
+    errors = recon_values(store)
+    if "recon_max_abs" in errors:  # the round trip, split the same way
+        for name, side in zip(("train", "heldout"), split):
+            hit = np.isin(errors["sample_index"], side)
+            out[name]["round_trip_n_checked"] = int(hit.sum())
+            out[name]["round_trip_max_abs_error"] = float(errors["recon_max_abs"][hit].max()) if hit.any() else None
     out["eval_loss_train"], out["eval_loss_heldout"] = rec.get("eval_loss_train"), rec.get("eval_loss_heldout")
     return out
