@@ -10,6 +10,8 @@ Layout::
     <store>/analysis/prior_shift   float64 (D,), ("latent_dim",): p_T's mean in prior-std units
     <store>/analysis/prior_matrix  float64 (D, R), ("latent_dim", "dim"): tested coordinates of latents
                                    z / prior_std are (z / prior_std - prior_shift) @ prior_matrix
+    <store>/analysis/latent_eigenvalues float64 (D,), ("latent_dim",): the latents' covariance spectrum
+                                   (prior-std units, ascending)
     <store>/analysis/<matrix>      float64 (R, R), ("dim_i", "dim_j"): corr, corr_squares, corr_abs
     <store>/analysis/<pair matrix> float64 (P, P), ("pair_i", "pair_j"): hsic, hsic_p, mi, mi_p
     <store>/analysis/pair_dims     int64 (P,), ("pair_i",): which dims the pair tests used

@@ -156,6 +156,8 @@ def test_constant_data_dims_are_reported_apart_and_dominate_no_statistic(tmp_pat
     assert [p["direction"] for p in part] == ["dim 1", "dim 4"] and all(p["latent_variance"] < 1e-12 for p in part)
     ds = xr.open_zarr(str(tmp_path / "crafted.zarr"), group="analysis", consolidated=False)
     assert ds["coordinate_dims"].values.tolist() == [0, 2, 3, 5] and ds.sizes["dim"] == 4
+    lam = ds["latent_eigenvalues"].values
+    assert len(lam) == 6 and lam[0] == pytest.approx(s["latent"]["eigenvalues_min"]) and lam[0] < 1e-12
 
 
 def test_laplace_oracle_ica_conclusions(tmp_path, prefect_api, capsys):

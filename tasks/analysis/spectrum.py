@@ -205,9 +205,9 @@ def latent_spectrum(spec: DataSpectrum | None, latent_mean: np.ndarray, latent_c
             item["cos_with_degenerate_data_direction"] = float(np.abs(vec[:, k] @ deg).max())
         tops.append(item)
     latent = {"eigenvalues_min": float(lam.min()), "eigenvalues_max": float(lam.max()),
-              "eigenvalues": np.sort(lam).tolist(), "n_constant_dims": int(len(var) - len(live)),
+              "eigenvalues_smallest": np.sort(lam)[:10].tolist(), "n_constant_dims": int(len(var) - len(live)),
               "gaussian_total_correlation_all_dims": float(contrib.sum())}
-    out: dict[str, Any] = {"latent": latent, "total_correlation_top": tops,
+    out: dict[str, Any] = {"latent": latent, "total_correlation_top": tops, "eigenvalues": np.sort(lam),
                            "data": {"available": False} if spec is None else _data_summary(spec)}
     if spec is not None and spec.degenerate.shape[1]:
         g = spec.degenerate

@@ -162,6 +162,7 @@ def compute_latent_stats(store_url: str, ranges: list[list[int]], stats_cfg: dic
     full_mean, full_cov = (res["full_mean"], res["full_cov"]) if "full_cov" in res else \
         (res["normality"]["mean"], res["cov_z"])
     sp = latent_spectrum(spectrum, full_mean, full_cov, target.degenerate_var)
+    write_arrays(analysis_group(store), {"latent_eigenvalues": (sp["eigenvalues"], ("latent_dim",))})
     if spectrum is None:
         sp["data"]["reason"] = target.info.get("reason")
     summary["independence"]["gaussian_total_correlation_top"] = sp["total_correlation_top"]
