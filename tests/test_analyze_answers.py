@@ -85,6 +85,9 @@ def test_bijection_answer_names_the_degenerate_direction():
          "latent": {"degenerate_part": [{"direction": "the all-ones direction over 64 dims", "latent_variance": 0.27,
                                          "prior_variance": 1.0}]},
          "reconstruction": {"max_abs_error": None}, "prior": {"skipped": "--prior 0"}}
+    a = answers({**s, "stability": {"n": 50, "p99": 2e-3, "target": 1e-3, "meets_target": False}})
+    assert "moves the latents by 0.002 (p99; target 0.001: missed)" in a["bijection"]["answer"]
+    assert "tighter extraction tolerance" in a["bijection"]["would_change"]
     a = answers(s)
     assert a["bijection"]["answer"].startswith("no, not onto R^64: the data span 63 of 64 dims")
     assert "variance 0.27 instead of 1" in a["bijection"]["answer"]

@@ -77,6 +77,13 @@ def _bijection(s: dict[str, Any]) -> dict[str, Any]:
         change.append("a tighter solver tolerance lowers the round-trip error")
     else:
         parts.append("the round trip was not checked (--reconstruct N)")
+    st = s.get("stability") or {}
+    if st.get("p99") is not None:
+        nums.update(stability_p99_drift=st["p99"], stability_target=st.get("target"))
+        parts.append(f"re-encoding {st.get('n')} samples 10x more accurately moves the latents by {st['p99']:.2g} "
+                     f"(p99; target {st.get('target'):g}: {'met' if st.get('meets_target') else 'missed'})")
+        if not st.get("meets_target"):
+            change.append("a tighter extraction tolerance (the stored latents are less accurate than the target)")
     answer = "; ".join(parts)
     if not (data.get("available") and data["n_degenerate"]):
         answer = ("yes, on the rows checked: " if rec.get("max_abs_error") is not None else "") + answer
