@@ -243,3 +243,23 @@ def test_a_compiled_network_runs_through_dynamo_and_matches_eager(monkeypatch):
         assert torch.equal(out, net(x.float(), lab.float()).double())
         dn(x[:7], lab[:7])  # another batch size (adaptive solvers shrink batches)
     assert dn.compile_state("cpu") == "compiled"
+
+
+def test_tf32_is_switched_off_on_a_gpu_unless_asked_for():
+    """The flags DeviceNet sets before each GPU call (set here without a GPU: they are plain torch settings)."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+    try:
+        torch.backends.cudnn.allow_tf32 = True  # torch's own default for convolutions
+        for prec in (None, "fp32", "bf16", "fp64"):
+            P.set_matmul_flags(prec, torch.device("cuda", 0))
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32, prec
+            assert not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        P.set_matmul_flags("tf32", torch.device("cuda", 0))
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cudnn.allow_tf32 = True
+        P.set_matmul_flags("fp32", torch.device("cpu"))  # a CPU call leaves them alone
+        assert torch.backends.cudnn.allow_tf32
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction) = flags
