@@ -64,9 +64,9 @@ def test_exact_gaussian_latents_match_a_tight_integration():
     sde = VPSDE()
     model = GaussianMixtureScore([1.0], [data_mu.tolist()], [cov.tolist()], sde)
     x = np.random.default_rng(1).multivariate_normal(data_mu, cov, 20)
-    z, _, _ = encode_block(model, sde, x, SolverConfig("dopri5", rtol=1e-9, atol=1e-9), 20,
-                           torch.device("cpu"), "float64")
-    np.testing.assert_allclose(exact_gaussian_latents(x, data_mu, cov, sde, 1e-5), z, atol=1e-6)
+    cfg = SolverConfig("dopri5", rtol=1e-9, atol=1e-9, t_eps=1e-5)  # explicit: not the defaults
+    z, _, _ = encode_block(model, sde, x, cfg, 20, torch.device("cpu"), "float64")
+    np.testing.assert_allclose(exact_gaussian_latents(x, data_mu, cov, sde, cfg.t_eps), z, atol=1e-6)
 
 
 def test_requantise_exact():
