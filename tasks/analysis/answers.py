@@ -27,13 +27,17 @@ def _realism(s: dict[str, Any]) -> dict[str, Any]:
         verdict = (f"no: decodes of {p['m']} prior draws are told apart from {p['compared_with']} "
                    f"(classifier accuracy {_g(p['c2st_accuracy'], '.2f')}, 0.5 = indistinguishable, p {_g(p['c2st_p'], '.2g')}; "
                    f"MMD {_g(p['mmd'])}, p {_g(p['mmd_p'], '.2g')})")
-        change = "more training or a larger model; look at the decodes' image grid to see what differs"
+        change = ("more training or a larger model; the decodes are kept in the analysis group (prior_decodes) "
+                  "and shown in the report's image grid for images")
     else:
         verdict = (f"yes, as far as {p['m']} draws can tell: decodes are not told apart from {p['compared_with']} "
                    f"(classifier accuracy {_g(p['c2st_accuracy'], '.2f')}, MMD p {_g(p['mmd_p'], '.2g')})")
         change = "more draws (--prior M) detect smaller differences; a test against held-out rows needs train --holdout"
+    far = ratio is not None and ratio > 1.5
     verdict += (f"; nearest-training-sample distance ratio {_g(ratio, '.2f')} "
-                + ("(well below 1: the model reproduces training samples)" if copies else "(1 = as far as new data)"))
+                + ("(well below 1: the model reproduces training samples)" if copies else
+                   "(well above 1: decodes lie farther from the data than new samples do)" if far else
+                   "(1 = as far as new data)"))
     if copies:
         change = "the model memorises: more data, fewer training steps, or a smaller model"
     return {"answer": verdict, "numbers": nums, "would_change": change}
