@@ -25,7 +25,7 @@ from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import summarise
 from pflatents.tasks.errors import InputError
 
-__all__ = ["pinned_config", "drop_flagged", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
+__all__ = ["pinned_config", "store_data", "drop_flagged", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
            "latents_dask", "RECON_ARRAYS"]
 
 RECON_ARRAYS = ["recon_max_abs", "recon_rmse", "recon_nfe", "recon_status"]
@@ -89,10 +89,9 @@ def source_dask(source: Any, ranges: list[list[int]], rows: int) -> Any:
     return parts[0] if len(parts) == 1 else da.concatenate(parts)
 
 
-def latent_target(store: LatentStore, ranges: list[list[int]], alpha: float
-                  ) -> tuple[PriorTarget, DataSpectrum | None]:
-    """The true prior p_T and the data's degenerate directions from one pass over the store's data;
-    N(0, I) with the reason when the data cannot be read or is not the data the store was made from."""
+def store_data(store: LatentStore, ranges: list[list[int]]) -> tuple[Any, str]:
+    """The store's data source, or None and why not: it cannot be read, it is not the data the store
+    was extracted from (fingerprint of the pinned length), or it is shorter than the analysed rows."""
     cfg = pinned_config(store)
     spec = cfg.data.get("spec")
     try:
@@ -100,15 +99,25 @@ def latent_target(store: LatentStore, ranges: list[list[int]], alpha: float
         n_pinned = cfg.data.get("n_samples")
         if n_pinned is not None and cfg.data.get("fingerprint") and \
                 source.fingerprint(min(int(n_pinned), len(source))) != cfg.data["fingerprint"]:
-            return standard_target(f"the data {spec} differs from the data the store was extracted from"), None
+            return None, f"the data {spec} differs from the data the store was extracted from"
         if len(source) < max(b for _, b in ranges):
-            return standard_target(f"the data {spec} has {len(source)} samples, fewer than the store"), None
+            return None, f"the data {spec} has {len(source)} samples, fewer than the store"
     except (InputError, OSError) as e:
-        return standard_target(f"the data {spec!r} cannot be read: {str(e).splitlines()[0]}"), None
+        return None, f"the data {spec!r} cannot be read: {str(e).splitlines()[0]}"
+    return source, ""
+
+
+def latent_target(store: LatentStore, ranges: list[list[int]], alpha: float
+                  ) -> tuple[PriorTarget, DataSpectrum | None]:
+    """The true prior p_T and the data's degenerate directions from one pass over the store's data;
+    N(0, I) with the reason when the data cannot be used (``store_data``)."""
+    source, why = store_data(store, ranges)
+    if source is None:
+        return standard_target(why), None
     rows = max(1, (32 << 20) // max(source.sample_nbytes, 1))
     n, mean, cov = moments_pass(source_dask(source, ranges, rows))
     spectrum = data_spectrum(n, mean, cov, source.quantization)
-    return prior_target(spectrum, cfg.make_sde(), alpha), spectrum
+    return prior_target(spectrum, pinned_config(store).make_sde(), alpha), spectrum
 
 
 def stored_target(store: LatentStore) -> PriorTarget:

@@ -19,10 +19,10 @@ from pflatents.tasks.analysis.realism import realism
 from pflatents.tasks.analysis.reconstruct import read_rows
 from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import independence_failures, summarise
-from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.models.registry import load_model, resolve_device
-from pflatents.tasks.wrappers.analyze import latents_dask, pinned_config, recon_values, stored_target, usable_rows
+from pflatents.tasks.wrappers.analyze import (latents_dask, pinned_config, recon_values, store_data, stored_target,
+                                              usable_rows)
 
 __all__ = ["model_split", "check_prior_decodes", "split_stats", "REFERENCE_ROWS"]
 
@@ -79,11 +79,13 @@ def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: i
     store = LatentStore.open(store_url, mode="r+")
     cfg = pinned_config(store)
     sde = cfg.make_sde()
+    source, why = store_data(store, ranges)
+    if source is None:
+        return {"skipped": why}
     try:
-        source = open_source(cfg.data["spec"])
         model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
     except (InputError, OSError) as e:
-        return {"skipped": f"the data or the model cannot be loaded: {str(e).splitlines()[0]}"}
+        return {"skipped": f"the model cannot be loaded: {str(e).splitlines()[0]}"}
     split = _split_rows(store, ranges)
     rows = usable_rows(ranges)
     if split is not None and len(split[1]):
