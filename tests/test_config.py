@@ -11,7 +11,7 @@ from pflatents.flows.cli import build_parser
 from pflatents.flows.coordinator import Job, locked, make_store, prepare
 from pflatents.flows.run import RunSettings
 from pflatents.storage import LatentStore, open_or_create
-from pflatents.tasks.config import ExtractConfig, JobSettings, build_config
+from pflatents.tasks.config import ExtractConfig, JobSettings, build_config, solver_from_dict
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.ode.pfode import SolverConfig
@@ -69,9 +69,11 @@ def test_pinned_config_round_trips_as_plain_json(tmp_path):
     d = cfg.to_dict()
     assert set(d) == {"data", "model", "sde", "solver", "shard_size", "batch_size", "dtype", "precision", "compile"}
     assert d["solver"]["time_var"] == "t"  # "auto" is pinned as what the integration uses
-    assert d["solver"]["rtol"] == 5e-7 and d["batch_size"] == 1024
+    assert d["solver"]["rtol"] == 1e-6 and d["solver"]["control"] == "latent" and d["batch_size"] == 1024
     assert ExtractConfig.from_dict(d) == cfg and ExtractConfig.from_dict(d).to_dict() == d
-    assert cfg.make_solver() == SolverConfig(rtol=5e-7, atol=5e-7, t_eps=1e-5, time_var="t")
+    assert cfg.make_solver() == SolverConfig(rtol=1e-6, atol=1e-6, t_eps=1e-4, time_var="t", control="latent")
+    # an adaptive config pinned before latent-unit control existed (no "control" key) used local control
+    assert solver_from_dict({k: v for k, v in d["solver"].items() if k != "control"}).control == "local"
 
 
 def _old_config(cfg: ExtractConfig, **solver) -> dict:
@@ -120,7 +122,7 @@ def test_a_store_pinned_by_the_earlier_code_keeps_opening(tmp_path):
     with locked(lambda: make_store(p), url, {"command": "test"}) as store:
         assert store.pending_shards() == [0, 1, 2]
     assert LatentStore.open(url, mode="r").config == old
-    other = prepare(Job(data=str(data), model=f"gmm:{model}", out=url, shard_size=20, rtol=1e-6))
+    other = prepare(Job(data=str(data), model=f"gmm:{model}", out=url, shard_size=20, rtol=1e-7))
     with pytest.raises(Exception, match="rtol"):
         with locked(lambda: make_store(other), url, {"command": "test"}):
             pass

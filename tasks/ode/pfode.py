@@ -42,14 +42,14 @@ class SolverConfig:
     """How to integrate: solver name, tolerances (adaptive) or step count (fixed), grid, t_eps."""
 
     name: str = "dopri5"
-    rtol: float = 5e-7
-    atol: float = 5e-7
+    rtol: float = 1e-6
+    atol: float = 1e-6
     steps: int = 50
     grid: str = "logsnr"
-    t_eps: float = 1e-5
+    t_eps: float = 1e-4
     max_steps: int = 10_000
     time_var: str = "auto"
-    control: str = "local"
+    control: str = "latent"  # pinned configs without the key meant "local" (pflatents.tasks.config)
     noise: float = 0.0  # relative noise level of the right-hand side (pflatents.tasks.ode.solvers.Control)
 
     def __post_init__(self) -> None:
@@ -77,7 +77,8 @@ class SolverConfig:
         d = {"name": self.name, "t_eps": self.t_eps}
         if self.adaptive:
             d.update(rtol=self.rtol, atol=self.atol, max_steps=self.max_steps, time_var=self.time_var)
-            # the extensions appear only when used, so configs pinned before them keep their hash
+            # the extensions appear only when used, so configs pinned before them (local control, no
+            # noise floor) keep their hash; a dict without "control" means local
             if self.control != "local":
                 d["control"] = self.control
             if self.noise:
