@@ -66,7 +66,8 @@ def _bijection(s: dict[str, Any]) -> dict[str, Any]:
                       f"{d['prior_variance']:.2g}" for d in other[:3]]
             parts.append(f"no, not onto R^{data['dims']}: the data span {data['rank']} of {data['dims']} dims "
                          f"({'; '.join(along)})")
-            change.append("nothing in the model can: those directions carry no data; train and analyse on the "
+            change.append("nothing in the model can: those directions carry no data (or less than the data's "
+                          "resolution); train and analyse on the "
                           f"{data['rank']} spanned coordinates, or read the latents' degenerate part as constant")
         else:
             parts.append(f"the data span all {data['dims']} dims")
