@@ -18,8 +18,10 @@ caller wins: one process runs one extraction's precision at a time.
 
 Compilation (``auto | on | off``): ``torch.compile`` of the network; on a GPU a convolutional network
 is also put in channels_last memory format. ``auto`` compiles on a GPU and never on a CPU, where a
-compile of a small U-Net took ~34 s on 2 cores, longer than small jobs run. Compilation reorders
-floating-point operations, so it changes latents at the level of the network's rounding; like the
+compile took 100-120 s on the project's 2-core VM for a speed-up of at most 1.75x (a slow-down of
+the small U-Net at batch 256; benchmarks/README.md), longer than small jobs run. Compilation
+reorders floating-point operations, so it changes latents at the level of the network's rounding
+(at most 5e-5 measured, float32, rk4 16 steps); like the
 precision it is pinned in the store's config (``ExtractConfig.compile``), and a store continues only
 with the same mode.
 """
