@@ -63,8 +63,8 @@ class JobSettings(BaseModel):
                                                  "into the same store (always on for npydir:DIR)")
     latent_tol: Optional[float] = Field(
         None, gt=0, description="per-sample latent error (p99, max-abs) wanted: a pilot on 128 seeded samples picks "
-                                "the cheapest dopri5 tolerance meeting it against a float64 run, pinned; explicit "
-                                "--solver/--rtol/--atol/--steps win")
+                                "the cheapest setting (dopri5 tolerance or rk4 steps) meeting it against a float64 "
+                                "run, or says none does; pinned; explicit --solver/--rtol/--atol/--steps win")
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobSettings":

@@ -74,9 +74,11 @@ class PilotResult:
 
 
 def candidates(t_eps: float, noise: float = 0.0) -> list[SolverConfig]:
-    """The settings a pilot tries, cheap to costly: dopri5 (latent-unit control) on a tolerance ladder."""
-    return [SolverConfig("dopri5", rtol=tol, atol=tol, t_eps=t_eps, time_var="t", control="latent", noise=noise)
-            for tol in (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5)]
+    """The settings a pilot tries: dopri5 (latent-unit control, noise floor) on a tolerance ladder, and
+    rk4 on the log-SNR grid (on the learned-model benchmark the cheaper of the two at p99 1e-2..1e-3)."""
+    return ([SolverConfig("dopri5", rtol=tol, atol=tol, t_eps=t_eps, time_var="t", control="latent", noise=noise)
+             for tol in (1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6)]
+            + [SolverConfig("rk4", steps=n, grid="logsnr", t_eps=t_eps) for n in (16, 32, 64, 128)])
 
 
 def reference_config(t_eps: float) -> SolverConfig:
@@ -155,7 +157,8 @@ def describe(rec: dict) -> str:
         return f"latent-tol {rec['target']:g}: no pilot ({rec['skipped']} given)"
     ch = rec.get("choice") or {}
     row = next((r for r in rec.get("candidates", []) if r["setting"] == ch), None)
-    what = f"{ch.get('name')} tol {ch.get('rtol'):g}" if ch.get("rtol") is not None else str(ch)
+    what = (f"{ch.get('name')} tol {ch.get('rtol'):g}" if ch.get("rtol") is not None
+            else f"{ch.get('name')} {ch.get('steps')} steps ({ch.get('grid')} grid)")
     figs = f" (pilot p99 {row['p99']:.1e}, max {row['max']:.1e}, {row['nfe_mean']:.0f} NFE/sample)" if row else ""
     if rec.get("met"):
         return f"latent-tol {rec['target']:g}: pilot on {rec['n']} samples chose {what}{figs}"
