@@ -47,11 +47,13 @@ def run(y0, tol, noise, delta=DELTA):
     return S.solve_adaptive(noisy_rhs(delta), y0, *SPAN, ctl)
 
 
+@pytest.mark.slow
 def test_controller_without_the_floor_chases_the_noise(y0):
     n = [float(run(y0, tol, 0.0).nfe.double().mean()) for tol in (1e-8, 1e-10, 1e-12)]
     assert n[2] > 4 * n[0], n  # steps grow without bound as the tolerance falls below the noise
 
 
+@pytest.mark.slow
 def test_noise_floor_keeps_nfe_bounded_and_error_at_the_floor(y0):
     ref = exact(y0)
     clean = run(y0, 1e-9, 0.0, delta=0.0)  # what truncation alone needs for a tolerance at the floor
@@ -100,7 +102,8 @@ def test_latent_control_meets_a_latent_error_target_at_small_t_eps():
 
 
 def test_unused_extensions_leave_the_pinned_settings_unchanged():
-    d = SolverConfig("dopri5").to_dict()
+    d = SolverConfig("dopri5", control="local").to_dict()  # what every config pinned before them meant
     assert "control" not in d and "noise" not in d
+    assert SolverConfig("dopri5").to_dict()["control"] == "latent"  # the default since issue 10
     d = SolverConfig("dopri5", control="latent", noise=1e-5).to_dict()
     assert d["control"] == "latent" and d["noise"] == 1e-5
