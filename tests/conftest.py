@@ -96,6 +96,43 @@ def cli_env(prefect_server):
     return env
 
 
+def _torch_state(torch) -> tuple:
+    return (torch.get_num_threads(), torch.get_default_dtype(), torch.are_deterministic_algorithms_enabled(),
+            torch.get_float32_matmul_precision(), torch.is_grad_enabled())
+
+
+def _set_torch_state(torch, state: tuple) -> None:
+    threads, dtype, deterministic, matmul, grad = state
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+    torch.set_default_dtype(dtype)
+    torch.use_deterministic_algorithms(deterministic)
+    torch.set_float32_matmul_precision(matmul)
+    torch.set_grad_enabled(grad)
+
+
+def _uses_problems(module) -> bool:
+    """Whether a test module is built on tests/problems.py (imports any of its functions or classes)."""
+    return any(getattr(v, "__module__", None) == "problems" for v in vars(module).values())
+
+
+@pytest.fixture(autouse=True)
+def _torch_process_state(request):
+    """Process-global torch settings (threads, default dtype, deterministic algorithms, float32 matmul
+    precision, grad mode) are put back after every test, so no test's result depends on which tests ran
+    before it in the same process. Modules on the tiny analytic problems of tests/problems.py run on one
+    torch thread: with two, each small op pays thread wake-ups on a busy 2-core box."""
+    import torch
+
+    saved = _torch_state(torch)
+    if request.module is not None and _uses_problems(request.module):
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        _set_torch_state(torch, saved)
+
+
 # Fixtures that start or use a real Prefect server: the tests that take them are integration tests
 # (`make test-fast` leaves them out; `make test` and CI run them).
 SERVER_FIXTURES = {"prefect_server", "prefect_api", "cli_env"}

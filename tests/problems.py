@@ -22,9 +22,9 @@ from pflatents.tasks.ode.sde import EDMSDE, SDE, VESDE, VPSDE
 Fn = Callable[[np.ndarray], np.ndarray]
 
 # The test problems are tiny (B <= 512, D <= 4): with 2 OpenMP threads torch.softmax alone costs
-# ~8 ms a call on a busy 2-core box (thread wake-ups), 1000x the work. One thread keeps the core
-# suite fast and bitwise deterministic; every core test module imports this one.
-torch.set_num_threads(1)
+# ~8 ms a call on a busy 2-core box (thread wake-ups), 1000x the work. tests/conftest.py runs every
+# test of a module that imports from here on one torch thread and restores the count afterwards
+# (setting it here, at import, leaked into every later test of the session).
 
 
 # ---- schedules, restated from the formulas -----------------------------------------------------
