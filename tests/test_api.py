@@ -11,6 +11,7 @@ import zarr
 
 import pflatents
 from extract_helpers import write_gmm_job
+from pflatents.tasks.config import JobSettings
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.models.scores import GaussianMixtureScore
 from pflatents.tasks.ode.batches import encode_block
@@ -33,13 +34,14 @@ def test_extract_open_resume_analyze(tmp_path, prefect_api, monkeypatch):
     assert done["shard_ids"] == [1] and done["samples"] == 200 and done["message"].startswith("done:")
 
     x = np.load(data)
+    t_eps = JobSettings.model_fields["t_eps"].default  # the job's default, from the one list of defaults
     z, _, _ = encode_block(GaussianMixtureScore.from_json(model, VPSDE()), VPSDE(), x,
-                           SolverConfig("rk4", steps=6), 100, torch.device("cpu"))
+                           SolverConfig("rk4", steps=6, t_eps=t_eps), 100, torch.device("cpu"))
     ds = pflatents.open_latents(out)
     assert ds["latents"].dims == ("sample", "dim") and ds["latents"].shape == (600, 8)
     np.testing.assert_array_equal(ds["latents"].values, z)
     np.testing.assert_array_equal(ds["latents"].values, zarr.open_group(out, mode="r")["latents"][:])
-    assert ds.attrs["pflatents"]["config"]["solver"] == {"name": "rk4", "t_eps": 1e-5, "steps": 6, "grid": "logsnr"}
+    assert ds.attrs["pflatents"]["config"]["solver"] == {"name": "rk4", "t_eps": t_eps, "steps": 6, "grid": "logsnr"}
 
     again = pflatents.extract(str(data), f"gmm:{model}", out, **settings)
     assert again["samples"] == 0 and again["message"].startswith("nothing to do")
