@@ -1,13 +1,15 @@
-"""The ``extract`` flow: map the integrate task over the store's pending shards (orchestration only).
+"""The ``extract`` flow: map the integrate task over groups of the store's pending shards (orchestration only).
 
-The store, not Prefect's cache, decides what is done: the caller passes the pending shard ids, each
-task writes and verifies its shard and records it done; failures are recorded per shard here and
+The store, not Prefect's cache, decides what is done: the caller passes the pending shard ids, the
+flow groups them (``shards_per_task`` consecutive ids per task, see ``shards_per_task``), each task
+writes and verifies each of its shards and records it done; failures are recorded per shard here and
 make the flow run FAILED, naming the shard ids.
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import socket
 import time
@@ -21,9 +23,13 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from pflatents.flows import progress
 from pflatents.storage import LatentStore, StoreLockedError
 from pflatents.tasks.errors import InputError
-from pflatents.tasks.wrappers.extract import integrate_shard, retry_shard_samples
+from pflatents.tasks.wrappers.extract import (ShardGroupFailed, done_summary, integrate_shards,
+                                              retry_shard_samples)
 
-__all__ = ["extract", "make_runner", "ShardsFailed"]
+__all__ = ["extract", "make_runner", "ShardsFailed", "shards_per_task", "MAX_TASKS", "BATCHES_PER_TASK"]
+
+MAX_TASKS = 4096
+BATCHES_PER_TASK = 8
 
 
 class ShardsFailed(RuntimeError):
@@ -70,6 +76,24 @@ def make_runner(runner: str = "local", workers: int = 1):
     raise InputError(f"unknown runner {runner!r}; use local, dask or dask://HOST:PORT")
 
 
+def shards_per_task(n_shards: int, shard_size: int, batch_size: int, workers: int = 1,
+                    setting: int | None = None) -> int:
+    """How many shards one task covers: ``setting`` if given, else the automatic choice.
+
+    Automatic: enough shards for ``BATCHES_PER_TASK`` batches per task (fewer Prefect task runs, and
+    per-task set-up amortised), but no more than leaves 4 tasks per worker (so workers share the
+    work), and never more than ``MAX_TASKS`` tasks in one run (a 1e9-sample store gives thousands of
+    task runs, not millions). Grouping does not change latents or records (both stay per shard)."""
+    if n_shards <= 0:
+        return 1
+    if setting is not None:
+        return max(1, int(setting))
+    by_batches = math.ceil(BATCHES_PER_TASK * batch_size / max(1, shard_size))
+    by_workers = max(1, n_shards // (4 * max(1, workers)))
+    by_cap = math.ceil(n_shards / MAX_TASKS)
+    return max(1, by_cap, min(by_batches, by_workers))
+
+
 def _gpu_annotation(gpu: bool):
     if not gpu:
         return contextlib.nullcontext()
@@ -80,10 +104,12 @@ def _gpu_annotation(gpu: bool):
 
 @flow(name="extract", persist_result=False, log_prints=True)
 def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries: int = 2,
-            request_gpu: bool = False, retry_samples: bool = False):
+            request_gpu: bool = False, retry_samples: bool = False, shards_per_task: int = 1):
     """Encode the given shards of a store's pinned job; FAILED (naming shard ids) if any shard fails.
 
-    ``retry_samples`` also re-integrates, with a stricter setting, the flagged samples of done shards.
+    Each task covers ``shards_per_task`` consecutive ids of ``shard_ids``; its shards are recorded,
+    counted and reported one by one. ``retry_samples`` also re-integrates, with a stricter setting,
+    the flagged samples of done shards (one task per shard).
     Tasks and the failure records are fenced on the token of the store lock held when the flow
     starts (the coordinator's), so a run that lost its lock stops writing. A failed run ends in a
     FAILED state carrying ``ShardsFailed`` (raised to the caller), without a traceback of its own.
@@ -92,32 +118,39 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
     lease = store.lock_token()
     store.fence(lease)
     retry_ids = [i for i in store.shards_with_failed_samples() if i not in set(shard_ids)] if retry_samples else []
+    k = max(1, int(shards_per_task))
+    groups = [list(shard_ids[i:i + k]) for i in range(0, len(shard_ids), k)]
     t0 = time.perf_counter()
     opts = {"retries": retries, "retry_delay_seconds": 1}
     with _gpu_annotation(request_gpu):
-        futures = {integrate_shard.with_options(**opts).submit(store_url, sid, device, lease): sid
-                   for sid in shard_ids}
-        futures.update({retry_shard_samples.with_options(**opts).submit(store_url, sid, device, lease): sid
+        futures = {integrate_shards.with_options(**opts).submit(store_url, g, device, lease): g for g in groups}
+        futures.update({retry_shard_samples.with_options(**opts).submit(store_url, sid, device, lease): [sid]
                         for sid in retry_ids})
-    total = len(futures)
-    artifact = create_progress_artifact(0.0, description=f"pflatents extract: {total} shards of {store_url}")
+    total = len(shard_ids) + len(retry_ids)
+    artifact = create_progress_artifact(0.0, description=f"pflatents extract: {total} shards of {store_url} "
+                                        f"in {len(futures)} tasks")
     done, failures, n_samples, nfe_sum, samples_failed = 0, {}, 0, 0, 0
     for fut in as_completed(list(futures)):
-        sid = futures[fut]
+        group = futures[fut]
         res = fut.result(raise_on_failure=False)
-        if isinstance(res, BaseException):
-            failures[sid] = f"{type(res).__name__}: {res}"
+        results, failed = _outcome(store, group, res)
+        for sid, error in failed.items():
+            failures[sid] = error
             if not isinstance(res, StoreLockedError):  # a run that lost the lock records nothing
-                store.mark_failed(sid, failures[sid], {"host": socket.gethostname(), "pid": os.getpid()})
-        else:
-            n_samples, nfe_sum = n_samples + res["n"], nfe_sum + res["nfe_sum"]
-            samples_failed += res.get("samples_failed", 0)
-        done += 1
+                store.mark_failed(sid, error, {"host": socket.gethostname(), "pid": os.getpid()})
+        for r in results:
+            n_samples, nfe_sum = n_samples + r["n"], nfe_sum + r["nfe_sum"]
+            samples_failed += r.get("samples_failed", 0)
+        done += len(group)
         update_progress_artifact(artifact, 100.0 * done / max(1, total))
         for hook in progress.hooks:
-            hook(0 if sid in failures else res["n"], {"shard_id": sid, "failed": sid in failures})
+            for r in results:
+                hook(r["n"], {"shard_id": r["shard_id"], "failed": False})
+            for sid in failed:
+                hook(0, {"shard_id": sid, "failed": True})
     wall = time.perf_counter() - t0
-    summary = {"shards": len(shard_ids), "failed_shards": sorted(failures), "samples": n_samples,
+    summary = {"shards": len(shard_ids), "tasks": len(groups), "shards_per_task": k,
+               "failed_shards": sorted(failures), "samples": n_samples,
                "seconds": wall, "samples_per_s": n_samples / wall if wall > 0 else 0.0,
                "mean_nfe": nfe_sum / n_samples if n_samples else 0.0, "samples_failed": samples_failed,
                "retried_sample_shards": retry_ids}
@@ -129,3 +162,17 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
                    f"{failures[min(failures)]}. Run `pflatents resume {store_url}` to retry them.")
         return Failed(message=message, data=ShardsFailed(message))
     return summary
+
+
+def _outcome(store: LatentStore, group: list[int], res) -> tuple[list[dict], dict[int, str]]:
+    """A task's result as (summaries of its done shards, {failed shard id: error})."""
+    if isinstance(res, ShardGroupFailed):
+        return res.results, dict(res.failures)
+    if isinstance(res, BaseException):
+        # the task failed as a whole (e.g. its model did not load): its shards that are not done failed
+        error = f"{type(res).__name__}: {res}"
+        if isinstance(res, StoreLockedError) or len(group) == 1:
+            return [], {sid: error for sid in group}
+        done = {sid for sid in group if (store.shard_record(sid) or {}).get("state") == "done"}
+        return [done_summary(store, s) for s in group if s in done], {s: error for s in group if s not in done}
+    return (res if isinstance(res, list) else [res]), {}

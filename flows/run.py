@@ -26,7 +26,11 @@ class RunSettings(BaseModel):
     runner: str = Field("local", description="local | dask | dask://HOST:PORT")
     workers: int = Field(1, ge=1, description="concurrent shard tasks (threads or LocalCluster workers)")
     device: str = Field("auto", description="auto | cpu | cuda[:N]")
-    retries: int = Field(2, ge=0, description="retries per shard on errors that can change on retry")
+    retries: int = Field(2, ge=0, description="retries per task on errors that can change on retry (a retry "
+                         "redoes only the task's shards not done)")
+    shards_per_task: int | None = Field(None, ge=1, description="shards (store chunks) one task covers; default: "
+                                        "enough shards for 8 batches while leaving 4 tasks per worker, and at "
+                                        "most 4096 tasks per run. Records, retries and resume stay per shard")
     retry_samples: bool = Field(False, description="also re-integrate the samples flagged step_limit or "
                                 "nonfinite in done shards, with 10x the step limit and 10x tighter tolerances "
                                 "(fixed-step solvers: 4x the steps), in float64")
@@ -156,8 +160,10 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
             prog.hooks.append(hook)
             try:
                 flow = ex.extract.with_options(task_runner=ex.make_runner(run.runner, run.workers))
+                k = ex.shards_per_task(len(pending), store.shard_size, int(store.config["batch_size"]),
+                                       run.workers, run.shards_per_task)
                 summary = flow(store_url=url, shard_ids=pending, device=run.device, retries=run.retries,
-                               request_gpu=gpu, retry_samples=run.retry_samples)
+                               request_gpu=gpu, retry_samples=run.retry_samples, shards_per_task=k)
             except ex.ShardsFailed as e:
                 return Outcome(False, str(e), url, base)
             finally:

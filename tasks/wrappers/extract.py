@@ -1,7 +1,14 @@
-"""The unit of extraction work: encode one shard and write it to the store (thin Prefect wrapper).
+"""The unit of extraction work: encode a group of shards and write each to the store (thin Prefect wrapper).
 
-Tasks receive a store URL and a shard id, never tensors; the pinned config in the store says what to
+Tasks receive a store URL and shard ids, never tensors; the pinned config in the store says what to
 do. Sources and models are cached per worker process, so each is opened/loaded once, not per shard.
+
+One task covers one or more shards (``run_shards``), but each shard (one store chunk) keeps its own
+batches, write, read-back verification and record, exactly as a one-shard task would: latents do not
+depend on how shards are grouped, and kill/resume stays per shard. A shard that fails does not stop
+its group mates; the task then raises ``ShardGroupFailed`` naming each failed shard, which Prefect
+retries only when one of those errors can change on retry, and a retry skips the shards already done.
+While a shard is written and verified (a writer thread), the next shard of the group is integrated.
 
 Prefect retries a failed shard only when its error can change on retry (``can_change_on_retry``):
 I/O, network, memory, a read-back mismatch. A sample the solver cannot finish is not an error: it is
@@ -23,6 +30,7 @@ import os
 import socket
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from prefect import task
 from prefect.cache_policies import NO_CACHE
@@ -35,7 +43,7 @@ from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.ode.pfode import SolverConfig
 
-__all__ = ["run_shard", "retry_samples", "integrate_shard", "retry_shard_samples", "can_change_on_retry",
+__all__ = ["run_shard", "run_shards", "ShardGroupFailed", "done_summary", "retry_samples", "integrate_shard", "integrate_shards", "retry_shard_samples", "can_change_on_retry",
            "stricter", "InjectedFault", "TransientFault"]
 
 _failed_once: set[tuple[str, int]] = set()
@@ -48,6 +56,22 @@ class InjectedFault(RuntimeError):
 
 class TransientFault(InjectedFault):
     """An injected failure that a retry fixes."""
+
+
+class ShardGroupFailed(RuntimeError):
+    """Some shards of a task's group failed; the others were written and recorded done.
+
+    ``failures`` maps shard id to ``"ErrorType: message"``, ``results`` holds the summaries of the
+    group's shards that are done, ``retryable`` says whether any failure can change on retry."""
+
+    def __init__(self, failures: dict[int, str], results: list[dict], retryable: bool) -> None:
+        self.failures, self.results, self.retryable = dict(failures), list(results), bool(retryable)
+        first = min(self.failures)
+        super().__init__(f"{len(self.failures)} of {len(self.failures) + len(self.results)} shard(s) of the task "
+                         f"failed: {sorted(self.failures)}; first (shard {first}): {self.failures[first]}")
+
+    def __reduce__(self):  # pickled by dask process workers
+        return (ShardGroupFailed, (self.failures, self.results, self.retryable))
 
 
 def _ids(var: str) -> set[int]:
@@ -106,6 +130,8 @@ def can_change_on_retry(exc: BaseException | None) -> bool:
     workers, memory pressure, a read-back mismatch, an injected transient fault. Errors that follow
     from the inputs (bad data or settings, a mismatched or locked store, a lost lock, an injected
     permanent fault, programming errors) would fail the same way again and are not retried."""
+    if isinstance(exc, ShardGroupFailed):
+        return exc.retryable
     if isinstance(exc, (TransientFault, ShardVerifyError)):
         return True
     deterministic = (InjectedFault, StoreLockedError, ValueError, TypeError, LookupError, AttributeError,
@@ -119,18 +145,40 @@ def _retry_condition(task, task_run, state) -> bool:
     return can_change_on_retry(exc)
 
 
-def _open(store_url: str, shard_id: int, device: str, lease: str | None):
-    """The store (fenced on the coordinator's lock token), its config, the shard's range, the SDE,
-    the device and the model."""
+def _context(store_url: str, device: str, lease: str | None):
+    """The store (fenced on the coordinator's lock token), its config, the SDE, the device and the model."""
     from pflatents.tasks.config import ExtractConfig
 
     store = LatentStore.open(store_url)
     store.fence(lease)
     cfg = ExtractConfig.from_dict(store.config)
-    start, stop = store.shard_range(shard_id)
     sde, dev = cfg.make_sde(), resolve_device(device)
     model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
+    return store, cfg, sde, dev, model
+
+
+def _open(store_url: str, shard_id: int, device: str, lease: str | None):
+    """``_context`` plus the shard's range."""
+    store, cfg, sde, dev, model = _context(store_url, device, lease)
+    start, stop = store.shard_range(shard_id)
     return store, cfg, start, stop, sde, dev, model
+
+
+def _encode(ctx, store_url: str, shard_id: int) -> tuple:
+    """Read and integrate one shard: (latents, nfe, status, record info, summary without write time)."""
+    t0 = time.perf_counter()
+    _inject_fault(store_url, shard_id)
+    store, cfg, sde, dev, model = ctx
+    start, stop = store.shard_range(shard_id)
+    block = _source(cfg.data["spec"], stop).read(start, stop)
+    t1 = time.perf_counter()
+    z, nfe, status = encode_block(model, sde, block, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
+    t2 = time.perf_counter()
+    info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
+            "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
+    summary = {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(nfe.sum()), "seconds": t2 - t0,
+               "device": str(dev), "samples_failed": int((status != 0).sum())}
+    return z, nfe, status, info, summary
 
 
 def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
@@ -139,17 +187,77 @@ def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | 
     Samples the solver cannot finish (step limit, non-finite) do not fail the shard: they are stored
     flagged, with NaN latents (``LatentStore.failed_mask``), and counted in the summary."""
     t0 = time.perf_counter()
-    _inject_fault(store_url, shard_id)
-    store, cfg, start, stop, sde, dev, model = _open(store_url, shard_id, device, lease)
-    block = _source(cfg.data["spec"], stop).read(start, stop)
-    t1 = time.perf_counter()
-    z, nfe, status = encode_block(model, sde, block, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
-    t2 = time.perf_counter()
-    info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
-            "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
-    store.write_shard(shard_id, z, nfe, info, status=status)
-    return {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(nfe.sum()), "seconds": time.perf_counter() - t0,
-            "device": str(dev), "samples_failed": int((status != 0).sum())}
+    ctx = _context(store_url, device, lease)
+    z, nfe, status, info, summary = _encode(ctx, store_url, shard_id)
+    ctx[0].write_shard(shard_id, z, nfe, info, status=status)
+    return {**summary, "seconds": time.perf_counter() - t0}
+
+
+def done_summary(store: LatentStore, shard_id: int) -> dict | None:
+    """The summary of a done shard, from its record and stored NFE (None if it is not done)."""
+    record = store.shard_record(shard_id)
+    if not record or record.get("state") != "done":
+        return None
+    start, stop = store.shard_range(shard_id)
+    return {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(np.asarray(store.nfe_array()[start:stop]).sum()),
+            "seconds": 0.0, "device": (record.get("info") or {}).get("device"),
+            "samples_failed": int(record.get("samples_failed") or 0), "skipped": True}
+
+
+def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease: str | None = None,
+               overlap: bool = True) -> list[dict]:
+    """Encode and write each of ``shard_ids`` as ``run_shard`` would; returns their summaries in order.
+
+    Shards already done (by an earlier attempt of this task) are skipped and summarised from their
+    records. Each shard is written, verified and recorded on its own; with ``overlap`` the write and
+    verification run in a writer thread while the next shard is integrated (at most one shard waits
+    to be written). A failed shard does not stop the others; if any failed, ``ShardGroupFailed`` is
+    raised at the end. A lost lock (``StoreLockedError``) stops the task at once."""
+    ctx = _context(store_url, device, lease)
+    store = ctx[0]
+    results: dict[int, dict] = {}
+    failures: dict[int, BaseException] = {}
+    waiting: tuple[int, Future, dict, float] | None = None
+
+    def finish(item) -> None:
+        sid, fut, summary, t0 = item
+        try:
+            fut.result()
+            results[sid] = {**summary, "seconds": time.perf_counter() - t0}
+        except StoreLockedError:
+            raise
+        except Exception as e:  # noqa: BLE001 - recorded per shard, raised below
+            failures[sid] = e
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="pflatents-writer") as writer:
+        for sid in shard_ids:
+            done = done_summary(store, sid)
+            if done is not None:
+                results[sid] = done
+                continue
+            t0 = time.perf_counter()
+            try:
+                z, nfe, status, info, summary = _encode(ctx, store_url, sid)
+            except StoreLockedError:
+                raise
+            except Exception as e:  # noqa: BLE001
+                failures[sid] = e
+                continue
+            if waiting is not None:
+                finish(waiting)
+                waiting = None
+            fut = writer.submit(store.write_shard, sid, z, nfe, info, status=status)
+            waiting = (sid, fut, summary, t0)
+            if not overlap:
+                finish(waiting)
+                waiting = None
+        if waiting is not None:
+            finish(waiting)
+    if failures:
+        raise ShardGroupFailed({sid: f"{type(e).__name__}: {e}" for sid, e in failures.items()},
+                               [results[s] for s in shard_ids if s in results],
+                               any(can_change_on_retry(e) for e in failures.values()))
+    return [results[s] for s in shard_ids]
 
 
 def _network_status(model, dev) -> dict:
@@ -203,6 +311,12 @@ _TASK = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_conditi
 def integrate_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
     """Encode one shard and write it to the store (done only after read-back verification)."""
     return run_shard(store_url, shard_id, device, lease)
+
+
+@task(name="integrate_shards", **_TASK)
+def integrate_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease: str | None = None) -> list[dict]:
+    """Encode a group of shards, each written, verified and recorded done on its own (``run_shards``)."""
+    return run_shards(store_url, shard_ids, device, lease)
 
 
 @task(name="retry_samples", **_TASK)
