@@ -61,3 +61,46 @@ def test_quantised_decodes_are_compared_on_the_data_grid():
     r = realism(decodes, data[:200], data[200:], quantization=17)
     assert r["requantised"] and r["mmd_p"] > 0.01 and not r["distinguishable"]
     assert set(r) >= {"mmd", "mmd_p", "c2st_accuracy", "nn_distance_ratio"}
+
+
+def test_fewer_prior_draws_than_dimensions_still_compare():
+    """8 decodes of 192-dim images (the SVD QDA refused them with a LinAlgError): the shrinkage QDA
+    (one variance per class) fits, a clear difference is still told apart, and the summary's table and answer render."""
+    from pflatents.tasks.analysis.answers import _realism
+    from pflatents.tasks.analysis.report import _prior_blocks
+
+    rng = np.random.default_rng(4)
+    held, train = rng.normal(size=(8, 192)), rng.normal(size=(50, 192))
+    same = realism(rng.normal(size=(8, 192)), held, train, None)
+    assert "QDA, one variance per class (fewer samples than dimensions)" in same["c2st_classifier"]
+    assert 0.0 <= same["c2st_accuracy"] <= 1.0 and not same["distinguishable"]
+    wide = realism(3.0 * rng.normal(size=(8, 192)), held, train, None)
+    assert wide["distinguishable"] and wide["c2st_accuracy"] >= 0.8
+    prior = {"m": 8, "compared_with": "data rows", "n_decode_failures": 0, **same}
+    assert "classifier accuracy" in _realism({"prior": prior})["answer"]
+    assert "one variance per class" in "\n".join(_prior_blocks({"prior": prior}))
+
+
+def test_too_few_draws_say_why_instead_of_failing():
+    rng = np.random.default_rng(5)
+    held, train = rng.normal(size=(8, 5)), rng.normal(size=(50, 5))
+    two = realism(rng.normal(size=(2, 5)), held, train, None)
+    assert two["c2st_accuracy"] is None and two["c2st_p"] is None
+    assert two["c2st_classifier"].startswith("not run: 2 decodes and 8 data rows") and two["mmd_p"] is not None
+    one = realism(rng.normal(size=(1, 5)), held, train, None)
+    assert one["skipped"].startswith("1 decodes (without solver failures) and 8 data rows")
+    from pflatents.tasks.analysis.answers import _realism
+    from pflatents.tasks.analysis.report import _prior_blocks, summary_table
+
+    assert _realism({"prior": {"m": 1, **one}})["answer"] == "not checked"
+    assert "Not run: 1 decodes" in "\n".join(_prior_blocks({"prior": one}))
+    row = [ln for ln in summary_table(_summary({"m": 2, **two})).splitlines() if "classifier accuracy" in ln]
+    assert row and "not run" in row[0]
+
+
+def _summary(prior: dict) -> dict:
+    """A summary around a prior block; the statistics summary_table also reads are zeros."""
+    from collections import defaultdict
+
+    return {"n_samples": 100, "n_dims": 5, "normality": defaultdict(float), "independence": defaultdict(float),
+            "prior": prior, "verdict": "-"}

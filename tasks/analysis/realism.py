@@ -6,7 +6,12 @@
   fold) and a regularised QDA (features standardised) told to separate decodes from data; the
   better cross-validated accuracy is reported, 0.5 when they are indistinguishable; under that null
   the number of correct out-of-fold predictions is Binomial(n, 1/2), which gives the p-value
-  (times 2 for the two classifiers).
+  (times 2 for the two classifiers). When a training fold holds no more samples of a class than
+  there are dimensions (a few prior draws of an image), a class covariance is singular and cannot be
+  estimated; QDA then models each class by its mean and one variance (a spherical covariance, the
+  eigen solver's shrinkage 1), which still sees a sample more spread out than the other. A
+  classifier that cannot be fitted is left out and named; with fewer than 3 samples on a side the
+  test is not run (``c2st_accuracy`` None, the reason in ``c2st_classifier``).
 - Memorisation: the median distance from each decode to its nearest training sample over the median
   distance from held-out data to its nearest training sample. Near 1: decodes are as far from the
   training set as new data; well below 1: the model reproduces training samples.
@@ -25,6 +30,8 @@ import numpy as np
 from scipy import stats
 
 __all__ = ["requantise", "mmd_test", "c2st", "nn_distance_ratio", "realism"]
+
+MIN_C2ST = 3  # samples per side: below, a training fold holds a single sample of a class (no covariance)
 
 
 def requantise(x: np.ndarray, levels: int | None) -> np.ndarray:
@@ -82,23 +89,42 @@ def c2st(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> dict[st
 
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
+    n_min = min(len(x), len(y))
+    if n_min < MIN_C2ST:
+        return {"c2st_accuracy": None, "c2st_p": None,
+                "c2st_classifier": f"not run: {len(x)} decodes and {len(y)} data rows; the classifier test needs "
+                                   f"at least {MIN_C2ST} of each (more --prior draws)"}
     z, lab = np.concatenate([x, y]), np.r_[np.zeros(len(x), int), np.ones(len(y), int)]
-    folds = max(2, min(folds, len(x), len(y)))
+    folds = max(2, min(folds, n_min))
     k = max(1, int(round(math.sqrt(len(z) * (folds - 1) / folds))) | 1)
     cv = StratifiedKFold(folds, shuffle=True, random_state=seed)
-    classifiers = {f"{k}-nearest neighbours": KNeighborsClassifier(n_neighbors=k),
-                   "regularised QDA": QuadraticDiscriminantAnalysis(reg_param=0.1)}
-    acc = {}
+    # the smallest class of a training fold: with no more samples than dimensions its covariance is
+    # singular (the SVD solver refuses it, and a light shrinkage leaves a tiny variance off the
+    # samples' span that misclassifies everything): mean and one variance per class instead
+    small = n_min - math.ceil(n_min / folds) <= z.shape[1]
+    classifiers = {f"{k}-nearest neighbours": KNeighborsClassifier(n_neighbors=k)}
+    if small:
+        classifiers["QDA, one variance per class (fewer samples than dimensions)"] = QuadraticDiscriminantAnalysis(
+            solver="eigen", shrinkage=1.0)
+    else:
+        classifiers["regularised QDA"] = QuadraticDiscriminantAnalysis(reg_param=0.1)
+    acc, failed = {}, []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # collinear features in QDA: the regularisation handles them
         for name, clf in classifiers.items():
-            pred = cross_val_predict(make_pipeline(StandardScaler(), clf), z, lab, cv=cv)
+            try:
+                pred = cross_val_predict(make_pipeline(StandardScaler(), clf), z, lab, cv=cv)
+            except (np.linalg.LinAlgError, ValueError) as e:
+                failed.append(f"{name} could not be fitted ({str(e).splitlines()[0][:120]})")
+                continue
             acc[name] = int((pred == lab).sum())
+    if not acc:
+        return {"c2st_accuracy": None, "c2st_p": None, "c2st_classifier": "not run: " + "; ".join(failed)}
     best = max(acc, key=acc.get)
-    p = min(1.0, 2 * float(stats.binom.sf(acc[best] - 1, len(z), 0.5)))
+    p = min(1.0, len(classifiers) * float(stats.binom.sf(acc[best] - 1, len(z), 0.5)))
     return {"c2st_accuracy": acc[best] / len(z), "c2st_p": p,
             "c2st_classifier": f"{best} ({folds}-fold cross-validation; best of: " +
-            ", ".join(f"{n} {a / len(z):.3f}" for n, a in acc.items()) + ")"}
+            ", ".join(f"{n} {a / len(z):.3f}" for n, a in acc.items()) + ")" + "".join(f"; {f}" for f in failed)}
 
 
 def _nn_dist(query: np.ndarray, ref: np.ndarray) -> np.ndarray:
@@ -124,8 +150,12 @@ def realism(decodes: np.ndarray, heldout: np.ndarray, train: np.ndarray, quantiz
     dec = requantise(decodes, quantization)
     out: dict[str, Any] = {"n_decodes": int(len(dec)), "n_heldout": int(len(heldout)), "n_train_reference": int(len(train)),
                            "requantised": quantization is not None}
+    if len(dec) < 2 or len(heldout) < 2:
+        out["skipped"] = (f"{len(dec)} decodes (without solver failures) and {len(heldout)} data rows: the two-sample "
+                          "tests need at least 2 of each (more --prior draws)")
+        return out
     out.update(mmd_test(dec, heldout, seed=seed))
     out.update(c2st(dec, heldout, seed=seed))
     out.update(nn_distance_ratio(dec, heldout, train))
-    out["distinguishable"] = bool(out["mmd_p"] < alpha or out["c2st_p"] < alpha)
+    out["distinguishable"] = bool(out["mmd_p"] < alpha or (out["c2st_p"] is not None and out["c2st_p"] < alpha))
     return out

@@ -64,8 +64,9 @@ def summary_table(s: dict[str, Any]) -> str:
                      f"variance floor {data['variance_floor']:.2g}"])
     if prior.get("mmd") is not None:
         rows += [["prior decodes: MMD (p)", f"{prior['mmd']:.3g} ({prior['mmd_p']:.2g})", "p > alpha"],
-                 ["prior decodes: classifier accuracy (p)", f"{prior['c2st_accuracy']:.3f} ({prior['c2st_p']:.2g})",
-                  "~0.5"],
+                 ["prior decodes: classifier accuracy (p)",
+                  f"{prior['c2st_accuracy']:.3f} ({prior['c2st_p']:.2g})" if prior.get("c2st_accuracy") is not None
+                  else "not run (too few draws)", "~0.5"],
                  ["prior decodes: nearest-training distance ratio", prior.get("nn_distance_ratio"), "~1 (<< 1: copies)"]]
     rows += [
             ["max abs off-diagonal corr", ind["max_abs_offdiag_corr"], f"< {ind['corr_threshold']:.4g}"],
