@@ -69,11 +69,13 @@ def test_pinned_config_round_trips_as_plain_json(tmp_path):
     d = cfg.to_dict()
     assert set(d) == {"data", "model", "sde", "solver", "shard_size", "batch_size", "dtype", "precision", "compile"}
     assert d["solver"]["time_var"] == "t"  # "auto" is pinned as what the integration uses
-    assert d["solver"]["rtol"] == 1e-6 and d["solver"]["control"] == "latent" and d["batch_size"] == 1024
+    # an exact (gmm) score gets local error control by default (no "control" key: what it always meant)
+    assert d["solver"]["rtol"] == 1e-6 and "control" not in d["solver"] and d["batch_size"] == 1024
     assert ExtractConfig.from_dict(d) == cfg and ExtractConfig.from_dict(d).to_dict() == d
-    assert cfg.make_solver() == SolverConfig(rtol=1e-6, atol=1e-6, t_eps=1e-4, time_var="t", control="latent")
-    # an adaptive config pinned before latent-unit control existed (no "control" key) used local control
-    assert solver_from_dict({k: v for k, v in d["solver"].items() if k != "control"}).control == "local"
+    assert cfg.make_solver() == SolverConfig(rtol=1e-6, atol=1e-6, t_eps=1e-4, time_var="t", control="local")
+    latent = build_config(job.model_copy(update={"control": "latent"}), source=open_source(str(data)),
+                          shard_size=20, incremental=False)
+    assert latent.solver["control"] == "latent" and latent.make_solver().control == "latent"
 
 
 def _old_config(cfg: ExtractConfig, **solver) -> dict:
