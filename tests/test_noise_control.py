@@ -104,6 +104,6 @@ def test_latent_control_meets_a_latent_error_target_at_small_t_eps():
 def test_unused_extensions_leave_the_pinned_settings_unchanged():
     d = SolverConfig("dopri5", control="local").to_dict()  # what every config pinned before them meant
     assert "control" not in d and "noise" not in d
-    assert SolverConfig("dopri5").to_dict()["control"] == "latent"  # the default since issue 10
+    assert "control" not in SolverConfig("dopri5").to_dict()  # the library default stays local
     d = SolverConfig("dopri5", control="latent", noise=1e-5).to_dict()
     assert d["control"] == "latent" and d["noise"] == 1e-5

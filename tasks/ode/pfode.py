@@ -49,7 +49,7 @@ class SolverConfig:
     t_eps: float = 1e-4
     max_steps: int = 10_000
     time_var: str = "auto"
-    control: str = "latent"  # pinned configs without the key meant "local" (pflatents.tasks.config)
+    control: str = "local"  # extract picks latent for networks (pflatents.tasks.config.build_config)
     noise: float = 0.0  # relative noise level of the right-hand side (pflatents.tasks.ode.solvers.Control)
 
     def __post_init__(self) -> None:
