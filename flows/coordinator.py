@@ -103,7 +103,7 @@ def prepare(job: Job) -> Prepared:
     if shard_size is None:
         shard_size = _pinned_shard_size(url) or max(default_shard_size(_sample_nbytes(src), len(src)),
                                                     min(job.batch_size, len(src)))
-    pinned = _pinned_config(url) if job.latent_tol is not None else None  # --latent-tol reuses its pilot
+    pinned = _pinned_config(url)  # --latent-tol reuses its pilot; --compile auto takes the store's mode
     cfg = build_config(job, source=src, shard_size=shard_size, incremental=incremental, pinned=pinned)
     return Prepared(job=job, url=url, src=src, cfg=cfg, shard_size=shard_size)
 

@@ -227,6 +227,28 @@ def _latent_tol(job: JobSettings, scfg, sde, source, precision: str, pinned: Opt
     return latent_pilot(job.model, sde, source, job.t_eps, job.dtype, precision, job.latent_tol)
 
 
+def _compile_mode(mode: str, kind: str, pinned: Optional[dict[str, Any]]) -> str:
+    """The compile mode to pin: ``off`` for an exact gmm score (nothing to compile); ``auto`` on an
+    existing store is the store's own mode (absent in stores pinned before the field existed: ``off``,
+    they ran eager), so such a store continues with the default flags; an explicit on/off is kept (and
+    refused by the store's config check where it differs)."""
+    if kind == "gmm":
+        return "off"
+    if mode == "auto" and pinned is not None and pinned.get("compile", "off") in ("auto", "on", "off"):
+        return pinned.get("compile", "off")
+    return mode
+
+
+def _precision(job: JobSettings, kind: str, pinned: Optional[dict[str, Any]]) -> str:
+    """The network precision to pin: the one asked for, else (for a network on a store pinned before the
+    field existed) ``fp32``, what such stores ran, even at --dtype float64, else the state dtype's."""
+    from pflatents.tasks.models.precision import resolve_precision
+
+    if job.precision is None and kind != "gmm" and pinned is not None and "precision" not in pinned:
+        return resolve_precision("fp32", job.dtype, kind)
+    return resolve_precision(job.precision, job.dtype, kind)
+
+
 def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool,
                  pinned: Optional[dict[str, Any]] = None) -> ExtractConfig:
     """Validate the job against the data and the model, and freeze it into one config.
@@ -235,9 +257,9 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     and ``incremental`` whether the job follows a growing source: then the data's length and
     fingerprint are not part of the pinned identity (the store keeps those of its planned prefix).
     The adaptive solver's time variable is pinned resolved: what the integration uses. ``pinned`` is
-    the existing store's config, if any (``--latent-tol`` reuses its pilot's choice).
+    the existing store's config, if any (``--latent-tol`` reuses its pilot's choice; ``--compile auto``
+    takes its mode; a store pinned before precision existed keeps fp32 by default).
     """
-    from pflatents.tasks.models.precision import resolve_precision
     from pflatents.tasks.models.registry import model_info
     from pflatents.tasks.ode.pfode import SolverConfig
 
@@ -266,11 +288,11 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     else:
         data = {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
                 "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
-    precision = resolve_precision(job.precision, job.dtype, info.kind)
+    precision = _precision(job, info.kind, pinned)
     pilot = None
     if job.latent_tol is not None:
         scfg, pilot = _latent_tol(job, scfg, sde, source, precision, pinned)
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=scfg.to_dict(),
                          shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype, precision=precision,
-                         compile="off" if info.kind == "gmm" else job.compile,  # an exact score has nothing to compile
+                         compile=_compile_mode(job.compile, info.kind, pinned),
                          pilot=pilot)

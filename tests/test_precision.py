@@ -179,9 +179,34 @@ def test_precision_and_compile_are_pinned_and_a_different_precision_is_refused(t
     cfg = _open(_job(tmp_path, ckpt, precision="bf16", compile="off"))
     assert cfg["precision"] == "bf16" and cfg["compile"] == "off"
     assert _open(_job(tmp_path, ckpt, precision="bf16", compile="off")) == cfg  # the same job continues
-    for other in ({"compile": "off"}, {"precision": "fp64", "compile": "off"}, {"precision": "bf16"}):
+    for other in ({"compile": "off"}, {"precision": "fp64", "compile": "off"}, {"precision": "bf16", "compile": "on"}):
         with pytest.raises((InputError, StoreError), match="precision|compile"):
             _open(_job(tmp_path, ckpt, **other))
+    assert _open(_job(tmp_path, ckpt, precision="bf16")) == cfg  # --compile auto: the store's mode
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_a_network_store_pinned_before_precision_and_compile_continues_with_the_default_flags(tmp_path, ckpt, dtype):
+    """A store pinned by the code before precision and compile existed (no such fields: float32 weights,
+    eager) continues with the default flags (--compile auto takes the store's mode; the default precision
+    is what it ran); explicit conflicting flags are refused; the stored JSON is left as it was."""
+    from pflatents.flows.coordinator import locked, make_store, prepare
+    from pflatents.storage import LatentStore, open_or_create
+    from pflatents.storage.errors import StoreError
+
+    job = _job(tmp_path, ckpt, dtype=dtype)
+    old = prepare(job).cfg.to_dict()
+    del old["precision"], old["compile"]  # the fields the code before commit 017892d did not pin
+    assert set(old) == {"data", "model", "sde", "solver", "shard_size", "batch_size", "dtype"}
+    open_or_create(job.out, config=old, n_samples=24, sample_shape=(5,), shard_size=12)
+    p = prepare(job)
+    assert (p.cfg.precision, p.cfg.compile) == ("fp32", "off")
+    with locked(lambda: make_store(p), p.url, {"command": "test"}) as store:
+        assert store.pending_shards() == [0, 1]
+    assert LatentStore.open(job.out, mode="r").config == old
+    for other in ({"compile": "on"}, {"precision": "bf16"}, {"precision": "fp64" if dtype == "float32" else "tf32"}):
+        with pytest.raises((InputError, StoreError), match="precision|compile"):
+            _open(_job(tmp_path, ckpt, dtype=dtype, **other))
 
 
 def test_default_precision_follows_the_state_dtype_and_old_stores_read_as_float32_eager(tmp_path, ckpt):
