@@ -138,3 +138,60 @@ def test_failed_write_fails_that_chunk_only(job, prefect_api, writes, capsys):
     records = _records(str(tmp / "out.zarr"))
     assert records[2]["state"] == "failed" and "injected write failure" in records[2]["error"]
     assert all(records[i]["state"] == "done" for i in (0, 1, 3, 4, 5))
+
+
+def test_writer_thread_overlaps_the_next_integration_and_fails_only_its_chunk(tmp_path, monkeypatch):
+    """run_shards with the writer thread (the GPU default), no Prefect: shard 0's write waits until
+    shard 1's integration has started (it would time out without the overlap); a failed write fails
+    that chunk only; latents equal the sequential run's."""
+    import pflatents.tasks.wrappers.extract as wrapper
+    from pflatents.flows.coordinator import Job, make_store, prepare
+    from pflatents.tasks.wrappers.extract import ShardGroupFailed, run_shards
+
+    data, model = write_gmm_job(tmp_path, n=400)
+
+    def store(name):
+        job = Job(data=str(data), model=f"gmm:{model}", out=str(tmp_path / name), solver="rk4", steps=8,
+                  shard_size=100, batch_size=50).resolved()
+        make_store(prepare(job))
+        return job.out
+
+    ref = store("ref.zarr")
+    assert [r["shard_id"] for r in run_shards(ref, [0, 1, 2, 3], "cpu", overlap=False)] == [0, 1, 2, 3]
+
+    started: list[int] = []
+    second_started = threading.Event()
+    encode, write = wrapper.encode_block, LatentStore.write_shard
+    waited: dict[int, bool] = {}
+
+    def encoding(model, sde, block, *a, **kw):
+        started.append(len(started))
+        if len(started) == 2:
+            second_started.set()
+        return encode(model, sde, block, *a, **kw)
+
+    def writing(self, shard_id, *a, **kw):
+        if shard_id == 0:
+            waited[0] = second_started.wait(60)
+        if shard_id == 2:
+            raise OSError("injected write failure of shard 2")
+        return write(self, shard_id, *a, **kw)
+
+    monkeypatch.setattr(wrapper, "encode_block", encoding)
+    monkeypatch.setattr(LatentStore, "write_shard", writing)
+    out = store("out.zarr")
+    with pytest.raises(ShardGroupFailed) as e:
+        run_shards(out, [0, 1, 2, 3], "cpu", overlap=True)
+    assert waited == {0: True}
+    assert sorted(e.value.failures) == [2] and "injected write failure" in e.value.failures[2]
+    assert e.value.retryable and [r["shard_id"] for r in e.value.results] == [0, 1, 3]
+    records = LatentStore.open(out, mode="r").shard_records()
+    assert {i: r["state"] for i, r in records.items() if r["state"] == "done"} == {0: "done", 1: "done", 3: "done"}
+    a, b = zarr.open_group(ref, mode="r"), zarr.open_group(out, mode="r")
+    for i in (0, 1, 3):
+        np.testing.assert_array_equal(b["latents"][i * 100:(i + 1) * 100], a["latents"][i * 100:(i + 1) * 100])
+    # a retry (as Prefect's) skips the done shards and writes only shard 2
+    monkeypatch.setattr(LatentStore, "write_shard", write)
+    res = run_shards(out, [0, 1, 2, 3], "cpu", overlap=True)
+    assert [r.get("skipped", False) for r in res] == [True, True, False, True]
+    np.testing.assert_array_equal(zarr.open_group(out, mode="r")["latents"][:], a["latents"][:])

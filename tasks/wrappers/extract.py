@@ -8,7 +8,7 @@ batches, write, read-back verification and record, exactly as a one-shard task w
 depend on how shards are grouped, and kill/resume stays per shard. A shard that fails does not stop
 its group mates; the task then raises ``ShardGroupFailed`` naming each failed shard, which Prefect
 retries only when one of those errors can change on retry, and a retry skips the shards already done.
-While a shard is written and verified (a writer thread), the next shard of the group is integrated.
+On a GPU, while a shard is written and verified (a writer thread), the next shard is integrated.
 
 Prefect retries a failed shard only when its error can change on retry (``can_change_on_retry``):
 I/O, network, memory, a read-back mismatch. A sample the solver cannot finish is not an error: it is
@@ -205,16 +205,20 @@ def done_summary(store: LatentStore, shard_id: int) -> dict | None:
 
 
 def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease: str | None = None,
-               overlap: bool = True) -> list[dict]:
+               overlap: bool | None = None) -> list[dict]:
     """Encode and write each of ``shard_ids`` as ``run_shard`` would; returns their summaries in order.
 
     Shards already done (by an earlier attempt of this task) are skipped and summarised from their
     records. Each shard is written, verified and recorded on its own; with ``overlap`` the write and
     verification run in a writer thread while the next shard is integrated (at most one shard waits
-    to be written). A failed shard does not stop the others; if any failed, ``ShardGroupFailed`` is
-    raised at the end. A lost lock (``StoreLockedError``) stops the task at once."""
+    to be written). ``overlap=None``: on a CUDA device only; on the CPU the writer competes with
+    torch's threads for the cores (benchmarks/task_groups.py measured no gain on a 2-core VM).
+    A failed shard does not stop the others; if any failed, ``ShardGroupFailed`` is raised at the end.
+    A lost lock (``StoreLockedError``) stops the task at once."""
     ctx = _context(store_url, device, lease)
     store = ctx[0]
+    if overlap is None:
+        overlap = ctx[3].type == "cuda"
     results: dict[int, dict] = {}
     failures: dict[int, BaseException] = {}
     waiting: tuple[int, Future, dict, float] | None = None
