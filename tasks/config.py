@@ -227,6 +227,24 @@ def _latent_tol(job: JobSettings, scfg, sde, source, precision: str, pinned: Opt
     return latent_pilot(job.model, sde, source, job.t_eps, job.dtype, precision, job.latent_tol)
 
 
+SOLVER_FLAGS = frozenset({"solver", "rtol", "atol", "steps", "grid", "t_eps", "control"})
+
+
+def _store_solver(job: JobSettings, pinned: Optional[dict[str, Any]]) -> Optional[dict[str, Any]]:
+    """The existing store's pinned solver when the job sets none of the solver settings (nor
+    ``--latent-tol``): a store keeps the solver it was made with, as it keeps its shard size, so a store
+    pinned under earlier defaults (t_eps 1e-5, tolerances 1e-5, local control) continues with the
+    default flags. None without a store, with any solver flag, or when its solver is not readable."""
+    if pinned is None or job.latent_tol is not None or SOLVER_FLAGS & job.model_fields_set:
+        return None
+    try:
+        solver = _pinned_solver(pinned["solver"], pinned["sde"])
+        solver_from_dict(solver)
+    except (KeyError, TypeError, ValueError):  # InputError is a ValueError
+        return None
+    return solver
+
+
 def _compile_mode(mode: str, kind: str, pinned: Optional[dict[str, Any]]) -> str:
     """The compile mode to pin: ``off`` for an exact gmm score (nothing to compile); ``auto`` on an
     existing store is the store's own mode (absent in stores pinned before the field existed: ``off``,
@@ -257,8 +275,9 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     and ``incremental`` whether the job follows a growing source: then the data's length and
     fingerprint are not part of the pinned identity (the store keeps those of its planned prefix).
     The adaptive solver's time variable is pinned resolved: what the integration uses. ``pinned`` is
-    the existing store's config, if any (``--latent-tol`` reuses its pilot's choice; ``--compile auto``
-    takes its mode; a store pinned before precision existed keeps fp32 by default).
+    the existing store's config, if any (``--latent-tol`` reuses its pilot's choice; without solver flags its
+    solver is kept; ``--compile auto`` takes its mode; a store pinned before precision existed keeps
+    fp32 by default).
     """
     from pflatents.tasks.models.registry import model_info
     from pflatents.tasks.ode.pfode import SolverConfig
@@ -276,6 +295,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
                         t_eps=job.t_eps, control=control)
     if scfg.adaptive and scfg.time_var == "auto":
         scfg = dataclasses.replace(scfg, time_var=getattr(sde, "preferred_time_var", "t"))
+    kept = _store_solver(job, pinned)
     d = 1
     for n in source.sample_shape:
         d *= n
@@ -292,7 +312,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     pilot = None
     if job.latent_tol is not None:
         scfg, pilot = _latent_tol(job, scfg, sde, source, precision, pinned)
-    return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=scfg.to_dict(),
+    return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=kept or scfg.to_dict(),
                          shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype, precision=precision,
                          compile=_compile_mode(job.compile, info.kind, pinned),
                          pilot=pilot)

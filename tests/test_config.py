@@ -195,3 +195,27 @@ def test_a_fixed_store_pinned_by_the_earlier_code_converts_to_incremental(tmp_pa
     grown = prepare(Job(data=str(first), model=f"gmm:{model}", out=url, shard_size=25, incremental=True))
     with locked(lambda: make_store(grown), url, {"command": "test"}) as store:
         assert store.incremental and store.n_samples == 50
+
+
+def test_a_store_made_under_earlier_solver_defaults_continues_with_the_default_flags(tmp_path):
+    """Solver defaults changed (t_eps 1e-5 -> 1e-4, tolerances 1e-5 -> 1e-6, latent control for networks):
+    a store pinned by the earlier code with its defaults (the solver dict as it pinned it) keeps its
+    solver when the job sets no solver flag; any solver flag means that solver, refused where it differs."""
+    data, model = write_gmm_job(tmp_path, n=50)
+    url = str(tmp_path / "old.zarr")
+    p = prepare(Job(data=str(data), model=f"gmm:{model}", out=url, shard_size=25))
+    old = p.cfg.to_dict()
+    del old["precision"], old["compile"]
+    old["solver"] = {"name": "dopri5", "t_eps": 1e-5, "rtol": 1e-5, "atol": 1e-5, "max_steps": 10_000,
+                     "time_var": "auto"}  # SolverConfig().to_dict() before the defaults moved
+    assert p.cfg.solver["t_eps"] != 1e-5
+    open_or_create(url, config=old, n_samples=50, sample_shape=(8,), shard_size=25)
+    again = prepare(Job(data=str(data), model=f"gmm:{model}", out=url))
+    assert again.cfg.solver["t_eps"] == 1e-5 and again.cfg.solver["rtol"] == 1e-5
+    with locked(lambda: make_store(again), url, {"command": "test"}) as store:
+        assert store.pending_shards() == [0, 1]
+    assert LatentStore.open(url, mode="r").config == old
+    other = prepare(Job(data=str(data), model=f"gmm:{model}", out=url, t_eps=1e-4))
+    with pytest.raises(Exception, match="t_eps"):
+        with locked(lambda: make_store(other), url, {"command": "test"}):
+            pass
