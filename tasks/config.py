@@ -84,8 +84,10 @@ class JobSettings(BaseModel):
             raise InputError(validation_message(e)) from None
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON (the form serve passes to its scheduled runs)."""
-        return self.model_dump()
+        """Plain JSON of the settings given (the form serve passes to its scheduled runs): ``from_dict``
+        of it is this job, with the same settings given, so a scheduled run, too, lets a store keep its
+        solver and ``--latent-tol`` run its pilot where no solver setting was given."""
+        return self.model_dump(exclude_unset=True)
 
 
 def validation_message(e: ValidationError) -> str:

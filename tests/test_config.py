@@ -219,3 +219,12 @@ def test_a_store_made_under_earlier_solver_defaults_continues_with_the_default_f
     with pytest.raises(Exception, match="t_eps"):
         with locked(lambda: make_store(other), url, {"command": "test"}):
             pass
+
+
+def test_a_job_passed_to_a_scheduled_run_keeps_which_settings_were_given(tmp_path):
+    """serve hands its runs ``job.to_dict()``: defaults must not come back as given settings (they would
+    refuse a store made under other defaults, and make --latent-tol skip its pilot as 'explicit')."""
+    job = Job(data="x.npy", model="gmm:m.json", out="o.zarr", latent_tol=1e-3, steps=7)
+    back = Job.from_dict(job.to_dict())
+    assert back == job and back.model_fields_set == {"data", "model", "out", "latent_tol", "steps"}
+    assert "rtol" not in job.to_dict() and job.to_dict()["steps"] == 7
