@@ -198,3 +198,19 @@ def test_writer_thread_overlaps_the_next_integration_and_fails_only_its_chunk(tm
     res = run_shards(out, [0, 1, 2, 3], "cpu", overlap=True)
     assert [r.get("skipped", False) for r in res] == [True, True, False, True]
     np.testing.assert_array_equal(zarr.open_group(out, mode="r")["latents"][:], a["latents"][:])
+
+
+def test_a_task_that_fails_as_a_whole_names_each_of_its_shards(job, prefect_api, monkeypatch, capsys):
+    import pflatents.tasks.wrappers.extract as wrapper
+
+    tmp, data, model = job
+
+    def no_model(*a, **kw):
+        raise RuntimeError("injected: the model did not load")
+
+    monkeypatch.setattr(wrapper, "load_model", no_model)
+    assert _extract(tmp, data, model, "out.zarr", "--shards-per-task", "4", "--retries", "0") == 1
+    assert "[0, 1, 2, 3, 4, 5]" in capsys.readouterr().err
+    records = _records(str(tmp / "out.zarr"))
+    assert sorted(records) == list(range(6))
+    assert all(r["state"] == "failed" and "did not load" in r["error"] for r in records.values())
