@@ -40,7 +40,8 @@ class JobSettings(BaseModel):
     t_eps: float = Field(1e-4, gt=0, description="integrate from t_eps (not 0); 1e-4: VP sigma 3.2e-3, below half an "
                                                 "8-bit step, and the learned-model benchmark's error at 1e-5..1e-3 "
                                                 "alike")
-    solver: str = Field("dopri5", description="dopri5 | rk4 | heun | euler | dpmpp2m")
+    solver: str = Field("dopri5", description="dopri5 | rk4 | heun | euler | dpmpp2m (with no solver setting "
+                                              "given, an existing store keeps the solver it pinned)")
     rtol: float = Field(1e-6, gt=0, description="dopri5 relative tolerance (1e-6, --control latent, t_eps 1e-4: "
                                                "per-sample p99 latent error 8e-5 (patch MLP) and 1.4e-4 (digits MLP) "
                                                "against a float64 reference, float32 network, ~400 NFE)")
@@ -60,7 +61,8 @@ class JobSettings(BaseModel):
         None, description="network evaluation: fp32 | tf32 | bf16 | fp64 (default fp64 with --dtype float64, "
                           "else fp32; TF32 only with tf32; pinned)")
     compile: Literal["auto", "on", "off"] = Field(
-        "auto", description="torch.compile the network (auto: on a GPU, never on a CPU; pinned)")
+        "auto", description="torch.compile the network (auto: on a GPU, never on a CPU; an existing "
+                                "store keeps its own mode; pinned)")
     incremental: bool = Field(False, description="the data may grow: extract only samples new since the last run "
                                                  "into the same store (always on for npydir:DIR)")
     latent_tol: Optional[float] = Field(
