@@ -288,3 +288,29 @@ def test_tf32_is_switched_off_on_a_gpu_unless_asked_for():
     finally:
         (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
          torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction) = flags
+
+
+def test_gpu_matmul_flags_hold_for_the_call_only(monkeypatch):
+    """The flags a GPU network call needs are set for that call and the process's own are put back
+    (set here without a GPU: they are plain torch settings); a DeviceNet call goes through them."""
+    flags = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction)
+    try:
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = True
+        with P.matmul_flags("fp32", torch.device("cuda", 0)):
+            assert not torch.backends.cudnn.allow_tf32 and not torch.backends.cuda.matmul.allow_tf32
+            assert not torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        assert torch.backends.cudnn.allow_tf32 and torch.backends.cuda.matmul.allow_tf32
+        assert torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+        seen = []
+        monkeypatch.setattr(P, "set_matmul_flags", lambda prec, dev: seen.append((prec, dev.type)))
+        monkeypatch.setattr("pflatents.tasks.models.adapters._full", lambda d: torch.device("cuda", 0))
+        dn = DeviceNet(Net(), precision="fp32")
+        monkeypatch.setattr(dn, "_runner", lambda dev: dn.module)
+        x, lab = _inputs()
+        dn(x, lab)
+        assert seen == [("fp32", "cuda")]
+    finally:
+        (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+         torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction) = flags

@@ -118,8 +118,7 @@ class DeviceNet:
         xin, lab = x.to(self.dtype), label.to(self.label_dtype)
         if self._compiled.get(dev) is not None and dev.type == "cuda" and xin.ndim == 4:
             xin = xin.contiguous(memory_format=torch.channels_last)
-        P.set_matmul_flags(self.precision, dev)
-        with P.autocast(self.precision, dev):
+        with P.matmul_flags(self.precision, dev), P.autocast(self.precision, dev):
             if run is self._compiled.get(dev):
                 try:
                     out = self.fn(run, xin, lab)

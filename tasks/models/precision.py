@@ -35,7 +35,7 @@ import torch
 from pflatents.tasks.errors import InputError
 
 __all__ = ["PRECISIONS", "COMPILE_MODES", "check_precision", "check_compile", "resolve_precision",
-           "compute_dtype", "set_matmul_flags", "autocast", "use_compile", "ANALYTIC_PRECISION"]
+           "compute_dtype", "set_matmul_flags", "matmul_flags", "autocast", "use_compile", "ANALYTIC_PRECISION"]
 
 PRECISIONS = ("fp32", "tf32", "bf16", "fp64")
 COMPILE_MODES = ("auto", "on", "off")
@@ -93,6 +93,27 @@ def set_matmul_flags(precision: str | None, device: torch.device) -> None:
     torch.backends.cuda.matmul.allow_tf32 = tf32
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
     torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+
+_FLAGS = ((torch.backends.cudnn, "allow_tf32"), (torch.backends.cuda.matmul, "allow_tf32"),
+          (torch.backends.cuda.matmul, "allow_bf16_reduced_precision_reduction"),
+          (torch.backends.cuda.matmul, "allow_fp16_reduced_precision_reduction"))
+
+
+@contextlib.contextmanager
+def matmul_flags(precision: str | None, device: torch.device):
+    """``set_matmul_flags`` for the block only: the process's flags are put back after it (library code
+    leaves process-global torch settings as it found them). No-op on CPU."""
+    if device.type != "cuda":
+        yield
+        return
+    saved = [getattr(obj, name) for obj, name in _FLAGS]
+    set_matmul_flags(precision, device)
+    try:
+        yield
+    finally:
+        for (obj, name), v in zip(_FLAGS, saved):
+            setattr(obj, name, v)
 
 
 def autocast(precision: str | None, device: torch.device):

@@ -144,7 +144,7 @@ def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None 
     ``device``: where to train (module docstring). ``amp``: ``"bf16"`` runs the forward pass under
     bfloat16 autocast, None in float32; ``"auto"`` is bf16 on CUDA and None elsewhere.
     """
-    from pflatents.tasks.models.precision import autocast, set_matmul_flags
+    from pflatents.tasks.models.precision import autocast, matmul_flags
 
     dev = torch.device(device)
     if amp == "auto":
@@ -168,7 +168,6 @@ def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None 
     net.set_data_stats(mean.float(), var.float())
     net = net.to(dev)
     data_t = data_t.to(dev)
-    set_matmul_flags(amp, dev)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     t0, smooth, best, best_step, losses = time.perf_counter(), None, math.inf, 0, []
@@ -181,10 +180,11 @@ def fit(data: np.ndarray, sde: SDE, cfg: TrainConfig, progress: Progress | None 
         x0 = data_t[idx]
         s = _sample_s(cfg.batch_size, sde, cfg, gen)
         eps = torch.randn(x0.shape, generator=gen, device=dev)
-        with autocast(amp, dev):
-            loss = dsm_loss(net, x0, s, eps, family)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
+        with matmul_flags(amp, dev):  # forward and backward; the process's flags restored after
+            with autocast(amp, dev):
+                loss = dsm_loss(net, x0, s, eps, family)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
         opt.step()
