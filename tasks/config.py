@@ -149,15 +149,26 @@ class ExtractConfig(BaseModel):
             raise InputError(f"the store's pinned config is not readable: {validation_message(e)}") from None
 
     def pinned_like(self, stored: dict[str, Any]) -> dict[str, Any]:
-        """``stored`` when it means this config (an older spelling of the same settings), else ``to_dict()``.
+        """``stored`` when it means this config (an older spelling of the same settings), else ``to_dict()``
+        with the fields that mean the same in ``stored``'s spelling (absent ones left out).
 
         Pass the result to the store's config check: a store pinned by an earlier version with
-        the same meaning continues, anything else is refused naming the differing fields."""
+        the same meaning continues, anything else is refused naming the fields that differ in
+        meaning (not, say, a ``compile`` absent from an old store where this config pins off)."""
         try:
-            same = ExtractConfig.from_dict(stored) == self
+            old = ExtractConfig.from_dict(stored)
         except (InputError, KeyError, TypeError):
-            same = False
-        return stored if same else self.to_dict()
+            return self.to_dict()
+        if old == self:
+            return stored
+        new = self.to_dict()
+        for k in ExtractConfig.model_fields:
+            if getattr(old, k) == getattr(self, k):
+                if k in stored:
+                    new[k] = stored[k]
+                else:
+                    new.pop(k, None)
+        return new
 
     def make_sde(self):
         return sde_from_dict(self.sde)

@@ -97,7 +97,9 @@ def test_old_pinned_configs_read_with_what_they_meant(tmp_path):
     legacy = ExtractConfig.from_dict(d)
     assert legacy.solver["time_var"] == "s" and legacy != cfg
     assert cfg.pinned_like(_old_config(cfg, time_var="auto")) == _old_config(cfg, time_var="auto")
-    assert cfg.pinned_like(d) == cfg.to_dict()
+    # differing in meaning (the solver): the new config, with the fields that agree in the old spelling,
+    # so the store's refusal names only the solver
+    assert cfg.pinned_like(d) == {**d, "solver": cfg.to_dict()["solver"]}
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float64"])

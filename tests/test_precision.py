@@ -205,8 +205,10 @@ def test_a_network_store_pinned_before_precision_and_compile_continues_with_the_
         assert store.pending_shards() == [0, 1]
     assert LatentStore.open(job.out, mode="r").config == old
     for other in ({"compile": "on"}, {"precision": "bf16"}, {"precision": "fp64" if dtype == "float32" else "tf32"}):
-        with pytest.raises((InputError, StoreError), match="precision|compile"):
+        with pytest.raises((InputError, StoreError), match="precision|compile") as e:
             _open(_job(tmp_path, ckpt, dtype=dtype, **other))
+        assert ("compile" in str(e.value)) == ("compile" in other), e.value  # only real differences named
+        assert ("precision" in str(e.value)) == ("precision" in other), e.value
 
 
 def test_default_precision_follows_the_state_dtype_and_old_stores_read_as_float32_eager(tmp_path, ckpt):
