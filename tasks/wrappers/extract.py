@@ -43,7 +43,7 @@ from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.ode.pfode import SolverConfig
 
-__all__ = ["run_shard", "run_shards", "ShardGroupFailed", "done_summary", "retry_samples", "integrate_shard", "integrate_shards", "retry_shard_samples", "can_change_on_retry",
+__all__ = ["run_shard", "run_shards", "ShardGroupFailed", "done_summary", "retry_samples", "integrate_shards", "retry_shard_samples", "can_change_on_retry",
            "stricter", "InjectedFault", "TransientFault"]
 
 _failed_once: set[tuple[str, int]] = set()
@@ -309,12 +309,6 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
 
 _TASK = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_condition, cache_policy=NO_CACHE,
              persist_result=False)
-
-
-@task(name="integrate_shard", **_TASK)
-def integrate_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
-    """Encode one shard and write it to the store (done only after read-back verification)."""
-    return run_shard(store_url, shard_id, device, lease)
 
 
 @task(name="integrate_shards", **_TASK)
