@@ -33,24 +33,8 @@ import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the CLI sets (before torch is imported)
 BIN = Path(sys.executable).parent
-
-
-def gmm_job(d: Path, n: int, dim: int, k: int = 8, seed: int = 0) -> tuple[Path, Path]:
-    """A GMM model JSON and n float32 samples drawn from it."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(0, 2, (k, dim))
-    covs = []
-    for _ in range(k):
-        a = rng.normal(size=(dim, dim))
-        covs.append(a @ a.T / dim + 0.1 * np.eye(dim))
-    comp = rng.integers(0, k, n)
-    chol = np.linalg.cholesky(np.stack(covs))
-    x = means[comp] + np.einsum("nij,nj->ni", chol[comp], rng.normal(size=(n, dim)))
-    model, data = d / "gmm.json", d / "x.npy"
-    model.write_text(json.dumps({"weights": [1.0 / k] * k, "means": means.tolist(),
-                                 "covariances": [c.tolist() for c in covs]}))
-    np.save(data, x.astype(np.float32))
-    return data, model
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from scaleout import write_job  # noqa: E402  (the GMM job generator the benchmarks share)
 
 
 def in_process(data: Path, model: Path, out: Path, a, overlap: bool) -> tuple[float, float]:
@@ -100,7 +84,7 @@ def main() -> None:
     a = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        data, model = gmm_job(tmp, a.n, a.dim)
+        data, model = write_job(tmp, a.n, a.dim, k=8)
         print(f"{a.n} x {a.dim} GMM (K=8), rk4 {a.steps} steps, shards of {a.shard}, batch {a.batch}, "
               f"{a.repeats} alternating runs each")
         runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
