@@ -18,7 +18,6 @@ leaves the CPU idle.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -29,7 +28,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the CLI sets (before torch is imported)
 BIN = Path(sys.executable).parent
