@@ -183,6 +183,14 @@ def test_laplace_oracle_ica_conclusions(tmp_path, prefect_api, capsys):
         assert r["dependence_tests_rejecting"] == [] and r["mean_abs_excess_kurtosis"] < r["kurtosis_threshold"]
     assert ica["mean_abs_excess_kurtosis"] > 2 and raw["mean_abs_excess_kurtosis"] > 0.5
     assert out["independence"]["n_pairs_over_threshold"] == 0 and out["normality"]["n_dims_failing"] == 0
+    # "can it replace ICA?": the dependence left, in nats. Exact latents and ICA's components leave none
+    # (the truth is 0 for both); the rotated Laplace data keep about 0.15 nats
+    ans = out["answers"]["independence"]
+    left = {r["representation"]: r for r in ans["comparison"]}
+    assert left["raw data"]["ci"][0] > 0.05 and left["raw data"]["ci"][0] > left["PF-ODE latents"]["ci"][1]
+    for name in ("PF-ODE latents", "FastICA(data)"):
+        assert left[name]["ci"][0] <= 0.0 + 1e-12 or left[name]["ci"][0] < 0.03, left[name]
+    assert ans["replace_ica"].startswith("about as well") and ans["kind"] == "yes" and ans["level"] == 0.05
 
 
 def test_flagged_samples_are_left_out(tmp_path, prefect_api, capsys):

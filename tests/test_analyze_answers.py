@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
+from scipy import stats
 
 from pflatents.flows.cli import main
 from pflatents.tasks.analysis.answers import answers, ica_sentence
@@ -74,13 +76,17 @@ def test_ica_sentence_says_which_representation_is_less_dependent():
     assert dep.startswith("The PF-ODE latents have the weaker nonlinear dependence") and "are not Gaussian-like" in dep
 
 
+def _null_independence(n, d, seed=0):
+    from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
+    from pflatents.tasks.analysis.summary import summarise
+
+    x = np.random.default_rng(seed).normal(size=(n, d))
+    return summarise(compute_stats(x, StatsConfig(), scheduler="sync"), [], StatsConfig())["independence"]
+
+
 def test_bijection_answer_names_the_degenerate_direction():
-    s = {"n_samples": 1000, "n_dims": 63, "normality": {"n_dims_failing": 0},
-         "independence": {"n_pairs_over_threshold": 0, "bartlett_rejected": False, "n_pairs_over_threshold_squares": 0,
-                          "n_pairs_over_threshold_abs": 0, "hsic_n_pairs_rejected": 0, "mi_n_pairs_rejected": 0,
-                          "dcor_n_rejected": 0, "gaussian_total_correlation": 0.01,
-                          "gaussian_total_correlation_null_mean": 0.002, "max_abs_offdiag_corr": 0.05,
-                          "corr_threshold": 0.1},
+    s = {"n_samples": 1000, "n_dims": 63, "alpha": 0.05, "normality": {"n_dims_failing": 0},
+         "independence": _null_independence(1000, 63),
          "data": {"available": True, "rank": 63, "dims": 64, "n_degenerate": 1},
          "latent": {"degenerate_part": [{"direction": "the all-ones direction over 64 dims", "latent_variance": 0.27,
                                          "prior_variance": 1.0}]},
@@ -91,4 +97,16 @@ def test_bijection_answer_names_the_degenerate_direction():
     a = answers(s)
     assert a["bijection"]["answer"].startswith("no, not onto R^64: the data span 63 of 64 dims")
     assert "variance 0.27 instead of 1" in a["bijection"]["answer"]
-    assert a["independence"]["answer"].startswith("yes")
+    b = a["bijection"]
+    assert b["kind"] == "no" and b["level"] == 0.05 and b["deciding"]["value"] < 1e-10
+    assert b["effect"]["unit"] == "variance ratio" and b["effect"]["ci"][0] < 0.27 < b["effect"]["ci"][1]
+    assert 0.8 < b["mde"]["value"] < 1  # 1000 rows see a variance shrunk by ~15 %
+    ind = a["independence"]
+    assert ind["answer"].startswith("yes: no dependence detected at N = 1000") and ind["kind"] == "yes"
+    assert ind["level"] == 0.05 and ind["deciding"]["value"] >= 0.05 and ind["effect"]["unit"] == "nats"
+    # Bartlett at 0.05/6, m = 1953 pairs: the noncentrality seen 80 % of the time is about
+    # (z_{1-a} + z_0.8) sqrt(2m) (normal approximation), TC = noncentrality / (2 n')
+    ref = (stats.norm.isf(0.05 / 6) + stats.norm.ppf(0.8)) * np.sqrt(2 * 1953) / (2 * (1000 - 1 - 131 / 6))
+    assert ind["mde"]["value"] == pytest.approx(ref, rel=0.1)
+    assert ind["mde"]["pair_corr"] == pytest.approx((stats.norm.isf(0.05 / 6 / 2 / 1953) + 0.8416) / np.sqrt(1000), rel=1e-4)
+    assert a["realism"]["kind"] == "not checked" and a["realism"]["level"] is None

@@ -1,4 +1,6 @@
-"""The ICA comparison: FastICA on the data, the same statistics on its components, Amari distances.
+"""The ICA comparison: FastICA on the data, the same statistics on its components, Amari distances,
+and the total dependence each representation leaves (nats, with intervals; the latents' difference
+to each other representation with a paired interval).
 
 Exact PF-ODE latents approach N(0, I): they are independent in every rotation, so passing the
 independence tests does not make them the sources; ICA recovers sources up to permutation, sign and
@@ -13,7 +15,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import ortho_group
 
-from pflatents.tasks.analysis.dependence import amari_distance
+from pflatents.tasks.analysis.dependence import amari_distance, difference_ci, total_dependence
 from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import independence_failures, summarise
 
@@ -46,8 +48,9 @@ def _standardise(y: np.ndarray) -> np.ndarray:
 
 
 def representation_row(name: str, y: np.ndarray, sources: np.ndarray | None, cfg: StatsConfig,
-                       standardise: bool) -> dict[str, Any]:
-    """The comparison figures of one representation (rows N, dims D)."""
+                       standardise: bool, dependence: bool = True) -> dict[str, Any]:
+    """The comparison figures of one representation (rows N, dims D); with ``dependence`` also the
+    total dependence left (nats, with an interval: ``dependence.total_dependence``)."""
     y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
     z = _standardise(y) if standardise else y
     res = compute_stats(z, cfg, scheduler="sync")
@@ -61,7 +64,8 @@ def representation_row(name: str, y: np.ndarray, sources: np.ndarray | None, cfg
             "max_abs_corr_of_squares": ind["max_abs_offdiag_corr_of_squares"],
             "mean_abs_excess_kurtosis": nm["mean_abs_excess_kurtosis"],
             "kurtosis_threshold": nm["kurtosis_threshold"], "n_dims_not_normal": nm["n_dims_failing"],
-            "dependence_tests_rejecting": independence_failures(ind), "amari_distance": amari}
+            "dependence_tests_rejecting": independence_failures(ind), "amari_distance": amari,
+            "combined_p": ind["p"], "total_dependence": total_dependence(y, cfg.seed, cfg.alpha) if dependence else None}
 
 
 def ica_table(x: np.ndarray, latents: np.ndarray, sources: np.ndarray | None, cfg: StatsConfig
@@ -71,6 +75,10 @@ def ica_table(x: np.ndarray, latents: np.ndarray, sources: np.ndarray | None, cf
     x = x[:, x.std(0) > 1e-12]  # constant dims (e.g. always-blank pixels) carry nothing
     z = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
     rot = ortho_group.rvs(z.shape[1], random_state=cfg.seed) if z.shape[1] > 1 else np.ones((1, 1))
-    reps = [("raw data", x, True), ("FastICA(data)", fit_ica(x, cfg.seed), False),
-            ("PF-ODE latents", z, False), ("PF-ODE latents, randomly rotated", z @ rot, False)]
-    return [representation_row(name, y, sources, cfg, std) for name, y, std in reps]
+    reps = [("raw data", x, True, True), ("FastICA(data)", fit_ica(x, cfg.seed), False, True),
+            ("PF-ODE latents", z, False, True), ("PF-ODE latents, randomly rotated", z @ rot, False, False)]
+    rows = [representation_row(name, y, sources, cfg, std, dep) for name, y, std, dep in reps]
+    lat = rows[2]  # the same rows and half-samples: a paired interval for the difference
+    lat["total_dependence_difference_vs"] = {
+        r["representation"]: difference_ci(lat["total_dependence"], r["total_dependence"], cfg.alpha) for r in rows[:2]}
+    return rows

@@ -17,7 +17,9 @@
   training set as new data; well below 1: the model reproduces training samples.
 
 Quantised data (a grid of q levels on [-1, 1]) are compared after rounding the decodes to the same
-grid, so that the tests see the samples a user would keep, not the grid. Pure numpy / scikit-learn.
+grid, so that the tests see the samples a user would keep, not the grid. The decodes count as told
+apart when the two tests, Bonferroni-combined (``p`` = 2 x the smaller p-value), reject at ``alpha``.
+Pure numpy / scikit-learn.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ from typing import Any
 
 import numpy as np
 from scipy import stats
+
+from pflatents.tasks.analysis.decision import combined_p
 
 __all__ = ["requantise", "mmd_test", "c2st", "nn_distance_ratio", "realism"]
 
@@ -122,7 +126,7 @@ def c2st(x: np.ndarray, y: np.ndarray, seed: int = 0, folds: int = 5) -> dict[st
         return {"c2st_accuracy": None, "c2st_p": None, "c2st_classifier": "not run: " + "; ".join(failed)}
     best = max(acc, key=acc.get)
     p = min(1.0, len(classifiers) * float(stats.binom.sf(acc[best] - 1, len(z), 0.5)))
-    return {"c2st_accuracy": acc[best] / len(z), "c2st_p": p,
+    return {"c2st_accuracy": acc[best] / len(z), "c2st_p": p, "c2st_n": int(len(z)), "c2st_n_classifiers": len(classifiers),
             "c2st_classifier": f"{best} ({folds}-fold cross-validation; best of: " +
             ", ".join(f"{n} {a / len(z):.3f}" for n, a in acc.items()) + ")" + "".join(f"; {f}" for f in failed)}
 
@@ -157,5 +161,8 @@ def realism(decodes: np.ndarray, heldout: np.ndarray, train: np.ndarray, quantiz
     out.update(mmd_test(dec, heldout, seed=seed))
     out.update(c2st(dec, heldout, seed=seed))
     out.update(nn_distance_ratio(dec, heldout, train))
-    out["distinguishable"] = bool(out["mmd_p"] < alpha or (out["c2st_p"] is not None and out["c2st_p"] < alpha))
+    # one decision at ``alpha``: Bonferroni over the two tests (each valid on its own)
+    out["p"] = combined_p([out["mmd_p"], out["c2st_p"]])
+    out["level"] = alpha
+    out["distinguishable"] = bool(out["p"] < alpha)
     return out

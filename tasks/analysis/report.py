@@ -41,6 +41,8 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def answers_markdown(s: dict[str, Any]) -> str:
     """The three answers as a Markdown list (what each rests on and what would change it)."""
+    from pflatents.tasks.analysis.answers import decision_line
+
     ans = s.get("answers") or {}
     lines = []
     for key, title in (("realism", "Does every prior draw decode to a realistic sample?"),
@@ -50,6 +52,8 @@ def answers_markdown(s: dict[str, Any]) -> str:
         if a:
             lines.append(f"- **{title}** {a['answer'][0].upper() + a['answer'][1:]}. *What would change it:* "
                          f"{a['would_change']}.")
+            if decision_line(a):
+                lines.append(f"  *{decision_line(a)}.*")
     return "\n".join(lines)
 
 
@@ -89,7 +93,8 @@ def summary_table(s: dict[str, Any]) -> str:
                      f"{stab['p50']:.2g} / {stab['p99']:.2g} / {stab['max']:.2g}",
                      f"p99 <= {stab['target']:g}: {'yes' if stab['meets_target'] else 'NO'}"])
     head = answers_markdown(s)
-    table = _table(["statistic", "value", "pass line (5%, Bonferroni)"], rows)
+    level = (s["independence"].get("family_level") or s.get("alpha", 0.05))
+    table = _table(["statistic", "value", f"pass line (each family at {level:.3g}, Bonferroni)"], rows)
     return (head + "\n\n" if head else "") + table + f"\n\n**Verdict:** {s['verdict']}\n"
 
 
@@ -237,9 +242,11 @@ def _sections(s: dict[str, Any], plots: list[tuple[str, str]]) -> list[str]:
               f" tested ({s['rows_note']}).", summary_table(s), "## Notes", "\n".join([
                   f"- Target: {target}. Latents are divided by the SDE's prior std ({s['prior_std']:g}) and "
                   "standardised by p_T's mean and covariance where the data could be read.",
-                  f"- Every test is at level {s['alpha']} with Bonferroni over coordinates (normality: also over "
-                  "the 6 tests) or pairs (dependence); each family is tested separately, so on N(0, I) data a run "
-                  "now and then sees one family reject.",
+                  f"- Each answer is one decision at level {s['alpha']}: the six dependence families (Bonferroni over "
+                  f"pairs) are each tested at {s['alpha']}/6, Bonferroni across families, so on exactly independent "
+                  "latents the verdict says \"dependent\" at most that often; prior decodes: MMD and the classifier "
+                  "test, Bonferroni over the two. Normality: Bonferroni over coordinates and the 6 tests; distance "
+                  "correlation is descriptive (not in the verdict).",
                   f"- HSIC and binned MI use {ind['pair_test_dims']} coordinates; distance correlation uses a seeded "
                   "subsample of rows and pairs (the flagged ones first)."]),
               *_data_blocks(s), "## Normality",

@@ -18,7 +18,7 @@ from pflatents.tasks.analysis.ica import ica_table
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.analysis.reconstruct import read_rows, reconstruct_rows
 from pflatents.tasks.data.sources import open_source
-from pflatents.tasks.analysis.dependence import dcor_tests, select_pairs
+from pflatents.tasks.analysis.dependence import TD_ROWS, dcor_tests, select_pairs, total_dependence
 from pflatents.tasks.analysis.prior import PriorTarget, prior_target, standard_target
 from pflatents.tasks.analysis.spectrum import DataSpectrum, data_spectrum, latent_spectrum, moments_pass
 from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
@@ -175,6 +175,9 @@ def compute_latent_stats(store_url: str, ranges: list[list[int]], stats_cfg: dic
     if spectrum is None:
         sp["data"]["reason"] = target.info.get("reason")
     summary["independence"]["gaussian_total_correlation_top"] = sp["total_correlation_top"]
+    td_rows = _subsample(usable_rows(ranges), TD_ROWS, cfg.seed, 9)  # total dependence left: a seeded subsample
+    summary["independence"]["total_dependence"] = total_dependence(
+        target.apply(read_latents(store, td_rows) / prior_std), cfg.seed, cfg.alpha)
     return {**summary, "data": sp["data"], "latent": sp["latent"], "prior_target": target.info}
 
 
