@@ -21,7 +21,6 @@ import hashlib
 import json
 import operator
 import os
-import re
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,6 @@ MiB = 1 << 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
 GRAY_MODES = {"1", "L", "LA"}
 RGB_MODES = {"RGB", "RGBA", "RGBX", "P", "PA", "CMYK", "YCbCr", "LAB", "HSV"}
-SPECS_HELP = "expected file.npy, npydir:DIR, store.zarr[/array], images:DIR or sklearn:digits"
 
 
 class Source(ABC):
@@ -375,45 +373,12 @@ class DigitsSource(ArraySource):
         super().__init__(spec, x, quantization=17)
 
 
-def _split_zarr(spec: str) -> tuple[str, str] | None:
-    """``(store root, inner path)`` if a path component ends in ``.zarr``, else None."""
-    parts = spec.rstrip("/").split("/")
-    for i, part in enumerate(parts):
-        if part.endswith(".zarr") and len(part) > len(".zarr"):
-            return "/".join(parts[: i + 1]), "/".join(parts[i + 1:])
-    return None
-
-
-def _is_zarr_dir(path: Path) -> bool:
-    """True if ``path`` is a directory holding zarr metadata (v2 or v3)."""
-    return any((path / name).is_file() for name in ("zarr.json", ".zgroup", ".zarray"))
-
-
 def open_source(spec: str | os.PathLike[str]) -> Source:
-    """Open a dataset source from its spec (see the module docstring).
+    """Open a dataset source from its spec (the kinds: ``pflatents.tasks.data.registry.SOURCE_KINDS``).
 
     Raises:
         DataError: unknown spec, missing/unreadable file, empty data, non-float dtype.
     """
-    text = os.fspath(spec)
-    if text.startswith("images:"):
-        return ImageSource(text, text[len("images:"):])
-    if text.startswith("npydir:"):
-        return NpyDirSource(text, text[len("npydir:"):])
-    if text.startswith("sklearn:"):
-        if text != "sklearn:digits":
-            raise DataError(f"unknown scikit-learn dataset {text!r}; "
-                            f"only sklearn:digits is bundled")
-        return DigitsSource(text)
-    prefix = re.match(r"^([A-Za-z][\w+.-]*):(?!//)", text)
-    if prefix and not Path(text).exists():
-        raise DataError(f"unknown data source prefix '{prefix.group(1)}:' in {text!r}; "
-                        f"{SPECS_HELP}")
-    zarr_parts = _split_zarr(text)
-    if zarr_parts is not None:
-        return ZarrSource(text, *zarr_parts)
-    if text.endswith(".npy"):
-        return NpySource(text)
-    if Path(text).is_dir() and _is_zarr_dir(Path(text)):
-        return ZarrSource(text, text, "")
-    raise DataError(f"cannot tell what kind of data {text!r} is; {SPECS_HELP}")
+    from pflatents.tasks.data.registry import open_source as _open
+
+    return _open(spec)

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from pflatents.tasks.core import bcast
 from pflatents.tasks.errors import SolverError
 
 __all__ = ["SDE", "VPSDE", "VESDE", "EDMSDE", "make_sde", "SDE_NAMES"]
@@ -113,14 +114,6 @@ class SDE:
     def to_dict(self) -> dict:
         """Plain-JSON description (name and parameters) for the store's config."""
         return {"name": self.name, **asdict(self)}  # type: ignore[call-overload]
-
-
-def bcast(c: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """Cast a float64 per-sample coefficient (B,) or scalar to x's dtype/device, broadcastable to x."""
-    c = c.to(device=x.device, dtype=x.dtype)
-    if c.ndim == 1:
-        c = c.reshape(-1, *([1] * (x.ndim - 1)))
-    return c
 
 
 _bcast = bcast  # the name this module uses

@@ -17,6 +17,7 @@ from pflatents.storage.analysis import analysis_group, read_sample_arrays, write
 from pflatents.tasks.analysis.ica import ica_table
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.analysis.reconstruct import read_rows, reconstruct_rows
+from pflatents.tasks.data.registry import is_pixel_data
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.analysis.dependence import TD_ROWS, dcor_tests, select_pairs, total_dependence
 from pflatents.tasks.analysis.prior import PriorTarget, prior_target, standard_target
@@ -225,7 +226,7 @@ def image_shape(store: LatentStore) -> tuple[int, ...] | None:
     if len(shape) == 3:
         return shape
     side = int(round(np.sqrt(shape[0]))) if len(shape) == 1 else 0
-    quantised = ((store.config.get("data") or {}).get("spec", "")).startswith(("sklearn:", "images:"))
+    quantised = is_pixel_data((store.config.get("data") or {}).get("spec", ""))
     return (1, side, side) if side * side == shape[0] and side > 1 and quantised else None
 
 

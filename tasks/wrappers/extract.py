@@ -40,6 +40,7 @@ import numpy as np
 from pflatents.storage import LatentStore, ShardVerifyError, StoreLockedError
 from pflatents.tasks.ode.batches import encode_block
 from pflatents.tasks.models.registry import load_model, resolve_device
+from pflatents.tasks.data.registry import stat_path
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.ode.pfode import SolverConfig
 
@@ -114,7 +115,7 @@ def _source(spec: str, stop: int = 0):
     """The job's source, opened once per worker process (re-opened if the file changed, or if it grew
     past the cached length: a growing source's new samples are read from a fresh open)."""
     try:
-        st = os.stat(spec.removeprefix("images:").removeprefix("npydir:").split(".zarr/")[0])
+        st = os.stat(stat_path(spec) or "")
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
     except OSError:
         stamp = ()
