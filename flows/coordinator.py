@@ -28,6 +28,7 @@ from pflatents.storage import (
     store_lock,
 )
 from pflatents.tasks.errors import InputError
+from pflatents.tasks.data.registry import absolute_spec, source_kind
 from pflatents.tasks.data.sources import Source, open_source
 
 __all__ = ["Job", "Prepared", "prepare", "make_store", "grow_to_source", "check_source", "locked", "bitwise_caveats",
@@ -50,23 +51,14 @@ def store_url(out: str) -> str:
 
 def data_spec(spec: str) -> str:
     """Make local paths absolute (images:DIR and npydir:DIR too), so a resume from another directory finds the data."""
-    for prefix in ("images:", "npydir:"):
-        if spec.startswith(prefix):
-            return prefix + str(Path(spec[len(prefix):]).expanduser().resolve())
-    if spec.startswith("sklearn:") or "://" in spec:
-        return spec
-    root, sep, inner = spec.partition(".zarr/")
-    if sep:
-        return str(Path(root + ".zarr").expanduser().resolve()) + "/" + inner
-    return str(Path(spec).expanduser().resolve())
+    return absolute_spec(spec)
 
 
 def model_spec(spec: str) -> str:
-    """Make the path in a model spec absolute (``gmm:``/``diffusers:`` prefixes and checkpoint dirs)."""
-    for prefix in ("gmm:", "diffusers:"):
-        if spec.startswith(prefix):
-            return prefix + str(Path(spec[len(prefix):]).expanduser().resolve())
-    return str(Path(spec).expanduser().resolve()) if Path(spec).expanduser().exists() else spec
+    """Make the path in a model spec absolute (``kind:PATH`` and checkpoint dirs)."""
+    from pflatents.tasks.models.registry import absolute_model_spec
+
+    return absolute_model_spec(spec)
 
 
 @dataclass(frozen=True)
@@ -95,7 +87,7 @@ def prepare(job: Job) -> Prepared:
     so every shard task integrates full batches.
     """
     src = open_source(data_spec(job.data))
-    incremental = job.incremental or src.spec.startswith("npydir:")
+    incremental = job.incremental or source_kind(src.spec)[0].growing
     if not incremental:
         src.check_finite()
     url = store_url(job.out)

@@ -139,7 +139,7 @@ class ExtractConfig(BaseModel):
         d = dict(d)
         d.pop("extra", None)
         d["solver"] = _pinned_solver(d["solver"], d["sde"])
-        if "precision" not in d and d.get("model", {}).get("kind") == "gmm":
+        if "precision" not in d and _exact(d.get("model", {}).get("kind")):
             from pflatents.tasks.models.precision import ANALYTIC_PRECISION
 
             d["precision"] = ANALYTIC_PRECISION[d.get("dtype", "float32")]  # an exact score ran in the state's dtype
@@ -177,6 +177,14 @@ class ExtractConfig(BaseModel):
         return solver_from_dict(self.solver)
 
 
+def _exact(kind) -> bool:
+    """Whether the model kind is an exact score (``ModelKind.exact``: no network precision, nothing to
+    compile, local error control by default)."""
+    from pflatents.tasks.models.registry import exact_kind
+
+    return exact_kind(str(kind))
+
+
 def _pinned_solver(solver: dict[str, Any], sde: dict[str, Any]) -> dict[str, Any]:
     """Adaptive configs pinned before ``time_var`` existed integrated in s; ``auto`` meant the SDE's choice."""
     from pflatents.tasks.ode.pfode import ADAPTIVE
@@ -186,7 +194,7 @@ def _pinned_solver(solver: dict[str, Any], sde: dict[str, Any]) -> dict[str, Any
         if "time_var" not in solver:
             solver["time_var"] = "s"
         elif solver["time_var"] == "auto":
-            solver["time_var"] = getattr(sde_from_dict(sde), "preferred_time_var", "t")
+            solver["time_var"] = sde_from_dict(sde).preferred_time_var
     return solver
 
 
@@ -237,9 +245,11 @@ def _latent_tol(job: JobSettings, scfg, sde, source, precision: str, pinned: Opt
     old = (pinned or {}).get("pilot") or {}
     if old.get("target") == job.latent_tol and old.get("choice") and old["choice"].get("t_eps") == job.t_eps:
         return solver_from_dict(old["choice"]), old
-    from pflatents.tasks.ode.pilot import latent_pilot
+    from pflatents.tasks.models.registry import load_model
+    from pflatents.tasks.ode import pilot
 
-    return latent_pilot(job.model, sde, source, job.t_eps, job.dtype, precision, job.latent_tol)
+    work, hi = load_model(job.model, sde, precision), load_model(job.model, sde, "fp64")
+    return pilot.latent_pilot(work, hi, sde, source, job.t_eps, job.dtype, job.latent_tol)
 
 
 SOLVER_FLAGS = frozenset({"solver", "rtol", "atol", "steps", "grid", "t_eps", "control"})
@@ -265,7 +275,7 @@ def _compile_mode(mode: str, kind: str, pinned: Optional[dict[str, Any]]) -> str
     existing store is the store's own mode (absent in stores pinned before the field existed: ``off``,
     they ran eager), so such a store continues with the default flags; an explicit on/off is kept (and
     refused by the store's config check where it differs)."""
-    if kind == "gmm":
+    if _exact(kind):
         return "off"
     if mode == "auto" and pinned is not None and pinned.get("compile", "off") in ("auto", "on", "off"):
         return pinned.get("compile", "off")
@@ -277,7 +287,7 @@ def _precision(job: JobSettings, kind: str, pinned: Optional[dict[str, Any]]) ->
     field existed) ``fp32``, what such stores ran, even at --dtype float64, else the state dtype's."""
     from pflatents.tasks.models.precision import resolve_precision
 
-    if job.precision is None and kind != "gmm" and pinned is not None and "precision" not in pinned:
+    if job.precision is None and not _exact(kind) and pinned is not None and "precision" not in pinned:
         return resolve_precision("fp32", job.dtype, kind)
     return resolve_precision(job.precision, job.dtype, kind)
 
@@ -305,11 +315,11 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     # latent-unit control pays where the encode map amplifies errors by up to sigma(T)/sigma(t_eps)
     # (learned models: gains of 50-500 measured); a gmm's covariance bounds its gain, and there local
     # control reached the same worst error with ~15 % fewer NFE (benchmarks/README.md, learned models)
-    control = job.control or ("local" if info.kind == "gmm" else "latent")
+    control = job.control or ("local" if _exact(info.kind) else "latent")
     scfg = SolverConfig(name=job.solver, rtol=job.rtol, atol=job.atol, steps=job.steps, grid=job.grid,
                         t_eps=job.t_eps, control=control)
     if scfg.adaptive and scfg.time_var == "auto":
-        scfg = dataclasses.replace(scfg, time_var=getattr(sde, "preferred_time_var", "t"))
+        scfg = dataclasses.replace(scfg, time_var=sde.preferred_time_var)
     kept = _store_solver(job, pinned)
     d = 1
     for n in source.sample_shape:

@@ -7,6 +7,8 @@ imports heavy packages lazily), so a rule holds for code paths no test happens t
 - the ODE core (tasks/ode) imports neither prefect, zarr, dask nor storage; the statistics
   (tasks/analysis) neither prefect, zarr nor storage;
 - among tasks, only the Prefect task wrappers (tasks/wrappers) import prefect or storage;
+- the ODE core (tasks/ode) never imports the model adapters (tasks/models): both meet in the contracts
+  module tasks/core, which imports nothing of the project but the errors;
 - no module imports a name starting with ``_`` from another module;
 - CLI command modules (flows/cli/*) import none of each other, only ``flows.cli.common``;
 - light at import time: the data sources load zarr, PIL and scikit-learn, the models diffusers,
@@ -111,6 +113,13 @@ def test_no_import_runs_upward(modules, forbidden):
     assert violations(modules, forbidden) == []
 
 
+def test_the_ode_core_and_the_models_meet_only_in_the_contracts_module():
+    assert violations("pflatents.tasks.ode", ("pflatents.tasks.models",)) == []
+    core = [i for i in ALL if i.module == "pflatents.tasks.core" and _under(i.target, "pflatents")]
+    assert [i.target for i in core] == ["pflatents.tasks.errors"]
+    assert violations("pflatents.tasks.core", ("prefect", "zarr", "pflatents.storage", "pflatents.flows")) == []
+
+
 def test_only_the_task_wrappers_import_prefect_or_storage():
     assert violations("pflatents.tasks", ("prefect", "pflatents.storage"), except_in=("pflatents.tasks.wrappers",)) == []
 
@@ -149,3 +158,68 @@ def test_pyproject_packages_are_the_folders_with_an_init():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     folders = {"pflatents"} | {module_name(p) for folder in FOLDERS for p in (ROOT / folder).rglob("__init__.py")}
     assert listed == folders
+
+
+# ---- kinds are chosen in their registries only ------------------------------------------------------
+
+REGISTRIES = ("pflatents.tasks.data.registry", "pflatents.tasks.models.registry")
+STRING_METHODS = {"startswith", "endswith", "removeprefix", "partition", "split", "find", "index"}
+
+
+def _kind_strings() -> set[str]:
+    from pflatents.tasks.data.registry import SOURCE_KINDS
+    from pflatents.tasks.models.registry import MODEL_KINDS
+
+    names = set(SOURCE_KINDS) | set(MODEL_KINDS)
+    return names | {n + ":" for n in names}
+
+
+def _strings(node: ast.AST) -> list[str]:
+    """String constants in ``node`` itself or in a tuple/list/set literal it is."""
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return [node.value]
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return [s for e in node.elts for s in _strings(e)]
+    return []
+
+
+def kind_branches(path: Path, kinds: set[str]) -> list[str]:
+    """Places that decide by a kind's name or prefix: a comparison with it, a string method given it
+    (``startswith("images:")``), a loop over such literals, or a bare ``"name:"`` prefix literal."""
+    module = module_name(path)
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        hits: list[str] = []
+        if isinstance(node, ast.Compare):
+            for part in [node.left, *node.comparators]:
+                hits += [s for s in _strings(part) if s in kinds]
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in STRING_METHODS:
+            hits += [s for a in node.args for s in _strings(a) if s in kinds]
+        elif isinstance(node, ast.For):
+            hits += [s for s in _strings(node.iter) if s in kinds and s.endswith(":")]
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in kinds \
+                and node.value.endswith(":"):
+            hits.append(node.value)
+        found += [f"{module}:{node.lineno} decides by {h!r}" for h in hits]
+    return found
+
+
+def test_the_branching_finder_sees_prefix_tests(tmp_path):
+    sample = ROOT / "tasks" / "_kind_probe.py"
+    code = ('def f(spec, kind):\n    if spec.startswith(("images:", "x")):\n        pass\n'
+            '    if kind == "gmm":\n        pass\n    for p in ("npydir:",):\n        pass\n    return "a" == "b"\n')
+    sample.write_text(code)
+    try:
+        hits = kind_branches(sample, {"images", "images:", "gmm", "npydir", "npydir:"})
+    finally:
+        sample.unlink()
+    assert len([h for h in hits if "'images:'" in h]) >= 1 and any("'gmm'" in h for h in hits)
+    assert any("'npydir:'" in h for h in hits)
+
+
+def test_no_kind_branching_outside_the_registries():
+    """A data or model kind is chosen in ``tasks/data/registry.py`` / ``tasks/models/registry.py`` only:
+    adding a kind is one adapter module and one registry line, with no if-chain elsewhere to extend."""
+    kinds = _kind_strings()
+    bad = [hit for f in source_files() if module_name(f) not in REGISTRIES for hit in kind_branches(f, kinds)]
+    assert bad == []

@@ -17,8 +17,8 @@ from typing import Callable
 import torch
 
 from pflatents.tasks.models import precision as P
+from pflatents.tasks.core import Cond, bcast as _bcast
 from pflatents.tasks.models.scores import EpsScore
-from pflatents.tasks.ode.sde import bcast as _bcast
 
 __all__ = ["X0Score", "DeviceNet"]
 
@@ -26,24 +26,24 @@ __all__ = ["X0Score", "DeviceNet"]
 class X0Score(EpsScore):
     """Sample (x0) prediction: score = (alpha x0_hat - x) / sigma^2."""
 
-    def x0(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def x0(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """The network's clean-sample prediction."""
-        return self.net(x, self._label(t, x))
+        return self._predict(x, t, cond)
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """eps = (x - alpha x0_hat) / sigma."""
-        return (x - _bcast(self.sde.alpha(t), x) * self.x0(x, t)) / _bcast(self.sde.sigma(t), x)
+        return (x - _bcast(self.sde.alpha(t), x) * self.x0(x, t, cond)) / _bcast(self.sde.sigma(t), x)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.sigma2_score(x, t) / _bcast(self.sde.sigma(t) ** 2, x)
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        return self.sigma2_score(x, t, cond) / _bcast(self.sde.sigma(t) ** 2, x)
 
-    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """alpha x0_hat - x, with no division by sigma."""
-        return _bcast(self.sde.alpha(t), x) * self.x0(x, t) - x
+        return _bcast(self.sde.alpha(t), x) * self.x0(x, t, cond) - x
 
 
 class DeviceNet:
-    """Call ``fn(module, x, label)`` with the module on x's device at a network precision; the output
+    """Call ``fn(module, x, label[, cond])`` with the module on x's device at a network precision; the output
     takes x's dtype.
 
     ``precision`` (``pflatents.tasks.models.precision``): None keeps the module's own dtype (TF32 still
@@ -57,7 +57,7 @@ class DeviceNet:
                  precision: str | None = None, compile: str = "off") -> None:
         module.eval().requires_grad_(False)
         self.module = module
-        self.fn = fn or (lambda m, x, lab: m(x, lab))
+        self.fn = fn or (lambda m, *args: m(*args))
         self.precision = P.check_precision(precision)
         self.compile = P.check_compile(compile)
         self.dtype = P.compute_dtype(precision, next(module.parameters()).dtype)
@@ -112,22 +112,23 @@ class DeviceNet:
         self._compiled[device] = None
         self.compile_status[str(device)] = f"failed: {msg}"
 
-    def __call__(self, x: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, label: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         dev = _full(x.device)
         run = self._runner(dev)
         xin, lab = x.to(self.dtype), label.to(self.label_dtype)
         if self._compiled.get(dev) is not None and dev.type == "cuda" and xin.ndim == 4:
             xin = xin.contiguous(memory_format=torch.channels_last)
+        extra = () if cond is None else (cond.to(dev),)
         with P.matmul_flags(self.precision, dev), P.autocast(self.precision, dev):
             if run is self._compiled.get(dev):
                 try:
-                    out = self.fn(run, xin, lab)
+                    out = self.fn(run, xin, lab, *extra)
                 except Exception as e:  # noqa: BLE001 -- compile errors surface at the first call
                     with self._lock:
                         self._fail(dev, e)
-                    out = self.fn(self.on(dev), xin, lab)
+                    out = self.fn(self.on(dev), xin, lab, *extra)
             else:
-                out = self.fn(run, xin, lab)
+                out = self.fn(run, xin, lab, *extra)
         return out.to(x.dtype).contiguous()
 
 

@@ -113,8 +113,8 @@ def diffusers_sde(root: str | Path) -> DiscreteVPSDE:
 
 
 def _unet_call(n_channels: int):
-    def call(unet, x, timestep):
-        out = unet(x, timestep).sample
+    def call(unet, x, timestep, cond=None):
+        out = (unet(x, timestep) if cond is None else unet(x, timestep, class_labels=cond)).sample
         return out[:, :n_channels] if out.shape[1] == 2 * n_channels else out
     return call
 

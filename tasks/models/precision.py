@@ -60,17 +60,19 @@ def check_compile(mode: str) -> str:
 def resolve_precision(precision: str | None, dtype: str, kind: str = "ckpt") -> str:
     """The precision to pin: the one asked for, else ``fp64`` for a float64 state and ``fp32`` otherwise.
 
-    ``kind`` is the model kind (``gmm`` is an exact score: it runs in the state's dtype, so only the
-    precision matching ``dtype`` is accepted for it).
+    ``kind`` is the model kind (an exact score, such as ``gmm``, runs in the state's dtype, so only the
+    precision matching ``dtype`` is accepted for it: ``ModelKind.exact``).
     """
+    from pflatents.tasks.models.registry import exact_kind
+
     check_precision(precision)
     if dtype not in ANALYTIC_PRECISION:
         raise InputError(f"dtype must be float32 or float64; got {dtype!r}")
     default = ANALYTIC_PRECISION[dtype]
     if precision is None or precision == "auto":
         return default
-    if kind == "gmm" and precision != default:
-        raise InputError(f"--precision {precision} applies to networks; a gmm model is an exact score computed "
+    if exact_kind(kind) and precision != default:
+        raise InputError(f"--precision {precision} applies to networks; a {kind} model is an exact score computed "
                          f"in the ODE state's dtype ({dtype}, i.e. --precision {default}); use --dtype "
                          f"{'float64' if precision == 'fp64' else 'float32'} to change it")
     return precision

@@ -19,18 +19,19 @@ import functools
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Optional
 
 import torch
 
+from pflatents.tasks.core import Model
 from pflatents.tasks.errors import ModelError
-from pflatents.tasks.models.scores import GaussianMixtureScore, ScoreModel
+from pflatents.tasks.models.scores import GaussianMixtureScore
 from pflatents.tasks.ode.sde import SDE
 
-__all__ = ["ModelInfo", "resolve_model_spec", "model_info", "load_model", "resolve_device", "native_sde",
+__all__ = ["ModelKind", "MODEL_KINDS", "model_kind", "is_exact", "exact_kind", "absolute_model_spec", "ModelInfo", "resolve_model_spec", "model_info", "load_model", "resolve_device", "native_sde",
            "is_pickle_file"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
-KINDS = "gmm:PATH.json, a checkpoint dir (or ckpt:DIR) written by `pflatents train`, diffusers:DIR"
 
 
 @dataclass(frozen=True)
@@ -76,6 +77,99 @@ def _abs(path: str) -> Path:
     return Path(path).expanduser().resolve()
 
 
+# ---- the model kinds -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelKind:
+    """One family of models, written ``name:REST`` in a model spec.
+
+    - ``load(rest, sde)``: the ``pflatents.tasks.core.Model`` adapter (refuses an SDE it was not
+      trained under).
+    - ``resolve(rest)``: the rest of the spec normalised (absolute paths; ``_abs`` by default) after any
+      check that needs no loading; pickles are refused before this runs.
+    - ``native_sde(rest)``: the SDE the model was trained under, or None when it takes any.
+    - ``files(rest)``: the files a load reads (their stats key the process cache, so an edited model
+      is never served from it).
+    - ``exact``: an exact (analytic) score: evaluated in the ODE state's dtype (no network precision,
+      nothing to compile) and integrated with local error control by default.
+    - ``training_data(rest)``: what the model records about its training data (a checkpoint's
+      ``data`` record: spec, fingerprint, held-out split), or None when it records nothing.
+    """
+
+    name: str
+    usage: str
+    load: Callable[[str, SDE], Model]
+    resolve: Callable[[str], str] = lambda rest: str(_abs(rest))
+    native_sde: Callable[[str], Optional[SDE]] = lambda rest: None
+    files: Callable[[str], list] = lambda rest: _tree(rest)
+    exact: bool = False
+    training_data: Callable[[str], Optional[dict]] = lambda rest: None
+
+
+def _tree(rest: str) -> list:
+    p = Path(rest)
+    return sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+
+
+def _load_gmm(rest: str, sde: SDE) -> Model:
+    return GaussianMixtureScore.from_json(rest, sde)
+
+
+def _resolve_ckpt(rest: str) -> str:
+    if not _abs(rest).is_dir():
+        raise ModelError(f"checkpoint directory not found: {rest}")
+    return str(_abs(rest))
+
+
+def _load_ckpt(rest: str, sde: SDE) -> Model:
+    from pflatents.tasks.models.checkpoint import load_checkpoint
+
+    return load_checkpoint(rest, sde)
+
+
+def _ckpt_sde(rest: str) -> SDE:
+    from pflatents.tasks.models.checkpoint import checkpoint_sde
+
+    return checkpoint_sde(rest)
+
+
+def _ckpt_data(rest: str) -> Optional[dict]:
+    from pflatents.tasks.models.checkpoint import read_config
+
+    return read_config(rest).get("data") or {}
+
+
+def _load_diffusers(rest: str, sde: SDE) -> Model:
+    from pflatents.tasks.models.diffusers import load_diffusers
+
+    return load_diffusers(rest, sde)
+
+
+def _diffusers_sde(rest: str) -> SDE:
+    from pflatents.tasks.models.diffusers import diffusers_sde
+
+    return diffusers_sde(rest)
+
+
+# prefix -> kind; a plain directory holding a checkpoint's config.json is ``ckpt``
+MODEL_KINDS: dict[str, ModelKind] = {
+    "gmm": ModelKind("gmm", "gmm:PATH.json", _load_gmm, files=lambda rest: [Path(rest)], exact=True),
+    "ckpt": ModelKind("ckpt", "a checkpoint dir (or ckpt:DIR) written by `pflatents train`", _load_ckpt,
+                      resolve=_resolve_ckpt, native_sde=_ckpt_sde, training_data=_ckpt_data),
+    "diffusers": ModelKind("diffusers", "diffusers:DIR", _load_diffusers, native_sde=_diffusers_sde),
+}
+KINDS = ", ".join(k.usage for k in MODEL_KINDS.values())
+
+
+def model_kind(spec: str) -> tuple[ModelKind, str]:
+    """The kind of a resolved spec (``kind:rest``) and its rest."""
+    name, _, rest = spec.partition(":")
+    if name not in MODEL_KINDS:
+        raise ModelError(f"unknown model kind {name!r} in {spec!r}; supported: {KINDS}")
+    return MODEL_KINDS[name], rest
+
+
 def resolve_model_spec(spec: str) -> str:
     """Normalise a spec to ``kind:/absolute/path``, so a resume from another directory finds it."""
     plain = Path(spec).expanduser()
@@ -92,29 +186,26 @@ def resolve_model_spec(spec: str) -> str:
             raise ModelError(f"model {spec!r} is a file: give gmm:{spec} for a Gaussian mixture JSON, "
                              f"or one of: {KINDS}")
         raise ModelError(f"model {spec!r} not found; a model spec is one of: {KINDS}")
-    kind, _, rest = spec.partition(":")
-    if kind == "gmm":
-        _refuse_pickle(rest)
-        return f"gmm:{_abs(rest)}"
-    if kind == "ckpt":
-        _refuse_pickle(rest)
-        if not _abs(rest).is_dir():
-            raise ModelError(f"checkpoint directory not found: {rest}")
-        return f"ckpt:{_abs(rest)}"
-    if kind == "diffusers":
-        _refuse_pickle(rest)
-        return f"diffusers:{_abs(rest)}"
+    name, _, rest = spec.partition(":")
     _refuse_pickle(rest)
-    raise ModelError(f"unknown model kind {kind!r} in {spec!r}; supported: {KINDS}")
+    kind, rest = model_kind(spec)
+    return f"{kind.name}:{kind.resolve(rest)}"
+
+
+def absolute_model_spec(spec: str) -> str:
+    """The spec with its path made absolute (``kind:PATH`` or a checkpoint dir), without checking it
+    (``resolve_model_spec`` checks), so a run started in another directory finds the model."""
+    name, sep, rest = spec.partition(":")
+    if sep and name in MODEL_KINDS and not Path(spec).expanduser().exists():
+        return f"{name}:{_abs(rest)}"
+    return str(_abs(spec)) if Path(spec).expanduser().exists() else spec
 
 
 def _file_stamp(spec: str) -> tuple:
     """(name, mtime_ns, size) of each file a model reads, so an edited model is never served from the cache."""
-    kind, _, path = spec.partition(":")
-    p = Path(path)
-    files = [p] if kind == "gmm" else sorted(f for f in p.rglob("*") if f.is_file()) if p.is_dir() else []
+    kind, rest = model_kind(spec)
     stamp = []
-    for f in files:
+    for f in kind.files(rest):
         try:
             st = f.stat()
             stamp.append((str(f), st.st_mtime_ns, st.st_size))
@@ -124,27 +215,18 @@ def _file_stamp(spec: str) -> tuple:
 
 
 @functools.lru_cache(maxsize=8)
-def _load_cached(spec: str, sde: SDE, stamp: tuple) -> ScoreModel:
-    kind, _, rest = spec.partition(":")
-    if kind == "gmm":
-        return GaussianMixtureScore.from_json(rest, sde)
-    if kind == "ckpt":
-        from pflatents.tasks.models.checkpoint import load_checkpoint
-
-        return load_checkpoint(rest, sde)
-    if kind == "diffusers":
-        from pflatents.tasks.models.diffusers import load_diffusers
-
-        return load_diffusers(rest, sde)
-    raise ModelError(f"unknown model kind {kind!r}")
+def _load_cached(spec: str, sde: SDE, stamp: tuple) -> Model:
+    kind, rest = model_kind(spec)
+    return kind.load(rest, sde)
 
 
-def _load(spec: str, sde: SDE) -> ScoreModel:
+def _load(spec: str, sde: SDE) -> Model:
     return _load_cached(spec, sde, _file_stamp(spec))
 
 
-def load_model(spec: str, sde: SDE, precision: str | None = None, compile: str = "off") -> ScoreModel:
-    """The score model for a spec; cached, so a worker process loads each model once.
+def load_model(spec: str, sde: SDE, precision: str | None = None, compile: str = "off") -> Model:
+    """The model for a spec (``pflatents.tasks.core.Model``); cached, so a worker process loads each
+    model once.
 
     ``precision`` / ``compile`` (``pflatents.tasks.models.precision``) set how a network is evaluated;
     the default (None, off) runs it in its own dtype, uncompiled. An exact (gmm) score runs in the
@@ -158,46 +240,40 @@ def load_model(spec: str, sde: SDE, precision: str | None = None, compile: str =
 
 
 @functools.lru_cache(maxsize=8)
-def _configured(spec: str, sde: SDE, stamp: tuple, precision: str | None, compile: str) -> ScoreModel:
-    """A shallow copy of the cached model whose network adapter runs at ``precision`` / ``compile``."""
-    import copy
-
-    from pflatents.tasks.models.adapters import DeviceNet
+def _configured(spec: str, sde: SDE, stamp: tuple, precision: str | None, compile: str) -> Model:
+    """The cached model's adapter at ``precision`` / ``compile`` (shares the weights, nothing mutable)."""
     from pflatents.tasks.models.precision import check_compile, check_precision
 
     check_precision(precision)
     check_compile(compile)
-    base = _load_cached(spec, sde, stamp)
-    net = getattr(base, "net", None)
-    if not isinstance(net, DeviceNet):
-        if precision in ("tf32", "bf16"):
-            raise ModelError(f"--precision {precision} applies to networks; {spec} is an exact score "
-                             "evaluated in the ODE state's dtype (use fp32 or fp64 with the matching --dtype)")
-        return base
-    model = copy.copy(base)
-    model.net = net.with_settings(precision, compile)
-    return model
+    if model_kind(spec)[0].exact and precision in ("tf32", "bf16"):
+        raise ModelError(f"--precision {precision} applies to networks; {spec} is an exact score "
+                         "evaluated in the ODE state's dtype (use fp32 or fp64 with the matching --dtype)")
+    return _load_cached(spec, sde, stamp).with_settings(precision, compile)
 
 
 def native_sde(spec: str) -> SDE | None:
     """The SDE a model was trained under (checkpoints, diffusers); None when it takes any (gmm)."""
-    kind, _, rest = resolve_model_spec(spec).partition(":")
-    if kind == "ckpt":
-        from pflatents.tasks.models.checkpoint import checkpoint_sde
+    kind, rest = model_kind(resolve_model_spec(spec))
+    return kind.native_sde(rest)
 
-        return checkpoint_sde(rest)
-    if kind == "diffusers":
-        from pflatents.tasks.models.diffusers import diffusers_sde
 
-        return diffusers_sde(rest)
-    return None
+def exact_kind(name: str) -> bool:
+    """True when the model kind ``name`` is an exact (analytic) score (False for an unknown name)."""
+    kind = MODEL_KINDS.get(name)
+    return kind is not None and kind.exact
+
+
+def is_exact(spec: str) -> bool:
+    """True for an exact (analytic) score: no network, evaluated in the state's dtype."""
+    return model_kind(resolve_model_spec(spec))[0].exact
 
 
 def model_info(spec: str, sde: SDE) -> ModelInfo:
     """Load (cached) and describe a model for the store's pinned config."""
     spec = resolve_model_spec(spec)
     m = _load(spec, sde)
-    return ModelInfo(spec=spec, kind=spec.partition(":")[0], content_hash=m.content_hash, dim=getattr(m, "dim", None))
+    return ModelInfo(spec=spec, kind=model_kind(spec)[0].name, content_hash=m.content_hash, dim=m.dim)
 
 
 def resolve_device(device: str) -> torch.device:

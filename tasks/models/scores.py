@@ -1,5 +1,8 @@
-"""Score models behind one interface: ``score(x, t) -> grad_x log p_t(x)``, per-sample ``t``.
+"""Model adapters behind one contract (``pflatents.tasks.core.Model``): ``sigma2_score(x, t, cond)``
+= sigma(t)^2 grad_x log p_t(x | cond), per-sample ``t``; calling an adapter gives the score itself.
 
+- ``ModelBase``: the contract's defaults for a pixel-space model (identity encoder/decoder, data and
+  latent shapes equal, unconditional, nothing to configure).
 - ``GaussianMixtureScore``: the exact score of a diffused Gaussian mixture (test oracle and the
   ``gmm:params.json`` model).
 - Adapters that turn a network into a score: noise prediction (``EpsScore``), v-prediction
@@ -10,29 +13,65 @@
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Optional
 
 import torch
 
+from pflatents.tasks.core import Cond, Model, bcast as _bcast
 from pflatents.tasks.errors import DataError, ModelError
-from pflatents.tasks.ode.sde import SDE, bcast as _bcast
+from pflatents.tasks.ode.sde import SDE
 
-__all__ = ["ScoreModel", "GaussianMixtureScore", "EpsScore", "VScore", "DenoiserScore", "load_gmm"]
+__all__ = ["ScoreModel", "ModelBase", "GaussianMixtureScore", "EpsScore", "VScore", "DenoiserScore", "load_gmm"]
 
 F64 = torch.float64
+ScoreModel = Model  # the earlier name of the contract
 
 
-class ScoreModel(Protocol):
-    """Anything that maps (x (B, ...), t (B,) float64) to the score grad_x log p_t(x)."""
+class ModelBase:
+    """Defaults of the ``Model`` contract (pflatents.tasks.core) for a pixel-space adapter: the data
+    and latent shapes are ``sample_shape`` (None: any shape of ``dim`` values), the encoder and decoder
+    are the identity, no conditioning, nothing to configure. Calling the adapter gives the score."""
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
+    content_hash: str = ""
+    dim: Optional[int] = None
+    sample_shape: Optional[tuple[int, ...]] = None
+    conditional: bool = False
+    sde: SDE
+
+    @property
+    def data_shape(self) -> Optional[tuple[int, ...]]:
+        return self.sample_shape
+
+    @property
+    def latent_shape(self) -> Optional[tuple[int, ...]]:
+        return self.sample_shape
+
+    def encode_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Data -> ODE state (identity: the model works in data space)."""
+        return x
+
+    def decode_data(self, z: torch.Tensor) -> torch.Tensor:
+        """ODE state -> data (identity)."""
+        return z
+
+    def with_settings(self, precision: Optional[str], compile: str = "off") -> "ModelBase":
+        """This model evaluated at a network precision / compile mode (an exact score: itself)."""
+        return self
+
+    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """The score grad_x log p_t(x | cond)."""
+        return self.sigma2_score(x, t, cond) / _bcast(self.sde.sigma(t) ** 2, x)
 
 
-class GaussianMixtureScore:
+class GaussianMixtureScore(ModelBase):
     """Exact score of sum_k w_k N(alpha mu_k, alpha^2 C_k + sigma^2 I) (docs/math.md).
 
     Each covariance is diagonalised once, C_k = U_k diag(lam_k) U_k^T, so the diffused covariance
@@ -94,12 +133,16 @@ class GaussianMixtureScore:
         logn = -0.5 * ((y * y) / v).sum(-1) - 0.5 * torch.log(v).sum(-1) - 0.5 * self.dim * math.log(2 * math.pi)
         return y, v, log_w[None] + logn
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """score = -sum_k r_k S_k^{-1} (x - alpha mu_k), r = softmax_k(log w_k + log N_k)."""
         y, v, logits = self._parts(x, t)
         r = torch.softmax(logits, dim=1)
         g = torch.einsum("bk,bkj,kij->bi", r, y / v, self._params(x.device, x.dtype)[2])
         return (-g).reshape(x.shape)
+
+    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """sigma(t)^2 times the exact score (the mixture takes no conditioning)."""
+        return _bcast(self.sde.sigma(t) ** 2, x) * self(x, t)
 
     def log_prob(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """log p_t(x) per sample (B,)."""
@@ -161,44 +204,60 @@ def load_gmm(path: str | Path, sde: SDE) -> GaussianMixtureScore:
 
 # ---- network adapters -----------------------------------------------------------------------------
 
-Net = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Net = Callable[..., torch.Tensor]  # net(x, label) or net(x, label, cond)
 
 
-class EpsScore:
-    """Noise prediction eps(x, t): score = -eps / sigma(t) (DDPM / score_sde convention)."""
+class NetworkModel(ModelBase):
+    """A network ``net(x, label[, cond])`` with a time label ``time_fn(t)`` (t itself by default);
+    subclasses say what it predicts. ``with_settings`` rebuilds the network's device wrapper at another
+    precision / compile mode (the weights are shared)."""
 
     def __init__(self, net: Net, sde: SDE, time_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> None:
         self.net, self.sde, self.time_fn = net, sde, time_fn
+
+    def with_settings(self, precision: Optional[str], compile: str = "off") -> "NetworkModel":
+        model = copy.copy(self)
+        model.net = self.net.with_settings(precision, compile)
+        return model
 
     def _label(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The time label on x's device, in the net's ``label_dtype`` if it declares one, else x's dtype."""
         lab = self.time_fn(t) if self.time_fn is not None else t
         return lab.to(device=x.device, dtype=getattr(self.net, "label_dtype", None) or x.dtype)
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return -self.eps(x, t) / _bcast(self.sde.sigma(t), x)
+    def _predict(self, x: torch.Tensor, t: torch.Tensor, cond: Cond) -> torch.Tensor:
+        """The network's raw prediction (conditioned when ``cond`` is given)."""
+        lab = self._label(t, x)
+        return self.net(x, lab) if cond is None else self.net(x, lab, cond)
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+
+class EpsScore(NetworkModel):
+    """Noise prediction eps(x, t): score = -eps / sigma(t) (DDPM / score_sde convention)."""
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        return -self.eps(x, t, cond) / _bcast(self.sde.sigma(t), x)
+
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """The network's noise prediction."""
-        return self.net(x, self._label(t, x))
+        return self._predict(x, t, cond)
 
-    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """sigma^2 score = -sigma eps, without dividing by a tiny sigma first."""
-        return -self.eps(x, t) * _bcast(self.sde.sigma(t), x)
+        return -self.eps(x, t, cond) * _bcast(self.sde.sigma(t), x)
 
 
 class VScore(EpsScore):
     """v-prediction v = alpha eps - sigma x0 (Salimans & Ho 2022): eps = (sigma x + alpha v)/(alpha^2 + sigma^2)."""
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def eps(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """Noise prediction recovered from the network's v."""
-        v = self.net(x, self._label(t, x))
+        v = self._predict(x, t, cond)
         a, s = _bcast(self.sde.alpha(t), x), _bcast(self.sde.sigma(t), x)
         return (s * x + a * v) / (a * a + s * s)
 
 
-class DenoiserScore:
-    """EDM/k-diffusion denoiser D(x_hat, sigma_hat) on x_hat = x/alpha, sigma_hat = sigma/alpha.
+class DenoiserScore(ModelBase):
+    """EDM/k-diffusion denoiser D(x_hat, sigma_hat[, cond]) on x_hat = x/alpha, sigma_hat = sigma/alpha.
 
     score_x = (alpha D(x/alpha, sigma/alpha) - x) / sigma^2 (Tweedie; Karras et al. 2022 eq. 3).
     """
@@ -206,11 +265,9 @@ class DenoiserScore:
     def __init__(self, denoiser: Net, sde: SDE) -> None:
         self.denoiser, self.sde = denoiser, sde
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        return self.sigma2_score(x, t) / _bcast(self.sde.sigma(t) ** 2, x)
-
-    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """sigma^2 score = alpha D(x/alpha, sigma/alpha) - x, free of the 1/sigma^2 cancellation."""
         a = _bcast(self.sde.alpha(t), x)
         sig_hat = (self.sde.sigma(t) / self.sde.alpha(t)).to(device=x.device, dtype=x.dtype)
-        return a * self.denoiser(x / a, sig_hat) - x
+        d = self.denoiser(x / a, sig_hat) if cond is None else self.denoiser(x / a, sig_hat, cond)
+        return a * d - x

@@ -16,17 +16,15 @@ from typing import Callable
 import numpy as np
 import torch
 
+from pflatents.tasks.core import Cond, Model, as_model, bcast as _bcast
 from pflatents.tasks.ode import solvers as S
 from pflatents.tasks.errors import SolverError
-from pflatents.tasks.models.scores import ScoreModel
-from pflatents.tasks.ode.sde import SDE, bcast as _bcast
+from pflatents.tasks.ode.sde import SDE
 
-__all__ = ["SolverConfig", "PFResult", "encode", "decode", "integrate", "make_grid", "SOLVER_NAMES", "GRIDS"]
+__all__ = ["SolverConfig", "PFResult", "encode", "decode", "integrate", "make_grid", "SOLVERS", "Solver", "ODEProblem",
+           "SOLVER_NAMES", "ADAPTIVE", "GRIDS"]
 
 F64 = torch.float64
-MULTISTEP = ("dpmpp2m",)
-SOLVER_NAMES = tuple(S.TABLEAUS) + MULTISTEP
-ADAPTIVE = ("dopri5",)
 GRIDS = ("logsnr", "edm", "time")
 # what the adaptive solver steps in: the SDE's own t, s = log(sigma/alpha), or "auto" = the SDE's choice
 # (t for vp/ve/edm; s for a discrete diffusers schedule, whose coefficients are piecewise in t)
@@ -70,7 +68,7 @@ class SolverConfig:
 
     @property
     def adaptive(self) -> bool:
-        return self.name in ADAPTIVE
+        return SOLVERS[self.name].adaptive
 
     def to_dict(self) -> dict:
         """The settings that decide the result (tolerances for adaptive, steps/grid for fixed)."""
@@ -106,32 +104,32 @@ class PFResult:
         return self.status == S.OK
 
 
-def ode_func(model: ScoreModel, sde: SDE, sample_shape: tuple[int, ...]) -> Callable:
-    """F(y, s) = dx/ds = dlog(alpha)/ds x - sigma^2 score, on flat states (B, M)."""
-    scaled = getattr(model, "sigma2_score", None)
+def ode_func(model: Model, sde: SDE, sample_shape: tuple[int, ...]) -> Callable:
+    """F(y, s[, cond]) = dx/ds = dlog(alpha)/ds x - sigma^2 score, on flat states (B, M)."""
+    model = as_model(model, sde)
 
-    def F(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def F(y: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         t = sde.t_of_s(s)
         x = y.reshape(y.shape[0], *sample_shape)
-        s2score = scaled(x, t) if scaled is not None else _bcast(sde.sigma(t) ** 2, x) * model(x, t)
+        s2score = model.sigma2_score(x, t, cond)
         return (_bcast(sde.dlog_alpha_ds(t), x) * x - s2score).reshape(y.shape)
 
     return F
 
 
-def ode_func_t(model: ScoreModel, sde: SDE, sample_shape: tuple[int, ...]) -> Callable:
+def ode_func_t(model: Model, sde: SDE, sample_shape: tuple[int, ...]) -> Callable:
     """G(y, t) = dx/dt = f(t) x - g(t)^2/(2 sigma^2) (sigma^2 score), on flat states (B, M); t per sample.
 
     The same ODE as ``ode_func`` with ds/dt = g^2 / (2 sigma^2) applied; in plain t the VP flow needs
     ~26 % fewer dopri5 score evaluations than in s for the same worst latent error
     (benchmarks/solver_audit.py; docs/solver-audit.md).
     """
-    scaled = getattr(model, "sigma2_score", None)
+    model = as_model(model, sde)
 
-    def G(y: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def G(y: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         x = y.reshape(y.shape[0], *sample_shape)
         sig2 = sde.sigma(t) ** 2
-        s2score = scaled(x, t) if scaled is not None else _bcast(sig2, x) * model(x, t)
+        s2score = model.sigma2_score(x, t, cond)
         return (_bcast(sde.f(t), x) * x - _bcast(0.5 * sde.g2(t) / sig2, x) * s2score).reshape(y.shape)
 
     return G
@@ -155,25 +153,23 @@ def make_grid(sde: SDE, t_start: float, t_end: float, steps: int, kind: str = "l
     return g if t_start <= t_end else g.flip(0)
 
 
-def _data_pred(model: ScoreModel, sde: SDE, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+def _data_pred(model: Model, sde: SDE, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
     """x0_hat = (x + sigma^2 score) / alpha (Tweedie)."""
-    scaled = getattr(model, "sigma2_score", None)
-    s2score = scaled(x, t) if scaled is not None else _bcast(sde.sigma(t) ** 2, x) * model(x, t)
-    return (x + s2score) / _bcast(sde.alpha(t), x)
+    return (x + model.sigma2_score(x, t, cond)) / _bcast(sde.alpha(t), x)
 
 
-def solve_dpmpp2m(model: ScoreModel, sde: SDE, x: torch.Tensor, grid: torch.Tensor) -> S.SolveResult:
+def solve_dpmpp2m(model: Model, sde: SDE, x: torch.Tensor, grid: torch.Tensor, cond: Cond = None) -> S.SolveResult:
     """DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) in lambda = -s, either direction.
 
     x_{i+1} = (sigma_{i+1}/sigma_i) x_i - alpha_{i+1} (e^{-h} - 1) D_i, D_i a 2nd-order multistep
     combination of the last two data predictions; exact for the linear part of the ODE.
     """
-    b = x.shape[0]
+    b, model = x.shape[0], as_model(model, sde)
     ts = sde.t_of_s(grid)
     lam, alpha, sigma = -grid, sde.alpha(ts), sde.sigma(ts)
     d_prev, h_prev = None, None
     for i in range(len(grid) - 1):
-        d = _data_pred(model, sde, x, ts[i].expand(b).to(x.device))
+        d = _data_pred(model, sde, x, ts[i].expand(b).to(x.device), cond)
         h = (lam[i + 1] - lam[i]).item()
         if d_prev is None:
             dd = d  # first step: DDIM (1st order)
@@ -207,10 +203,10 @@ def _augment(F: Callable, hutchinson: bool, m: int) -> Callable:
     passes only its still-active rows to G: each row must carry its own sample's probe.
     """
 
-    def G(y: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    def G(y: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         with torch.enable_grad():
             x = y[:, :m].detach().requires_grad_(True)
-            v = F(x, s)
+            v = S.call(F, x, s, cond)
             if not hutchinson:
                 div = sum(torch.autograd.grad(v[:, j].sum(), x, retain_graph=j < m - 1)[0][:, j] for j in range(m))
             else:
@@ -241,10 +237,77 @@ def _latent_weight(sde: SDE, t_start: float, t_end: float, in_t: bool) -> Callab
     return w
 
 
-def integrate(model: ScoreModel, sde: SDE, x: torch.Tensor, t_start: float, t_end: float,
+# ---- the solver table ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ODEProblem:
+    """What every solver gets: the flat state ``y0`` (B, M) (with the likelihood's extra columns when
+    asked), the right-hand side ``F(y, u[, cond])`` in the solver's time variable ``u`` (s = log(sigma/alpha),
+    or t for an adaptive solver stepping in t: ``in_t``), the span in t and in u, the sample shape, the
+    model and SDE (for solvers that use the data prediction, like dpmpp2m) and the rows' ``cond``."""
+
+    model: Model
+    sde: SDE
+    F: Callable
+    y0: torch.Tensor
+    shape: tuple[int, ...]
+    t_start: float
+    t_end: float
+    u_start: float
+    u_end: float
+    in_t: bool
+    cond: Cond = None
+
+
+@dataclass(frozen=True)
+class Solver:
+    """One entry of the solver table: ``run(problem, cfg) -> SolveResult``; ``adaptive`` solvers take
+    tolerances (the others a step count and a grid); ``likelihood``: it can carry the augmented state."""
+
+    name: str
+    run: Callable[[ODEProblem, "SolverConfig"], S.SolveResult]
+    adaptive: bool = False
+    likelihood: bool = True
+
+
+def _grid(p: ODEProblem, cfg: "SolverConfig") -> torch.Tensor:
+    return make_grid(p.sde, p.t_start, p.t_end, cfg.steps, cfg.grid)
+
+
+def _run_rk(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
+    return S.solve_fixed(p.F, p.y0, _grid(p, cfg), S.TABLEAUS[cfg.name], p.cond)
+
+
+def _run_adaptive(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
+    weight = _latent_weight(p.sde, p.t_start, p.t_end, p.in_t) if cfg.control == "latent" else None
+    ctl = S.Control(cfg.rtol, cfg.atol, max_steps=cfg.max_steps, weight=weight, noise=cfg.noise)
+    return S.solve_adaptive(p.F, p.y0, p.u_start, p.u_end, ctl, S.TABLEAUS[cfg.name], p.cond)
+
+
+def _run_dpmpp2m(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
+    x = p.y0.reshape(p.y0.shape[0], *p.shape)
+    return solve_dpmpp2m(p.model, p.sde, x, _grid(p, cfg), p.cond)
+
+
+# name -> solver, in the order the CLI lists them
+SOLVERS: dict[str, Solver] = {
+    "euler": Solver("euler", _run_rk),
+    "heun": Solver("heun", _run_rk),
+    "rk4": Solver("rk4", _run_rk),
+    "dopri5": Solver("dopri5", _run_adaptive, adaptive=True),
+    "dpmpp2m": Solver("dpmpp2m", _run_dpmpp2m, likelihood=False),
+}
+SOLVER_NAMES = tuple(SOLVERS)
+ADAPTIVE = tuple(n for n, v in SOLVERS.items() if v.adaptive)
+MULTISTEP = tuple(n for n, v in SOLVERS.items() if not v.likelihood)
+
+
+def integrate(model: Model, sde: SDE, x: torch.Tensor, t_start: float, t_end: float,
               cfg: SolverConfig, likelihood: str | None = None, seed: int = 0,
-              sample_index: torch.Tensor | None = None) -> PFResult:
-    """Integrate the PF-ODE from t_start to t_end for a batch x (B, ...).
+              sample_index: torch.Tensor | None = None, cond: Cond = None) -> PFResult:
+    """Integrate the PF-ODE from t_start to t_end for a batch x (B, ...), conditioned on ``cond``
+    (None, or int64 labels (B,): pflatents.tasks.core).
 
     likelihood: None (default, no cost), "hutchinson" (Rademacher probes seeded per sample) or
     "exact" (full Jacobian trace, M backward passes; for tests and small D).
@@ -253,12 +316,13 @@ def integrate(model: ScoreModel, sde: SDE, x: torch.Tensor, t_start: float, t_en
         raise SolverError(f"expected a non-empty batch of shape (B, ...); got {tuple(x.shape)}")
     b, shape = x.shape[0], tuple(x.shape[1:])
     m = math.prod(shape)
-    tv = getattr(sde, "preferred_time_var", "t") if cfg.time_var == "auto" else cfg.time_var
-    in_t = cfg.adaptive and tv == "t"
+    solver = SOLVERS[cfg.name]
+    tv = sde.preferred_time_var if cfg.time_var == "auto" else cfg.time_var
+    in_t = solver.adaptive and tv == "t"
     F = (ode_func_t if in_t else ode_func)(model, sde, shape)
     y0 = x.reshape(b, m)
     if likelihood is not None:
-        if cfg.name in MULTISTEP:
+        if not solver.likelihood:
             raise SolverError(f"the likelihood needs a Runge-Kutta solver, not {cfg.name!r}")
         if likelihood not in ("hutchinson", "exact"):
             raise SolverError(f"likelihood must be 'hutchinson' or 'exact'; got {likelihood!r}")
@@ -269,38 +333,41 @@ def integrate(model: ScoreModel, sde: SDE, x: torch.Tensor, t_start: float, t_en
             parts.append(rademacher(idx, m, seed).to(dtype=x.dtype, device=x.device))
         y0 = torch.cat(parts, dim=1)
     if in_t:
-        s_start, s_end = float(t_start), float(t_end)  # "s" here is the solver's time variable
+        u_start, u_end = float(t_start), float(t_end)
     else:
-        s_start = sde.s_of_t(torch.tensor(t_start, dtype=F64)).item()
-        s_end = sde.s_of_t(torch.tensor(t_end, dtype=F64)).item()
+        u_start = sde.s_of_t(torch.tensor(t_start, dtype=F64)).item()
+        u_end = sde.s_of_t(torch.tensor(t_end, dtype=F64)).item()
+    problem = ODEProblem(as_model(model, sde), sde, F, y0, shape, t_start, t_end, u_start, u_end, in_t, cond)
     ctx = torch.no_grad() if likelihood is not None else torch.inference_mode()
     with ctx:
-        if cfg.adaptive:
-            weight = _latent_weight(sde, t_start, t_end, in_t) if cfg.control == "latent" else None
-            ctl = S.Control(cfg.rtol, cfg.atol, max_steps=cfg.max_steps, weight=weight, noise=cfg.noise)
-            res = S.solve_adaptive(F, y0, s_start, s_end, ctl, S.TABLEAUS[cfg.name])
-        elif cfg.name in MULTISTEP:
-            res = solve_dpmpp2m(model, sde, x, make_grid(sde, t_start, t_end, cfg.steps, cfg.grid))
-        else:
-            res = S.solve_fixed(F, y0, make_grid(sde, t_start, t_end, cfg.steps, cfg.grid), S.TABLEAUS[cfg.name])
+        res = solver.run(problem, cfg)
     out = PFResult(res.y[:, :m].reshape(b, *shape), res.nfe, res.status)
     if likelihood is not None:
         out.logp = res.y[:, m].to(F64)  # integral of the divergence; completed by the caller
     return out
 
 
-def encode(model: ScoreModel, sde: SDE, x0: torch.Tensor, cfg: SolverConfig = SolverConfig(),
-           likelihood: str | None = None, seed: int = 0, sample_index: torch.Tensor | None = None) -> PFResult:
-    """Map data x0 (at t_eps) to latents z = x(T). With ``likelihood``, also log p(x0) and bits/dim."""
+def encode(model: Model, sde: SDE, x0: torch.Tensor, cfg: SolverConfig = SolverConfig(),
+           likelihood: str | None = None, seed: int = 0, sample_index: torch.Tensor | None = None,
+           cond: Cond = None) -> PFResult:
+    """Map data x0 (at t_eps) to latents z = x(T), through the model's encoder first (the identity for a
+    pixel-space model). With ``likelihood``, also log p(x0) and bits/dim (of the encoder's output)."""
     t_eps = sde.check_t_eps(cfg.t_eps)
-    res = integrate(model, sde, x0, t_eps, sde.T, cfg, likelihood, seed, sample_index)
+    model = as_model(model, sde)
+    x0 = model.encode_data(x0)
+    res = integrate(model, sde, x0, t_eps, sde.T, cfg, likelihood, seed, sample_index, cond)
     if likelihood is not None:
         res.logp = sde.prior_logp(res.x) + res.logp
         res.bpd = -res.logp / (x0[0].numel() * math.log(2))
     return res
 
 
-def decode(model: ScoreModel, sde: SDE, z: torch.Tensor, cfg: SolverConfig = SolverConfig()) -> PFResult:
-    """Map latents z at T back to data at the same t_eps (no extra denoising step)."""
+def decode(model: Model, sde: SDE, z: torch.Tensor, cfg: SolverConfig = SolverConfig(),
+           cond: Cond = None) -> PFResult:
+    """Map latents z at T back to data at the same t_eps (no extra denoising step), through the
+    model's decoder last (the identity for a pixel-space model)."""
     t_eps = sde.check_t_eps(cfg.t_eps)
-    return integrate(model, sde, z, sde.T, t_eps, cfg)
+    model = as_model(model, sde)
+    res = integrate(model, sde, z, sde.T, t_eps, cfg, cond=cond)
+    res.x = model.decode_data(res.x)
+    return res

@@ -21,10 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from pflatents.tasks.core import Model as ScoreModel, bcast as _bcast
 from pflatents.tasks.errors import SolverError
-from pflatents.tasks.models.scores import ScoreModel
 from pflatents.tasks.ode.pfode import SolverConfig, encode, ode_func_t
-from pflatents.tasks.ode.sde import SDE, bcast as _bcast
+from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["rhs_noise", "PilotResult", "choose", "candidates", "reference_config"]
 
@@ -136,18 +136,15 @@ def pilot_subset(source, n: int = PILOT_N, seed: int = PILOT_SEED) -> np.ndarray
     return np.concatenate([source.read(int(i), int(i) + 1) for i in idx]).astype(np.float64)
 
 
-def latent_pilot(model_spec: str, sde: SDE, source, t_eps: float, dtype: str, precision: str, target: float,
+def latent_pilot(work: ScoreModel, hi: ScoreModel, sde: SDE, source, t_eps: float, dtype: str, target: float,
                  n: int = PILOT_N, seed: int = PILOT_SEED) -> tuple[SolverConfig, dict]:
     """``--latent-tol``: measure the right-hand side's noise, run the pilot, return (choice, pinned record).
 
-    The model runs at the job's ``precision`` (the working one) and, for the reference and the noise
-    floor, in float64 (``fp64``; an exact score in a float64 state). The record holds the target, the
-    choice, whether it met the target, the noise floor and every candidate's p50 / p99 / max and NFE.
+    ``work`` is the model at the job's precision (the working one) and ``hi`` the same in float64
+    (``fp64``; an exact score in a float64 state), for the reference and the noise floor. The record
+    holds the target, the choice, whether it met the target, the noise floor and every candidate's
+    p50 / p99 / max and NFE.
     """
-    from pflatents.tasks.models.registry import load_model
-
-    work = load_model(model_spec, sde, precision)
-    hi = load_model(model_spec, sde, "fp64")
     x = torch.from_numpy(pilot_subset(source, n, seed))
     dt = F64 if dtype == "float64" else torch.float32
     noise = float(f"{rhs_noise(work, hi, sde, x, t_eps, dt):.1e}")  # 2 digits: a stable pinned value

@@ -1,7 +1,8 @@
 """ODE solvers for the PF-ODE: one step signature, one loop per kind, a registry by name.
 
 All solvers integrate ``dy/ds = F(y, s)`` for a flat batch ``y`` of shape (B, M) where every sample
-carries its own time ``s`` (float64, shape (B,)). The state keeps the caller's dtype; times and step
+carries its own time ``s`` (float64, shape (B,)). Given a conditioning ``cond`` (one int64 label per row,
+``pflatents.tasks.core``), they call ``F(y, s, cond)`` with the labels of exactly the rows they pass. The state keeps the caller's dtype; times and step
 sizes stay in float64 and are cast at the state boundary.
 
 - Fixed-step explicit Runge-Kutta (euler, heun, rk4) on a shared grid of s values.
@@ -20,13 +21,14 @@ from typing import Callable
 
 import torch
 
+from pflatents.tasks.core import Cond, take_cond
 from pflatents.tasks.errors import SolverError
 
 __all__ = ["Tableau", "TABLEAUS", "SolveResult", "rk_step", "solve_fixed", "solve_adaptive",
-           "OK", "STEP_LIMIT", "NONFINITE", "STATUS_NAMES"]
+           "OK", "STEP_LIMIT", "NONFINITE", "STATUS_NAMES", "call"]
 
 F64 = torch.float64
-ODEFunc = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+ODEFunc = Callable[..., torch.Tensor]  # F(y, s), or F(y, s, cond) when the problem is conditioned
 
 OK, STEP_LIMIT, NONFINITE = 0, 1, 2
 STATUS_NAMES = {OK: "ok", STEP_LIMIT: "step_limit", NONFINITE: "nonfinite"}
@@ -89,24 +91,30 @@ def _col(h: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return h.to(dtype=y.dtype).unsqueeze(1)
 
 
+def call(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+    """F(y, s), conditioned on ``cond`` (the labels of y's rows) when there is one."""
+    return F(y, s) if cond is None else F(y, s, cond)
+
+
 def rk_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, h: torch.Tensor, tab: Tableau,
-            k0: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
+            k0: torch.Tensor | None = None, cond: Cond = None
+            ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, int]:
     """One explicit RK step of per-sample size h. Returns (y_new, error estimate, last k, NFE spent)."""
     hy = _col(h, y)
     nfe = 0
     if k0 is None:
-        k0, nfe = F(y, s), 1
+        k0, nfe = call(F, y, s, cond), 1
     ks = [k0]
     for ci, ai in zip(tab.c[1:], tab.a[1:]):
         yi = y + hy * sum(aij * kj for aij, kj in zip(ai, ks) if aij != 0.0)
-        ks.append(F(yi, s + ci * h))
+        ks.append(call(F, yi, s + ci * h, cond))
         nfe += 1
     y_new = yi if tab.fsal else y + hy * sum(bj * kj for bj, kj in zip(tab.b, ks) if bj != 0.0)
     err = hy * sum(ej * kj for ej, kj in zip(tab.e, ks) if ej != 0.0) if tab.e is not None else None
     return y_new, err, ks[-1], nfe
 
 
-def solve_fixed(F: ODEFunc, y0: torch.Tensor, grid: torch.Tensor, tab: Tableau) -> SolveResult:
+def solve_fixed(F: ODEFunc, y0: torch.Tensor, grid: torch.Tensor, tab: Tableau, cond: Cond = None) -> SolveResult:
     """Integrate along a shared grid of s values (float64, shape (n+1,)) with a fixed-step tableau."""
     b = y0.shape[0]
     y = y0
@@ -115,7 +123,7 @@ def solve_fixed(F: ODEFunc, y0: torch.Tensor, grid: torch.Tensor, tab: Tableau) 
     grid = grid.to(device=y0.device, dtype=F64)
     for s0, s1 in zip(grid[:-1], grid[1:]):
         s = s0.expand(b)
-        y, _, _, n = rk_step(F, y, s, (s1 - s0).expand(b), tab)
+        y, _, _, n = rk_step(F, y, s, (s1 - s0).expand(b), tab, cond=cond)
         nfe += n
     bad = ~torch.isfinite(y).all(dim=1)
     status[bad] = NONFINITE
@@ -174,7 +182,7 @@ def _err_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, ctl: Contro
 
 
 def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor, direction: float,
-                  span: torch.Tensor, order: int, ctl: Control) -> torch.Tensor:
+                  span: torch.Tensor, order: int, ctl: Control, cond: Cond = None) -> torch.Tensor:
     """Per-sample starting step (Hairer, Norsett & Wanner, Sec. II.4): one extra F evaluation."""
     scale = (ctl.atol + ctl.rtol * y.abs()).to(F64)
     if ctl.weight is not None:
@@ -184,7 +192,7 @@ def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
     h0 = torch.minimum(h0, span)
     y1 = y + _col(direction * h0, y) * k0
-    k1 = F(y1, s + direction * h0)
+    k1 = call(F, y1, s + direction * h0, cond)
     d2 = ((k1 - k0) / scale).to(F64).pow(2).mean(1).sqrt() / h0
     dmax = torch.maximum(d1, d2)
     # exponent 1/order as in HNW's HINIT (iord = 5 for DOPRI5); 1/(order+1) gave first steps ~2x too long,
@@ -197,21 +205,22 @@ def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor
 
 
 def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, ctl: Control,
-                   tab: Tableau = DOPRI5) -> SolveResult:
+                   tab: Tableau = DOPRI5, cond: Cond = None) -> SolveResult:
     """Embedded RK with per-sample error control, step size, acceptance and termination.
 
-    Only the samples still integrating are passed to F, so finished samples cost nothing and each
-    sample's trajectory is computed from its own state alone (batch-independent).
+    Only the samples still integrating are passed to F (with their rows of ``cond``), so finished
+    samples cost nothing and each sample's trajectory is computed from its own state alone
+    (batch-independent).
     """
     b, dev = y0.shape[0], y0.device
     direction = 1.0 if s_end >= s_start else -1.0
     y = y0.clone()
     s = torch.full((b,), s_start, dtype=F64, device=dev)
     s_end_t = torch.full((b,), s_end, dtype=F64, device=dev)
-    k0 = F(y, s)
+    k0 = call(F, y, s, cond)
     nfe = torch.ones(b, dtype=torch.int64, device=dev)
     span = (s_end_t - s).abs()
-    h = _initial_step(F, y, s, k0, direction, span, tab.order, ctl)  # magnitude
+    h = _initial_step(F, y, s, k0, direction, span, tab.order, ctl, cond)  # magnitude
     nfe += 1
     err_old = torch.full((b,), 1e-4, dtype=F64, device=dev)
     steps = torch.zeros(b, dtype=torch.int64, device=dev)
@@ -229,7 +238,7 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
         remaining = (s_end_t[idx] - sa).abs()
         last = h[idx] >= remaining * (1 - 1e-12)
         ha = torch.where(last, remaining, h[idx])
-        y_new, err, k_new, n = rk_step(F, ya, sa, direction * ha, tab, ka)
+        y_new, err, k_new, n = rk_step(F, ya, sa, direction * ha, tab, ka, take_cond(cond, idx))
         nfe[idx] += n
         steps[idx] += 1
         w = ctl.weight(sa) if ctl.weight is not None else None

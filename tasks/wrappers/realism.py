@@ -31,14 +31,15 @@ REFERENCE_ROWS = 50_000  # nearest-neighbour reference: at most this many (seede
 
 def model_split(store: LatentStore) -> tuple[dict[str, Any] | None, str]:
     """The model's recorded train/held-out split when it applies to this store's data, and a note."""
-    from pflatents.tasks.models.checkpoint import read_config
+    from pflatents.tasks.models.registry import model_kind
 
     cfg = pinned_config(store)
-    spec = str(cfg.model.get("spec", ""))
-    if not spec.startswith("ckpt:"):
-        return None, "the model is not a pflatents checkpoint: its training rows are unknown"
     try:
-        rec = (read_config(spec[5:]).get("data") or {}).get("holdout")
+        kind, rest = model_kind(str(cfg.model.get("spec", "")))
+        data = kind.training_data(rest)
+        if data is None:
+            return None, "the model is not a pflatents checkpoint: its training rows are unknown"
+        rec = data.get("holdout")
     except InputError as e:
         return None, f"cannot read the checkpoint's config: {str(e).splitlines()[0]}"
     if not rec:
