@@ -110,7 +110,7 @@ def main() -> None:
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     src = open_source("sklearn:digits")
-    data = src.read(0, len(src))
+    data = src.read(0, len(src)).x
     rows = []
     for b in a.budgets.split(","):
         steps, _, sampling = b.partition(":")

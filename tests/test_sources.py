@@ -30,12 +30,12 @@ def _save(path: Path, x: np.ndarray) -> str:
 def test_npy_reads_a_range(tmp_path: Path, stored: str, read: str) -> None:
     x = np.random.default_rng(0).normal(size=(1000, 16)).astype(stored)
     src = open_source(_save(tmp_path / "x.npy", x))
-    block = src.read(10, 25)
+    block = src.read(10, 25).x
     assert isinstance(src, NpySource) and len(src) == 1000 and src.sample_shape == (16,)
     assert src.dtype == np.dtype(read) and block.dtype == np.dtype(read)
     assert type(block) is np.ndarray and block.flags.c_contiguous
     np.testing.assert_array_equal(block, x[10:25].astype(read))
-    assert src.read(7, 7).shape == (0, 16) and src.quantization is None
+    assert src.read(7, 7).x.shape == (0, 16) and src.quantization is None
 
 
 def test_npy_is_memory_mapped_never_loaded_whole(tmp_path: Path, monkeypatch) -> None:
@@ -49,7 +49,7 @@ def test_npy_is_memory_mapped_never_loaded_whole(tmp_path: Path, monkeypatch) ->
     monkeypatch.setattr(np, "load", lambda *a, **k: calls.append(k) or real_load(*a, **k))
     tracemalloc.start()
     src = open_source(str(path))
-    row = src.read(123_456, 123_457)
+    row = src.read(123_456, 123_457).x
     peak = tracemalloc.get_traced_memory()[1]
     tracemalloc.stop()
     assert calls and all(k.get("mmap_mode") == "r" for k in calls)
@@ -109,7 +109,7 @@ def test_zarr_array_inside_a_group(tmp_path: Path) -> None:
     group.create_array("data/train", data=x, chunks=(7, 3, 4, 4))
     src = open_source(f"{tmp_path}/d.zarr/data/train")
     assert len(src) == 50 and src.sample_shape == (3, 4, 4) and src.dtype == np.float64
-    np.testing.assert_array_equal(src.read(5, 20), x[5:20])
+    np.testing.assert_array_equal(src.read(5, 20).x, x[5:20])
     with pytest.raises(DataError, match=r"d\.zarr is a zarr group, not an array.*data/train"):
         open_source(f"{tmp_path}/d.zarr")
     with pytest.raises(DataError, match="no array 'data/test'"):
@@ -121,7 +121,7 @@ def test_zarr_bare_array_store(tmp_path: Path, fmt: int) -> None:
     x = np.arange(40, dtype=np.float32).reshape(10, 4)
     zarr.create_array(tmp_path / "a.zarr", data=x, chunks=(3, 4), zarr_format=fmt)
     src = open_source(str(tmp_path / "a.zarr"))
-    np.testing.assert_array_equal(src.read(2, 9), x[2:9])
+    np.testing.assert_array_equal(src.read(2, 9).x, x[2:9])
     assert src.fingerprint() == open_source(_save(tmp_path / "a.npy", x)).fingerprint()
 
 
@@ -147,7 +147,7 @@ def test_grayscale_pngs_sorted_scaled_chw(tmp_path: Path) -> None:
         _image(tmp_path / name, p)
     (tmp_path / "notes.txt").write_text("not an image")
     src = open_source(f"images:{tmp_path}")
-    x = src.read(0, 3)
+    x = src.read(0, 3).x
     assert isinstance(src, ImageSource) and src.sample_shape == (1, 4, 6)
     assert x.shape == (3, 1, 4, 6) and x.dtype == np.float32 and src.quantization == 256
     for i, name in enumerate(["a.png", "b.PNG", "c.png"]):
@@ -161,7 +161,7 @@ def test_rgb_images_and_jpeg(tmp_path: Path) -> None:
     _image(tmp_path / "0.png", rgb)
     _image(tmp_path / "1.jpg", rgb)
     src = open_source(f"images:{tmp_path}")
-    x = src.read(0, 2)
+    x = src.read(0, 2).x
     assert src.sample_shape == (3, 5, 7) and x.shape == (2, 3, 5, 7)
     np.testing.assert_array_equal(x[0], rgb.transpose(2, 0, 1) / np.float32(127.5) - 1)
     assert np.abs(x[1] - x[0]).mean() < 0.05  # lossy JPEG of the same smooth picture
@@ -198,7 +198,7 @@ def test_image_errors(tmp_path: Path) -> None:
 
 def test_sklearn_digits() -> None:
     src = open_source("sklearn:digits")
-    x = src.read(0, len(src))
+    x = src.read(0, len(src)).x
     assert len(src) == 1797 and src.sample_shape == (64,) and x.dtype == np.float32
     assert x.min() == -1.0 and x.max() == 1.0 and src.quantization == 17
     levels = (x + 1) * 8
@@ -262,7 +262,7 @@ def test_pickles_as_its_spec(tmp_path: Path) -> None:
     src = open_source(spec)
     blob = pickle.dumps(src)
     assert len(blob) < 1000  # not the 10 MB of data
-    np.testing.assert_array_equal(pickle.loads(blob).read(3, 9), src.read(3, 9))
+    np.testing.assert_array_equal(pickle.loads(blob).read(3, 9).x, src.read(3, 9).x)
 
 
 def test_copying_a_tree_keeps_image_fingerprint(tmp_path: Path) -> None:

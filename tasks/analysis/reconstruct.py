@@ -55,7 +55,7 @@ def read_rows(source: Any, index: np.ndarray) -> np.ndarray:
         return np.empty((0, *source.sample_shape), dtype=np.float32)
     breaks = np.flatnonzero(np.diff(index) != 1) + 1
     runs = np.split(index, breaks)
-    return np.concatenate([source.read(int(r[0]), int(r[-1]) + 1) for r in runs])
+    return np.concatenate([source.read(int(r[0]), int(r[-1]) + 1).x for r in runs])
 
 
 def sample_errors(x: np.ndarray, x_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -17,7 +17,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from pflatents.tasks.errors import DataError
 
@@ -42,16 +42,19 @@ class SourceKind:
       another directory finds it, and stat'ed to notice a changed source), or None (bundled data).
     - ``growing``: the data may grow between runs (always extracted incrementally).
     - ``pixels``: samples are quantised pixels shown as images by the analysis.
+    - ``options``: the keyword options ``open`` takes (``open(spec, rest, **options)``), each a job
+      setting and flag of the same name (``resolution`` -> ``--resolution``); pinned with the spec.
     """
 
     name: str
-    open: Callable[[str, str], "Source"]
+    open: Callable[..., "Source"]
     usage: str
     prefixed: bool = True
     claims: Optional[Callable[[str], bool]] = None
     path: Callable[[str], Optional[str]] = lambda rest: rest
     growing: bool = False
     pixels: bool = False
+    options: tuple[str, ...] = ()
 
 
 def _open_images(spec: str, rest: str) -> "Source":
@@ -72,6 +75,27 @@ def _open_sklearn(spec: str, rest: str) -> "Source":
     if rest != "digits":
         raise DataError(f"unknown scikit-learn dataset {spec!r}; only sklearn:digits is bundled")
     return DigitsSource(spec)
+
+
+IMAGE_OPTIONS = ("resolution", "channels", "interpolation", "skip_bad", "skipped")
+
+
+def _open_imagefolder(spec: str, rest: str, **options: Any) -> "Source":
+    from pflatents.tasks.data.imagefolder import ImageFolderSource
+
+    return ImageFolderSource(spec, rest, **options)
+
+
+def _open_wds(spec: str, rest: str, **options: Any) -> "Source":
+    from pflatents.tasks.data.wds import TarShardSource
+
+    return TarShardSource(spec, rest, **options)
+
+
+def _open_parquet(spec: str, rest: str, **options: Any) -> "Source":
+    from pflatents.tasks.data.parquet import ParquetSource
+
+    return ParquetSource(spec, rest, **options)
 
 
 def _zarr_parts(spec: str) -> Optional[tuple[str, str]]:
@@ -113,6 +137,11 @@ SOURCE_KINDS: dict[str, SourceKind] = {
     "sklearn": SourceKind("sklearn", _open_sklearn, "sklearn:digits", path=lambda rest: None, pixels=True),
     "zarr": SourceKind("zarr", _open_zarr, "store.zarr[/array]", prefixed=False,
                        claims=lambda s: _zarr_parts(s) is not None, path=_zarr_path),
+    "imagefolder": SourceKind("imagefolder", _open_imagefolder, "imagefolder:DIR", pixels=True, options=IMAGE_OPTIONS),
+    "wds": SourceKind("wds", _open_wds, "wds:PATTERN", pixels=True, options=("image_key", "label_key", *IMAGE_OPTIONS),
+                      path=lambda rest: None if "://" in rest else rest),
+    "parquet": SourceKind("parquet", _open_parquet, "parquet:PATH", pixels=True,
+                          options=("image_column", "label_column", "id_column", *IMAGE_OPTIONS)),
     "npy": SourceKind("npy", _open_npy, "file.npy", prefixed=False, claims=lambda s: s.endswith(".npy"),
                       path=lambda s: None if "://" in s else s),
 }
@@ -138,15 +167,24 @@ def source_kind(spec: str | os.PathLike[str]) -> tuple[SourceKind, str]:
     raise DataError(f"cannot tell what kind of data {text!r} is; expected {specs_help()}")
 
 
-def open_source(spec: str | os.PathLike[str]) -> "Source":
-    """Open a dataset source from its spec (``pflatents.tasks.data.sources`` documents the kinds).
+def open_source(spec: str | os.PathLike[str], **options: Any) -> "Source":
+    """Open a dataset source from its spec (``pflatents.tasks.data.sources`` documents the kinds) with
+    the options its kind takes (options left None are not given).
 
     Raises:
-        DataError: unknown spec, missing/unreadable file, empty data, non-float dtype.
+        DataError: unknown spec, missing/unreadable file, empty data, non-float dtype, an option the
+            kind does not take.
     """
     text = os.fspath(spec)
     kind, rest = source_kind(text)
-    return kind.open(text, rest)
+    given = {k: v for k, v in options.items() if v is not None}
+    foreign = sorted(k for k, v in given.items() if k not in kind.options and v is not False)
+    if foreign:
+        takers = sorted(k.usage for k in SOURCE_KINDS.values() if set(foreign) & set(k.options))
+        raise DataError(f"{text}: --{', --'.join(f.replace('_', '-') for f in foreign)} "
+                        f"do{'es' if len(foreign) == 1 else ''} not apply to {kind.usage} data"
+                        + (f" (only to {', '.join(takers)})" if takers else ""))
+    return kind.open(text, rest, **{k: v for k, v in given.items() if k in kind.options})
 
 
 def absolute_spec(spec: str) -> str:

@@ -10,6 +10,12 @@ Specs accepted by :func:`open_source`:
 - ``images:DIR``: 8-bit PNG/JPEG files of one size, sorted by name, as CHW float32 in [-1, 1].
 - ``sklearn:digits``: the 1797 8x8 digits bundled with scikit-learn, flat 64, float32 in [-1, 1].
 
+Every source reads ``read(start, stop) -> Batch(x, ids, labels)``: the samples, one string id per
+sample (the row index for arrays, the file name for ``images:``) and the class labels where the
+format has them (``sklearn:digits``: the digit 0-9; else None). Sources of encoded images (image
+folders, webdataset tar shards, parquet / Hugging Face datasets) live in
+``pflatents.tasks.data.images`` and its neighbours; ``open_source(spec, **options)`` opens any kind.
+
 Pure numpy: zarr, Pillow and scikit-learn are imported only by the sources that need them.
 Quantised sources (``quantization = q``) hold exactly the values ``-1 + 2 k / (q - 1)``,
 ``k = 0 .. q-1`` (q = 256 for 8-bit images, 17 for digits); float sources have ``None``.
@@ -27,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
+from pflatents.tasks.core import Batch
 from pflatents.tasks.errors import DataError
 
-__all__ = ["Source", "ArraySource", "NpySource", "ZarrSource", "ImageSource", "DigitsSource",
-           "open_source"]
+__all__ = ["Batch", "Source", "ArraySource", "NpySource", "ZarrSource", "ImageSource", "DigitsSource",
+           "open_source", "open_pinned"]
 
 MiB = 1 << 20
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg"}
@@ -57,22 +64,76 @@ class Source(ABC):
     def _read(self, start: int, stop: int) -> np.ndarray:
         """Samples ``[start, stop)`` (range already checked)."""
 
+    def _ids(self, start: int, stop: int) -> np.ndarray:
+        """Sample ids of ``[start, stop)`` (range checked): the row index as text unless overridden."""
+        return np.arange(start, stop).astype(str)
+
+    def _labels(self, start: int, stop: int) -> np.ndarray | None:
+        """Class labels (int64) of ``[start, stop)``, or None when the source has none."""
+        return None
+
+    @property
+    def has_labels(self) -> bool:
+        """True when ``read`` returns class labels."""
+        return False
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """Keyword options that, with ``spec``, reopen this very source (``open_source(spec, **options)``);
+        JSON, pinned in the store. Empty for the kinds that take none."""
+        return {}
+
+    def pinned(self) -> dict[str, Any]:
+        """What the store pins about this source besides its spec, fingerprint, length and shape: its
+        ``options`` and, for labelled sources, the class names (``classes``). Empty for the kinds that
+        take no options (so stores of those kinds keep the config they had)."""
+        return {"options": self.options} if self.options else {}
+
     def _identity(self, n: int) -> list[Any]:
         """Cheap facts about the first ``n`` samples hashed into the fingerprint besides values."""
         return []
+
+    def ids(self, start: int, stop: int) -> np.ndarray:
+        """Sample ids of ``[start, stop)`` (strings) without decoding the samples."""
+        start, stop = self._check_range(start, stop)
+        return self._ids(start, stop)
+
+    def labels(self, start: int, stop: int) -> np.ndarray | None:
+        """Class labels (int64) of ``[start, stop)`` without decoding the samples, or None."""
+        start, stop = self._check_range(start, stop)
+        return self._labels(start, stop)
+
+    def _ids_labels_digest(self, n: int, block: int = 65536) -> str:
+        """blake2b of the ids and labels of the first ``n`` samples (kinds whose ids are not their row
+        index put it in ``_identity``, so the fingerprint covers them)."""
+        h = hashlib.blake2b(digest_size=20)
+        for i0 in range(0, n, block):
+            i1 = min(n, i0 + block)
+            for sid in self._ids(i0, i1):
+                b = str(sid).encode()
+                h.update(len(b).to_bytes(4, "little") + b)
+            labels = self._labels(i0, i1)
+            if labels is not None:
+                h.update(np.ascontiguousarray(labels, dtype="<i8").tobytes())
+        return h.hexdigest()
 
     @property
     def sample_nbytes(self) -> int:
         """Bytes of one sample as returned by ``read``."""
         return int(np.prod(self.sample_shape, dtype=np.int64)) * self.dtype.itemsize
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """Samples ``[start, stop)`` as a C-contiguous array ``(stop - start, *sample_shape)``."""
+    def _check_range(self, start: int, stop: int) -> tuple[int, int]:
         start, stop, n = operator.index(start), operator.index(stop), len(self)
         if not 0 <= start <= stop <= n:
             raise DataError(f"{self.spec}: cannot read samples [{start}, {stop}): the source has "
                             f"{n} samples (need 0 <= start <= stop <= {n})")
-        return self._read(start, stop)
+        return start, stop
+
+    def read(self, start: int, stop: int) -> Batch:
+        """Samples ``[start, stop)``: ``x`` a C-contiguous array ``(stop - start, *sample_shape)``, their
+        ids (strings) and class labels (int64, or None)."""
+        start, stop = self._check_range(start, stop)
+        return Batch(self._read(start, stop), self._ids(start, stop), self._labels(start, stop))
 
     def fingerprint(self, n: int | None = None) -> str:
         """blake2b of shape, dtype and the values read (all, or sampled blocks if large).
@@ -94,7 +155,7 @@ class Source(ABC):
         h.update(json.dumps(header).encode())
         for start, stop in self._hash_ranges(n):
             h.update(f"{start}:{stop};".encode())
-            h.update(self.read(start, stop))
+            h.update(self.read(start, stop).x)
         return "blake2b:" + h.hexdigest()
 
     def _hash_ranges(self, n: int | None = None) -> list[tuple[int, int]]:
@@ -114,7 +175,7 @@ class Source(ABC):
         bad: list[int] = []
         total = 0
         for i0 in range(start, len(self), rows):
-            x = self.read(i0, min(len(self), i0 + rows))
+            x = self._read(i0, min(len(self), i0 + rows))
             idx = np.flatnonzero(~np.isfinite(x.reshape(len(x), -1)).all(axis=1)) + i0
             total += idx.size
             bad.extend(int(i) for i in idx[: max(0, 10 - len(bad))])
@@ -123,8 +184,8 @@ class Source(ABC):
                             f"{', '.join(map(str, bad))}\nremove or fix them before extracting")
 
     def __reduce__(self) -> tuple[Any, ...]:
-        """Pickle as the spec (a memory map must not travel as its whole contents)."""
-        return (open_source, (self.spec,))
+        """Pickle as the spec and options (a memory map must not travel as its whole contents)."""
+        return (_reopen, (self.spec, self.options))
 
     def __repr__(self) -> str:
         return (f"{type(self).__name__}({self.spec!r}, n={len(self)}, "
@@ -337,6 +398,10 @@ class ImageSource(Source):
             out[i] = pixels.astype(np.float32) / np.float32(127.5) - np.float32(1)
         return out
 
+    def _ids(self, start: int, stop: int) -> np.ndarray:
+        """The file names (already in the fingerprint's identity)."""
+        return np.array([p.name for p in self.files[start:stop]], dtype=str)
+
     def _identity(self, n: int) -> list[Any]:
         """Names and byte sizes of the first ``n`` image files (cheap: one stat each)."""
         return ["images", [[p.name, p.stat().st_size] for p in self.files[:n]]]
@@ -369,16 +434,38 @@ class DigitsSource(ArraySource):
     def __init__(self, spec: str) -> None:
         from sklearn.datasets import load_digits
 
-        x = load_digits().data.astype(np.float32) / np.float32(8) - np.float32(1)
+        digits = load_digits()
+        x = digits.data.astype(np.float32) / np.float32(8) - np.float32(1)
         super().__init__(spec, x, quantization=17)
+        self._target = np.asarray(digits.target, dtype=np.int64)
+
+    @property
+    def has_labels(self) -> bool:
+        return True
+
+    def _labels(self, start: int, stop: int) -> np.ndarray:
+        """The digit shown (0-9). Bundled with the values: the fingerprint keeps hashing values only
+        (as before labels were read), so stores made then keep their fingerprint."""
+        return self._target[start:stop].copy()
 
 
-def open_source(spec: str | os.PathLike[str]) -> Source:
-    """Open a dataset source from its spec (the kinds: ``pflatents.tasks.data.registry.SOURCE_KINDS``).
+def open_source(spec: str | os.PathLike[str], **options: Any) -> Source:
+    """Open a dataset source from its spec (the kinds: ``pflatents.tasks.data.registry.SOURCE_KINDS``);
+    ``options`` are the keyword options of the kinds that take some (``resolution``, ``skip_bad``, ...).
 
     Raises:
-        DataError: unknown spec, missing/unreadable file, empty data, non-float dtype.
+        DataError: unknown spec, missing/unreadable file, empty data, non-float dtype, options given
+            to a kind that takes none.
     """
     from pflatents.tasks.data.registry import open_source as _open
 
-    return _open(spec)
+    return _open(spec, **options)
+
+
+def open_pinned(data: dict[str, Any]) -> Source:
+    """The source a store's pinned ``data`` spec names, opened with its pinned options."""
+    return open_source(data["spec"], **(data.get("options") or {}))
+
+
+def _reopen(spec: str, options: dict[str, Any]) -> Source:
+    return open_source(spec, **options)

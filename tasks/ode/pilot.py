@@ -133,7 +133,7 @@ def pilot_subset(source, n: int = PILOT_N, seed: int = PILOT_SEED) -> np.ndarray
     """A seeded subset of ``n`` samples of a source (all of them when it has fewer), in index order."""
     total = len(source)
     idx = np.sort(np.random.default_rng(seed).choice(total, size=min(n, total), replace=False))
-    return np.concatenate([source.read(int(i), int(i) + 1) for i in idx]).astype(np.float64)
+    return np.concatenate([source.read(int(i), int(i) + 1).x for i in idx]).astype(np.float64)
 
 
 def latent_pilot(work: ScoreModel, hi: ScoreModel, sde: SDE, source, t_eps: float, dtype: str, target: float,

@@ -267,7 +267,7 @@ def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress
                          "(use --arch mlp)")
     params = _resolved_arch_params(cfg.arch, cfg.arch_params)
     cfg = TrainConfig(**{**asdict(cfg), "arch_params": params})
-    data = source.read(0, len(source))
+    data = source.read(0, len(source)).x
     split = None
     if holdout:
         from pflatents.tasks.data.split import holdout_split, split_record
