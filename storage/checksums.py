@@ -21,11 +21,23 @@ def _le_bytes(a: np.ndarray, dtype: str) -> np.ndarray:
     return v
 
 
+def _ids_bytes(ids: np.ndarray) -> np.ndarray:
+    """Sample ids as bytes: each id's UTF-8 length (uint32 LE) followed by its UTF-8 bytes."""
+    out = bytearray()
+    for sid in ids.tolist():
+        b = str(sid).encode()
+        out += len(b).to_bytes(4, "little") + b
+    v = np.frombuffer(bytes(out), dtype=np.uint8)
+    return v
+
+
 def checksum(latents: np.ndarray, nfe: np.ndarray, algorithm: str = CHECKSUM_ALGORITHM,
-             status: np.ndarray | None = None) -> str:
+             status: np.ndarray | None = None, ids: np.ndarray | None = None,
+             labels: np.ndarray | None = None) -> str:
     """Checksum of a shard: its little-endian float32 latents bytes followed by its int32 NFE bytes,
     and by its int8 per-sample status bytes when any sample is flagged (so shards without flagged
-    samples keep the checksum they had before the status existed).
+    samples keep the checksum they had before the status existed), then, in stores that keep them,
+    its sample ids (per id: uint32 LE UTF-8 length, UTF-8 bytes) and int64 LE labels.
 
     ``algorithm`` "crc32c" (CRC-32C, ~20 GB/s; the default, written as ``crc32c:<8 hex>``) or
     "blake2b" (160-bit, ~0.6 GB/s; what older records hold, written as ``blake2b:<40 hex>``).
@@ -33,6 +45,10 @@ def checksum(latents: np.ndarray, nfe: np.ndarray, algorithm: str = CHECKSUM_ALG
     parts = [_le_bytes(latents, "<f4"), _le_bytes(nfe, "<i4")]
     if status is not None and np.any(status):
         parts.append(_le_bytes(status, "i1"))
+    if ids is not None:
+        parts.append(_ids_bytes(np.asarray(ids)))
+    if labels is not None:
+        parts.append(_le_bytes(labels, "<i8"))
     if algorithm == "crc32c":
         value = google_crc32c.value(parts[0])
         for part in parts[1:]:

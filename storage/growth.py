@@ -33,6 +33,8 @@ class Growth:
     _latents: zarr.Array
     _nfe: zarr.Array
     _status: zarr.Array | None
+    _sample_ids: zarr.Array | None
+    _labels: zarr.Array | None
     url: str
     n_samples: int
     n_planned: int
@@ -69,8 +71,9 @@ class Growth:
                                      "checksum": None, "timings": {}, "device": None})
         self._latents.resize((n_new, *self.sample_shape))
         self._nfe.resize((n_new,))
-        if self._status is not None:
-            self._status.resize((n_new,))
+        for array in (self._status, self._sample_ids, self._labels):
+            if array is not None:
+                array.resize((n_new,))
         pause_for_tests("PFLATENTS_PAUSE_IN_GROW")  # kill tests: arrays grown, plan not yet
         self.meta.update(n_planned=int(n_new), n_shards=len(plan_shards(int(n_new), size)),
                          data_prefix=to_json(dict(data_prefix), "data_prefix"))

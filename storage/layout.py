@@ -8,6 +8,11 @@ Layout of a store (one Zarr v3 group per extraction)::
     <store>/status               int8 (N,), chunks (shard_size,): per-sample status, 0 ok, 1 step_limit
                                  (the solver's step limit), 2 nonfinite; flagged samples hold NaN
                                  latents in a done shard (stores made before it: all ok)
+    <store>/sample_id            string (N,) (zarr v3 "string", vlen-utf8), chunks (shard_size,): the
+                                 source's id of each sample (file path, tar key, row key, row index)
+    <store>/label                int64 (N,), chunks (shard_size,): class label, -1 unknown; only for
+                                 sources with labels. Both are part of a shard's write and checksum;
+                                 stores made before them have neither
     <store>/shards/<id:06d>      one child group per shard; its attrs are the shard record:
                                  "writing" (chunk being written), "done" (verified) or "failed";
                                  no record = pending. Each record is its own zarr.json, replaced
@@ -116,8 +121,12 @@ def not_a_store_message(url: str, kind: str) -> str:
     return f"{url} exists and is not a pflatents store (no zarr group with '{ATTR}' attributes)"
 
 
-def build(loc: Location, meta: dict[str, Any], incomplete: bool) -> zarr.Group:
-    """Build the store layout; the ``pflatents`` attrs are written last, marking it complete."""
+def build(loc: Location, meta: dict[str, Any], incomplete: bool, sample_ids: bool = False,
+          labels: bool = False) -> zarr.Group:
+    """Build the store layout; the ``pflatents`` attrs are written last, marking it complete.
+
+    ``sample_ids`` / ``labels``: also make the per-sample ``sample_id`` (variable-length UTF-8
+    string) and ``label`` (int64, -1 where unknown) arrays, chunked like the latents."""
     if loc.local is not None:
         loc.local.mkdir(parents=True, exist_ok=True)
     marker = {INCOMPLETE_ATTR: {"started": now(), "host": socket.gethostname(),
@@ -137,6 +146,16 @@ def build(loc: Location, meta: dict[str, Any], incomplete: bool) -> zarr.Group:
                       compressors=ZstdCodec(level=3), fill_value=0,
                       dimension_names=("sample",), overwrite=True)
     create_status_array(root, n, size)
+    if sample_ids:
+        root.create_array("sample_id", shape=(n,), chunks=(size,), dtype=str,
+                          compressors=ZstdCodec(level=3), dimension_names=("sample",), overwrite=True)
+    if labels:
+        root.create_array("label", shape=(n,), chunks=(size,), dtype="int64",
+                          compressors=ZstdCodec(level=3), fill_value=-1,
+                          dimension_names=("sample",), overwrite=True)
+    coords = [name for name, keep in (("sample_id", sample_ids), ("label", labels)) if keep]
+    if coords:  # xarray (CF decoding) opens these as coordinates of the latents' sample dimension
+        root["latents"].attrs["coordinates"] = " ".join(coords)
     root.create_group("shards", overwrite=True)
     if "lock" not in root:
         root.create_group("lock")

@@ -39,6 +39,8 @@ class ShardRecords:
     _latents: zarr.Array
     _nfe: zarr.Array
     _status: zarr.Array | None
+    _sample_ids: zarr.Array | None
+    _labels: zarr.Array | None
     read_only: bool
     url: str
     sample_shape: tuple[int, ...]
@@ -48,13 +50,17 @@ class ShardRecords:
     _check_fence: Any
 
     def write_shard(self, shard_id: int, latents: np.ndarray, nfe: np.ndarray,
-                    info: Mapping[str, Any] | None = None, status: np.ndarray | None = None
-                    ) -> dict[str, Any]:
+                    info: Mapping[str, Any] | None = None, status: np.ndarray | None = None,
+                    ids: np.ndarray | None = None, labels: np.ndarray | None = None) -> dict[str, Any]:
         """Write, read back and verify one shard, then record it done; returns the record.
 
         ``status`` (per sample: 0 ok, 1 step_limit, 2 nonfinite; default all ok) flags samples the
         solver could not finish: their latents are stored as NaN, the shard is still done, and its
         record counts them (``samples_failed``, ``sample_status``).
+
+        ``ids`` (strings) and ``labels`` (int64) are the samples' ids and class labels, required by
+        a store that keeps them (``sample_id`` / ``label`` arrays): written, read back and
+        checksummed with the latents, so a done shard's ids are exactly its samples'.
 
         Raises:
             StoreError: wrong shape or dtype for this shard, or the store is read-only.
@@ -66,6 +72,7 @@ class ShardRecords:
         x = self._as_latents(shard_id, latents, i1 - i0)
         n = self._as_nfe(shard_id, nfe, i1 - i0)
         st = self._as_status(shard_id, status, i1 - i0)
+        sid, lab = self._as_ids_labels(shard_id, ids, labels, i1 - i0)
         flagged = st != 0
         if flagged.any():
             x = x.copy()
@@ -85,8 +92,12 @@ class ShardRecords:
         self._nfe.with_config({"write_empty_chunks": True})[i0:i1] = n
         if self._status is not None:
             self._status.with_config({"write_empty_chunks": True})[i0:i1] = st
+        if self._sample_ids is not None:
+            self._sample_ids.with_config({"write_empty_chunks": True})[i0:i1] = sid
+        if self._labels is not None:
+            self._labels.with_config({"write_empty_chunks": True})[i0:i1] = lab
         t1 = time.perf_counter()
-        problem, digest = self._read_back(i0, i1, x, n, st)
+        problem, digest = self._read_back(i0, i1, x, n, st, sid, lab)
         if problem:
             raise ShardVerifyError(f"shard {shard_id} (samples {i0}..{i1 - 1}) failed "
                                    f"read-back verification: {problem}; not marked done")
@@ -105,6 +116,17 @@ class ShardRecords:
         i0, i1 = self.shard_range(shard_id)
         return (np.array(self._latents[i0:i1], dtype=np.float32, copy=True),
                 np.array(self._nfe[i0:i1], dtype=np.int32, copy=True))
+
+    def read_ids_labels(self, start: int = 0, stop: int | None = None
+                        ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Stored sample ids (str) and labels (int64) of samples ``[start, stop)``; None for an array
+        the store does not keep (stores made before them; labels of a source without any)."""
+        stop = self.n_planned if stop is None else int(stop)
+        ids = None
+        if self._sample_ids is not None:  # zarr hands back numpy's StringDType: plain fixed-width str here
+            ids = np.array([str(s) for s in np.asarray(self._sample_ids[int(start):stop]).tolist()], dtype=str)
+        labels = None if self._labels is None else np.asarray(self._labels[int(start):stop], dtype=np.int64)
+        return ids, labels
 
     def sample_status(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Per-sample status codes (int8: 0 ok, 1 step_limit, 2 nonfinite) of samples ``[start, stop)``."""
@@ -229,6 +251,24 @@ class ShardRecords:
                              f"older pflatents); run extract or resume on it once to add it")
         return np.ascontiguousarray(v, dtype=np.int8)
 
+    def _as_ids_labels(self, shard_id: int, ids: Any, labels: Any, n: int
+                       ) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """Validate a shard's ids and labels against the arrays the store keeps."""
+        out: list[np.ndarray | None] = []
+        for name, value, array, kinds in (("ids", ids, self._sample_ids, "UTO"), ("labels", labels, self._labels, "iu")):
+            if array is None:
+                out.append(None)
+                continue
+            if value is None:
+                raise StoreError(f"shard {shard_id}: {self.url} keeps sample {name}; none were given")
+            v = np.asarray(value)
+            if v.shape != (n,) or v.dtype.kind not in kinds:
+                raise StoreError(f"shard {shard_id}: {name} must be {n} {'strings' if name == 'ids' else 'integers'}, "
+                                 f"got {v.dtype} {v.shape}")
+            out.append(np.array([str(s) for s in v.tolist()], dtype=str) if name == "ids"
+                       else np.ascontiguousarray(v, dtype=np.int64))
+        return out[0], out[1]
+
     def _read_chunk(self, i0: int, i1: int) -> tuple[np.ndarray, np.ndarray, np.ndarray] | str:
         """Samples ``[i0, i1)`` (latents, nfe, status) as stored, or why they cannot be read."""
         try:
@@ -237,7 +277,15 @@ class ShardRecords:
         except Exception as exc:  # a corrupt chunk fails to decode in codec-specific ways
             return f"cannot read the chunk back ({type(exc).__name__}: {exc})"
 
-    def _read_back(self, i0: int, i1: int, x: np.ndarray, n: np.ndarray, st: np.ndarray
+    def _read_id_chunk(self, i0: int, i1: int) -> tuple[np.ndarray | None, np.ndarray | None] | str:
+        """Sample ids and labels ``[i0, i1)`` as stored (None where not kept), or why they cannot be read."""
+        try:
+            return self.read_ids_labels(i0, i1)
+        except Exception as exc:  # noqa: BLE001 - as _read_chunk
+            return f"cannot read the sample ids back ({type(exc).__name__}: {exc})"
+
+    def _read_back(self, i0: int, i1: int, x: np.ndarray, n: np.ndarray, st: np.ndarray,
+                   ids: np.ndarray | None = None, labels: np.ndarray | None = None
                    ) -> tuple[str | None, str | None]:
         """Re-read what ``write_shard`` just wrote: (problem or None, checksum of the stored data).
 
@@ -260,7 +308,13 @@ class ShardRecords:
             return f"nfe read back differ from those written at samples {first_indices(rows + i0)}", None
         if not np.array_equal(got[2], st):
             return "status read back differs from the status written", None
-        return None, checksum(y, m, status=st)
+        kept = self._read_id_chunk(i0, i1)
+        if isinstance(kept, str):
+            return kept, None
+        for name, back, want_v in (("sample ids", kept[0], ids), ("labels", kept[1], labels)):
+            if (back is None) != (want_v is None) or (back is not None and not np.array_equal(back, want_v)):
+                return f"{name} read back differ from those written", None
+        return None, checksum(y, m, status=st, ids=kept[0], labels=kept[1])
 
 
 def pause_for_tests(var: str = PAUSE_ENV) -> None:

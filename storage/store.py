@@ -49,6 +49,8 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
         self._latents: zarr.Array = group["latents"]  # type: ignore[assignment]
         self._nfe: zarr.Array = group["nfe"]  # type: ignore[assignment]
         self._status: zarr.Array | None = group["status"] if "status" in group else None  # type: ignore[assignment]
+        self._sample_ids: zarr.Array | None = group["sample_id"] if "sample_id" in group else None  # type: ignore[assignment]
+        self._labels: zarr.Array | None = group["label"] if "label" in group else None  # type: ignore[assignment]
         self._lock = loc.new_lock()
         self._fence: str | None = None
 
@@ -58,8 +60,12 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
     def create(cls, url: str | os.PathLike[str], *, config: Mapping[str, Any], n_samples: int,
                sample_shape: tuple[int, ...], shard_size: int,
                storage_options: dict[str, Any] | None = None,
-               data_prefix: Mapping[str, Any] | None = None) -> LatentStore:
+               data_prefix: Mapping[str, Any] | None = None, sample_ids: bool = False,
+               labels: bool = False) -> LatentStore:
         """Create a new store at ``url`` (an empty or absent path, or an incomplete store).
+
+        ``sample_ids`` / ``labels``: the store keeps each sample's id / class label (arrays
+        ``sample_id`` and ``label``); every shard write then gives them.
 
         With ``data_prefix`` ({"n", "fingerprint"} of the data planned) the store is incremental:
         it can ``grow`` later, and publishes ``n_samples`` (0 until the first ``publish``).
@@ -88,7 +94,7 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
             meta.update(incremental=True, n_planned=int(n_samples), n_samples=0,
                         data_prefix=to_json(dict(data_prefix), "data_prefix"))
         try:
-            group = build(loc, meta, incomplete=kind == "incomplete")
+            group = build(loc, meta, incomplete=kind == "incomplete", sample_ids=sample_ids, labels=labels)
         except OSError as exc:
             raise StoreError(f"cannot write a store at {loc.url}: {exc}") from exc
         return cls(loc, group, read_only=False)
@@ -223,6 +229,7 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
         opts = self._loc.storage_options or None
         ds = xr.open_zarr(target, consolidated=False, storage_options=opts,
                           chunks={"sample": rows or self.dask_rows()})
+        ds = ds.set_coords([c for c in ("sample_id", "label") if c in ds.data_vars])
         return ds.isel(sample=slice(0, self.n_samples)) if self.n_planned != self.n_samples else ds
 
     # ---- lock ----------------------------------------------------------------------------
@@ -295,8 +302,11 @@ def store_lock(url: str | os.PathLike[str], storage_options: dict[str, Any] | No
 def open_or_create(url: str | os.PathLike[str], *, config: Mapping[str, Any], n_samples: int,
                    sample_shape: tuple[int, ...], shard_size: int,
                    storage_options: dict[str, Any] | None = None,
-                   data_prefix: Mapping[str, Any] | None = None) -> LatentStore:
+                   data_prefix: Mapping[str, Any] | None = None, sample_ids: bool = False,
+                   labels: bool = False) -> LatentStore:
     """Open the store at ``url`` if its pinned config matches, else create it if absent.
+
+    ``sample_ids`` / ``labels`` apply to a new store (``LatentStore.create``).
 
     With ``data_prefix`` the store is incremental: a new one is created as such, an existing one
     must be incremental and is matched without its length (the caller grows it under the lock).
@@ -309,7 +319,8 @@ def open_or_create(url: str | os.PathLike[str], *, config: Mapping[str, Any], n_
     if loc.classify() != "complete":  # create() refuses what is not a pflatents store
         return LatentStore.create(url, config=config, n_samples=n_samples,
                                   sample_shape=sample_shape, shard_size=shard_size,
-                                  storage_options=storage_options, data_prefix=data_prefix)
+                                  storage_options=storage_options, data_prefix=data_prefix,
+                                  sample_ids=sample_ids, labels=labels)
     store = LatentStore.open(url, mode="r+", storage_options=storage_options)
     incremental = data_prefix is not None
     store.check_matches(config, None if incremental else n_samples, sample_shape, shard_size)

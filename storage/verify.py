@@ -21,6 +21,7 @@ class ShardVerify:
     _base_record: Any
     _put_record: Any
     _read_chunk: Any
+    _read_id_chunk: Any
 
     def verify_shard(self, shard_id: int) -> bool:
         """Re-read a done shard: True if it is finite and matches the recorded checksum."""
@@ -79,9 +80,13 @@ class ShardVerify:
         if isinstance(got, str):
             return got
         x, n, st = got
+        kept = self._read_id_chunk(i0, i1)
+        if isinstance(kept, str):
+            return kept
+        ids, labels = kept
         bad = bad_rows(x)
         bad = bad[st[bad] == 0]  # flagged samples hold NaN by design
         if bad.size:
             return f"NaN/Inf at samples {first_indices(bad + i0)}"
-        digest = checksum(x, n, algorithm, status=st)
+        digest = checksum(x, n, algorithm, status=st, ids=ids, labels=labels)
         return None if digest == expected else f"checksum {digest} != recorded {expected}"

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import socket
 import threading
@@ -107,22 +108,25 @@ def _log_fault(store_url: str, shard_id: int, kind: str) -> None:
 
 
 @functools.lru_cache(maxsize=4)
-def _source_cached(spec: str, stamp: tuple):
-    return open_source(spec)
+def _source_cached(spec: str, options: str, stamp: tuple):
+    return open_source(spec, **json.loads(options))
 
 
-def _source(spec: str, stop: int = 0):
-    """The job's source, opened once per worker process (re-opened if the file changed, or if it grew
-    past the cached length: a growing source's new samples are read from a fresh open)."""
+def _source(data: dict, stop: int = 0):
+    """The job's source (the pinned ``data``: spec and options), opened once per worker process
+    (re-opened if the file changed, or if it grew past the cached length: a growing source's new
+    samples are read from a fresh open)."""
+    spec = data["spec"]
+    options = json.dumps(data.get("options") or {}, sort_keys=True)
     try:
         st = os.stat(stat_path(spec) or "")
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
     except OSError:
         stamp = ()
-    src = _source_cached(spec, stamp)
+    src = _source_cached(spec, options, stamp)
     if len(src) < stop:
         _source_cached.cache_clear()
-        src = _source_cached(spec, stamp)
+        src = _source_cached(spec, options, stamp)
     return src
 
 
@@ -166,20 +170,21 @@ def _open(store_url: str, shard_id: int, device: str, lease: str | None):
 
 
 def _encode(ctx, store_url: str, shard_id: int) -> tuple:
-    """Read and integrate one shard: (latents, nfe, status, record info, summary without write time)."""
+    """Read and integrate one shard: (latents, nfe, status, record info, summary without write time, the
+    source's batch: its ids and labels are written with the latents)."""
     t0 = time.perf_counter()
     _inject_fault(store_url, shard_id)
     store, cfg, sde, dev, model = ctx
     start, stop = store.shard_range(shard_id)
-    block = _source(cfg.data["spec"], stop).read(start, stop)
+    batch = _source(cfg.data, stop).read(start, stop)
     t1 = time.perf_counter()
-    z, nfe, status = encode_block(model, sde, block, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
+    z, nfe, status = encode_block(model, sde, batch.x, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
     t2 = time.perf_counter()
     info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
             "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
     summary = {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(nfe.sum()), "seconds": t2 - t0,
                "device": str(dev), "samples_failed": int((status != 0).sum())}
-    return z, nfe, status, info, summary
+    return z, nfe, status, info, summary, batch
 
 
 def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
@@ -189,8 +194,8 @@ def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | 
     flagged, with NaN latents (``LatentStore.failed_mask``), and counted in the summary."""
     t0 = time.perf_counter()
     ctx = _context(store_url, device, lease)
-    z, nfe, status, info, summary = _encode(ctx, store_url, shard_id)
-    ctx[0].write_shard(shard_id, z, nfe, info, status=status)
+    z, nfe, status, info, summary, batch = _encode(ctx, store_url, shard_id)
+    ctx[0].write_shard(shard_id, z, nfe, info, status=status, ids=batch.ids, labels=batch.labels)
     return {**summary, "seconds": time.perf_counter() - t0}
 
 
@@ -242,7 +247,7 @@ def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease
                 continue
             t0 = time.perf_counter()
             try:
-                z, nfe, status, info, summary = _encode(ctx, store_url, sid)
+                z, nfe, status, info, summary, batch = _encode(ctx, store_url, sid)
             except StoreLockedError:
                 raise
             except Exception as e:  # noqa: BLE001
@@ -251,7 +256,8 @@ def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease
             if waiting is not None:
                 finish(waiting)
                 waiting = None
-            fut = writer.submit(store.write_shard, sid, z, nfe, info, status=status)
+            fut = writer.submit(store.write_shard, sid, z, nfe, info, status=status, ids=batch.ids,
+                                labels=batch.labels)
             waiting = (sid, fut, summary, t0)
             if not overlap:
                 finish(waiting)
@@ -292,7 +298,7 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
     idx = np.flatnonzero(before)
     if idx.size == 0:
         return {"shard_id": shard_id, "n": 0, "nfe_sum": 0, "seconds": 0.0, "device": str(dev), "samples_failed": 0}
-    block = _source(cfg.data["spec"], stop).read(start, stop)[idx]
+    block = _source(cfg.data, stop).read(start, stop).x[idx]
     solver = stricter(cfg.make_solver())
     z, nfe, status = encode_block(model, sde, block, solver, cfg.batch_size, dev, "float64")
     latents, counts = store.read_shard(shard_id)
@@ -303,7 +309,8 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
             "retried_samples": {"n": int(idx.size), "recovered": int((status == 0).sum()),
                                 "solver": solver.to_dict(), "dtype": "float64"},
             "timings": {"integrate_s": time.perf_counter() - t0}}
-    store.write_shard(shard_id, latents, counts, info, status=after)
+    ids, labels = store.read_ids_labels(start, stop)  # kept as they are, like the shard's other samples
+    store.write_shard(shard_id, latents, counts, info, status=after, ids=ids, labels=labels)
     return {"shard_id": shard_id, "n": int(idx.size), "nfe_sum": int(nfe.sum()), "seconds": time.perf_counter() - t0,
             "device": str(dev), "samples_failed": int((after != 0).sum())}
 
