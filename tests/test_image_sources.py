@@ -208,7 +208,7 @@ def test_wds_fingerprint_and_errors(tmp_path: Path) -> None:
     spec = f"wds:{tmp_path}/shard-{{00..01}}.tar"
     f0 = open_source(spec).fingerprint()
     assert open_source(spec).fingerprint() == f0
-    assert open_source(spec, label_key=None).read(0, 2).labels is None
+    assert open_source(spec, label_key="").read(0, 2).labels is None
     with pytest.raises(DataError, match=r"shard not found: .*shard-02\.tar"):
         open_source(f"wds:{tmp_path}/shard-{{00..02}}.tar")
     with pytest.raises(DataError, match=r"no 'webp' member"):

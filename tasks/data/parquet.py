@@ -9,7 +9,7 @@ split's folder. Rows are the samples, file after file.
 Columns: ``image_column`` (default ``image``, else ``img``) holds each image as Hugging Face's
 ``Image`` feature stores it (a struct ``{"bytes", "path"}``; the path is read, relative to the file's
 folder, when the bytes are null), as raw encoded bytes, or as a path. ``label_column`` (default
-``label`` when there is one) holds integer class labels (null: -1); class names come from the
+``label`` when there is one; ``""``: no labels) holds integer class labels (null: -1); class names come from the
 ``datasets`` features (``ClassLabel``) recorded in the file's schema or ``dataset_info.json``.
 ``id_column`` (default none) gives the sample ids; without it a sample's id is
 ``<file relative to PATH>:<row in that file>``. Parquet files are read a row group at a time, only the
@@ -140,9 +140,10 @@ class ParquetSource(EncodedImageSource):
             if image_column is None:
                 raise DataError(f"{spec}: no 'image' or 'img' column (columns: {', '.join(columns)}); "
                                 f"choose one with --image-column")
-        explicit_label = label_column is not None
+        explicit_label = bool(label_column)
         if label_column is None and "label" in columns:
             label_column = "label"
+        label_column = label_column or None  # "": no labels
         for flag, col in (("--image-column", image_column), ("--label-column", label_column if explicit_label else None),
                           ("--id-column", id_column)):
             if col is not None and col not in columns:
@@ -228,7 +229,7 @@ class ParquetSource(EncodedImageSource):
         raise ValueError(f"the '{self.image_column}' cell holds no image ({type(cell).__name__})")
 
     def _kind_options(self) -> dict[str, Any]:
-        return {"image_column": self.image_column, "label_column": self.label_column, "id_column": self.id_column}
+        return {"image_column": self.image_column, "label_column": self.label_column or "", "id_column": self.id_column}
 
     def _item_identity(self, n_items: int) -> list[Any]:
         """The files' names and row counts up to ``n_items`` rows."""

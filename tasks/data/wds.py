@@ -11,8 +11,8 @@ Random access: opening the source reads each shard's member headers once (tarfil
 member's data) into a per-shard index of (key, member offsets and sizes); reading samples [i, j) seeks
 to their image members in the shards that hold them. Compressed shards (``.tar.gz`` etc.) are read as a
 stream, decompressed in memory up to the members wanted. Labels (the ``cls`` member, an integer as
-text, webdataset's convention; ``label_key`` chooses another) are read while indexing; a sample without
-one is labelled -1. The image member is ``image_key`` (default: the first of png, jpg, jpeg, webp that
+text, webdataset's convention; ``label_key`` chooses another, ``""`` none) are read while indexing; a
+sample without one is labelled -1. The image member is ``image_key`` (default: the first of png, jpg, jpeg, webp that
 the first sample holds).
 """
 
@@ -45,7 +45,7 @@ def expand_pattern(pattern: str) -> list[str]:
     try:
         urls = list(braceexpand(pattern))
     except Exception as exc:  # noqa: BLE001 - braceexpand raises plain errors on bad patterns
-        raise DataError(f"wds:{pattern}: not a valid brace pattern ({exc})") from exc
+        raise DataError(f"{pattern!r} is not a valid brace pattern of tar shards ({exc})") from exc
     return urls
 
 
@@ -101,7 +101,7 @@ def _index_shard(url: str, label_key: Optional[str]) -> _Shard:
                         shard.members.append({})
                         shard.labels.append(None)
                     if ext in shard.members[-1]:
-                        raise DataError(f"wds:{url}: sample {key} holds two '{ext}' members")
+                        raise DataError(f"tar shard {url}: sample {key} holds two '{ext}' members")
                     shard.members[-1][ext] = (m.offset_data, m.size)
                     if label_key is not None and ext == label_key:
                         shard.labels[-1] = tf.extractfile(m).read()  # type: ignore[union-attr]
@@ -120,6 +120,7 @@ class TarShardSource(EncodedImageSource):
     def __init__(self, spec: str, pattern: str, *, image_key: Optional[str] = None,
                  label_key: Optional[str] = "cls", **options: Any) -> None:
         self.spec, self.pattern = spec, pattern
+        label_key = label_key or None  # "" : no labels
         self.urls = expand_pattern(pattern)
         if not self.urls:
             raise DataError(f"{spec}: the pattern names no shards")
@@ -201,7 +202,7 @@ class TarShardSource(EncodedImageSource):
         return out
 
     def _kind_options(self) -> dict[str, Any]:
-        return {"image_key": self.image_key, "label_key": self.label_key}
+        return {"image_key": self.image_key, "label_key": self.label_key if self.has_labels else ""}
 
     def _item_identity(self, n_items: int) -> list[Any]:
         """Each shard's file name and the byte size of every image member of the first ``n_items`` samples."""

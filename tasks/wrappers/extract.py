@@ -178,7 +178,8 @@ def _encode(ctx, store_url: str, shard_id: int) -> tuple:
     start, stop = store.shard_range(shard_id)
     batch = _source(cfg.data, stop).read(start, stop)
     t1 = time.perf_counter()
-    z, nfe, status = encode_block(model, sde, batch.x, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype)
+    z, nfe, status = encode_block(model, sde, batch.x, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype,
+                                  labels=batch.labels)
     t2 = time.perf_counter()
     info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
             "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
@@ -298,9 +299,10 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
     idx = np.flatnonzero(before)
     if idx.size == 0:
         return {"shard_id": shard_id, "n": 0, "nfe_sum": 0, "seconds": 0.0, "device": str(dev), "samples_failed": 0}
-    block = _source(cfg.data, stop).read(start, stop).x[idx]
+    batch = _source(cfg.data, stop).read(start, stop)
+    block, labels = batch.x[idx], None if batch.labels is None else batch.labels[idx]
     solver = stricter(cfg.make_solver())
-    z, nfe, status = encode_block(model, sde, block, solver, cfg.batch_size, dev, "float64")
+    z, nfe, status = encode_block(model, sde, block, solver, cfg.batch_size, dev, "float64", labels=labels)
     latents, counts = store.read_shard(shard_id)
     latents[idx], counts[idx] = z, nfe
     after = before.copy()
