@@ -224,7 +224,7 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
     ``partial``; a stored analysis made with other settings is kept unless ``overwrite``.
     """
     from pflatents.flows.coordinator import store_url
-    from pflatents.flows.server import note_before_flow, prefect_env
+    from pflatents.flows.server import prefect_env, use_server
     from pflatents.storage import LatentStore
     from pflatents.storage.analysis import check_analysis_config, done_ranges
 
@@ -247,7 +247,7 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
     check_analysis_config(st, opts.to_dict(), overwrite)
     _check_inputs(st, opts, device)
     prefect_env()
-    note_before_flow()
+    use_server()
     from pflatents.flows.extract import make_runner
 
     flow = _make_flow().with_options(task_runner=make_runner(runner, workers))

@@ -121,7 +121,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
     ``shard_ids`` (in the order run), ``n_before`` and ``n_samples`` (published counts).
     """
     from pflatents.flows.coordinator import locked
-    from pflatents.flows.server import note_before_flow, prefect_env
+    from pflatents.flows.server import prefect_env, use_server
 
     with locked(open_store, url, {"command": command}) as store:
         n_before = store.n_samples
@@ -147,7 +147,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         for line in bitwise_caveats(store, run.device):
             say(f"note: {line}")
         prefect_env()
-        note_before_flow()
+        use_server()
         from pflatents.flows import extract as ex
         from pflatents.flows import progress as prog
         from pflatents.tasks.models.registry import resolve_device

@@ -28,8 +28,9 @@ __all__ = ["load_settings", "split_settings", "api_url", "check_server", "serve_
            "scheduled_extract", "NO_SERVER"]
 
 SCHEDULE_KEYS = ("interval", "cron", "name")
-NO_SERVER = """scheduled runs need a Prefect server, and none is running here (PREFECT_API_URL is not set). Either
-    pflatents server start                       (a local one every pflatents command finds), or
+NO_SERVER = """scheduled runs need a Prefect server that outlives this command, and PREFECT_API_URL is not set
+(with PFLATENTS_SERVER=off no shared local server is used). Either
+    unset PFLATENTS_SERVER                       (the shared local server, started on first use), or
     prefect server start --host 127.0.0.1 --port 4200
     export PREFECT_API_URL=http://127.0.0.1:4200/api"""
 

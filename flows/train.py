@@ -18,10 +18,10 @@ def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = 
               holdout: float = 0.0, device: str = "cpu") -> dict:
     """Run the Prefect ``train`` flow (with a progress bar of steps and loss unless disabled); returns the checkpoint config."""
     from pflatents.flows.progress import bar
-    from pflatents.flows.server import note_before_flow, prefect_env
+    from pflatents.flows.server import prefect_env, use_server
 
     prefect_env()
-    note_before_flow()
+    use_server()
     with bar(cfg["steps"], "training", disabled=not progress, fields=("loss",)) as update:
         hook = lambda step, total, loss: update(completed=step, loss=f"{loss:.4f}")  # noqa: E731
         hooks.append(hook)

@@ -1,6 +1,7 @@
 """Test set-up: hermetic Prefect (temp PREFECT_HOME, analytics off) and one real Prefect server.
 
-The environment is set here, at the top, before anything imports prefect. Tests that run flows
+The environment is set here, at the top, before anything imports prefect; ``PFLATENTS_SERVER=off``
+keeps commands from leaving a shared local server behind. Tests that run flows
 in-process or as CLI subprocesses share one real ``prefect server start`` on a free loopback port,
 started lazily the first time a test asks for it and stopped (by PID) at the end of the session.
 """
@@ -26,6 +27,9 @@ os.environ.update({
     "PREFECT_SERVER_UI_ENABLED": "false",
     "PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS": "120",
     "PREFECT_LOGGING_LEVEL": "WARNING",
+    # No shared local server (it outlives a command by design): a command with no PREFECT_API_URL gets its
+    # own server, which ends with it. Tests of the shared server set PFLATENTS_SERVER=shared themselves.
+    "PFLATENTS_SERVER": "off",
 })
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 

@@ -43,6 +43,8 @@ def main(argv: list[str] | None = None) -> int:
     from pflatents.tasks.errors import InputError
 
     try:
+        if args.cmd in server.FLOW_COMMANDS:
+            server.prestart()  # checks the server settings; PFLATENTS_SERVER=off: starts it while we import
         with _run_logs_off_the_terminal(not args.debug):
             return args.func(args)
     except (InputError, StoreError) as e:

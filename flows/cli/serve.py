@@ -30,12 +30,15 @@ def register(sub) -> None:
 def cmd_serve(a: argparse.Namespace) -> int:
     from pflatents.flows.coordinator import Job
     from pflatents.flows.serve import NO_SERVER, api_url, serve_job, split_settings
+    from pflatents.flows.server import server_mode, use_server
 
     url = api_url()
-    if not url:
+    if not url and server_mode() == "off":
         print(f"pflatents: error: {NO_SERVER}", file=sys.stderr)
         return EXIT_USAGE
     flags = {k: v for k, v in vars(a).items() if k not in ("cmd", "func", "debug", "config")}
     job_d, schedule, run = split_settings(a.config, flags)
-    serve_job(Job.from_dict(job_d).resolved(), schedule, run, url)
+    job = Job.from_dict(job_d).resolved()
+    url = url or use_server()  # the shared local server, kept up (a lease) while this serves
+    serve_job(job, schedule, run, url)
     return EXIT_OK
