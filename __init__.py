@@ -70,9 +70,10 @@ def extract(data: str, model: str, out: str, *, progress: bool = False, **settin
     """
     from pflatents.flows.coordinator import Job
     from pflatents.flows.run import RunSettings, extract_job
-    from pflatents.flows.server import prefect_env
+    from pflatents.flows.server import prefect_env, prestart
 
     prefect_env()
+    prestart()
     job, run = _split(settings)
     return _result(extract_job(Job.from_dict({"data": data, "model": model, "out": out, **job}),
                                RunSettings.from_dict(run), progress=progress))
@@ -85,9 +86,10 @@ def resume(store: str, *, progress: bool = False, **run: Any) -> dict[str, Any]:
     data or the model changed since the store was made. Returns and raises as ``extract``.
     """
     from pflatents.flows.run import RunSettings, resume_store
-    from pflatents.flows.server import prefect_env
+    from pflatents.flows.server import prefect_env, prestart
 
     prefect_env()
+    prestart()
     return _result(resume_store(store, RunSettings.from_dict(run), progress=progress))
 
 
@@ -100,9 +102,10 @@ def analyze(store: str, **options: Any) -> dict[str, Any]:
     The summary is also stored in the store's ``analysis`` group.
     """
     from pflatents.flows.analyze import analyze_store
-    from pflatents.flows.server import prefect_env
+    from pflatents.flows.server import prefect_env, prestart
 
     prefect_env()
+    prestart()
     return analyze_store(store, **options)
 
 

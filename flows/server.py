@@ -142,11 +142,20 @@ def use_server() -> str:
             url = _private_server()
         _mine["url"] = url
         os.environ["PREFECT_API_URL"] = url
-        if "prefect.context" in sys.modules:  # prefect read its settings at import: read them again
-            from prefect.context import refresh_global_settings_context
-
-            refresh_global_settings_context()
+        _settings_for_our_server()
         return url
+
+
+def _settings_for_our_server() -> None:
+    """Prefect read its settings at import: read them again (the API URL just set), and send no flow-run
+    heartbeats to our server. Heartbeats only feed zombie-run automations, which our server has none of,
+    and a flow waits up to 1 s for the heartbeat thread when it ends (benchmarks/README.md)."""
+    import prefect.context
+    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+
+    prefect.context.refresh_global_settings_context()
+    ctx = prefect.context.GLOBAL_SETTINGS_CONTEXT
+    ctx.settings = ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _duration(seconds: float) -> str:
@@ -398,6 +407,8 @@ def prestart() -> None:
     if mode == "shared":
         idle_setting()
     if os.environ.get("PREFECT_API_URL") or mode != "off":
+        return
+    if "prefect.settings" in sys.modules and configured_api_url():  # a settings context or profile names one
         return
     with _mine_lock:
         if "proc" not in _mine:
