@@ -91,11 +91,11 @@ def _check_inputs(store: Any, opts: AnalyzeOptions, device: str) -> None:
     from pflatents.tasks.models.registry import load_model, resolve_device
     from pflatents.tasks.data.sources import open_source
 
-    cfg = ExtractConfig.from_dict(store.config)
+    cfg = ExtractConfig.from_store(store)
     if opts.reconstruct or opts.ica:
-        open_source(cfg.data["spec"])
+        open_source(cfg.data.spec)
     if opts.reconstruct:
-        load_model(cfg.model["spec"], cfg.make_sde())
+        load_model(cfg.model.spec, cfg.make_sde())
         resolve_device(device)
 
 
@@ -110,9 +110,9 @@ def _recon_names(store: Any) -> list[str]:
 
     cfg = pinned_config(store)
     names = list(RECON_ARRAYS)
-    if open_source(cfg.data["spec"]).quantization is not None:
+    if open_source(cfg.data.spec).quantization is not None:
         names.append("recon_requantised_exact")
-    if gaussian_params(load_model(cfg.model["spec"], cfg.make_sde())) is not None:
+    if gaussian_params(load_model(cfg.model.spec, cfg.make_sde())) is not None:
         names += ["encode_max_abs", "encode_rmse"]
     return names
 
@@ -168,7 +168,7 @@ def _make_flow() -> Any:
 
         opts = AnalyzeOptions(**{**options, "ica_n": options.get("ica_n") or 20000})
         store = LatentStore.open(store_url, mode="r+")
-        prior_std = float(ExtractConfig.from_dict(store.config).make_sde().prior_std)
+        prior_std = float(ExtractConfig.from_store(store).make_sde().prior_std)
         reset_analysis(store)
         summary = compute_latent_stats(store_url, ranges, opts.stats, prior_std, rows)
         summary["reconstruction"] = (_reconstruct(store, ranges, opts, device) if opts.reconstruct

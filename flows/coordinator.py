@@ -31,7 +31,7 @@ from pflatents.tasks.errors import InputError
 from pflatents.tasks.data.registry import absolute_spec, source_kind
 from pflatents.tasks.data.sources import Source, open_source
 
-__all__ = ["Job", "Prepared", "prepare", "make_store", "grow_to_source", "check_source", "locked", "bitwise_caveats",
+__all__ = ["Job", "Prepared", "prepare", "make_store", "upgraded", "grow_to_source", "check_source", "locked", "bitwise_caveats",
            "data_spec", "model_spec", "store_url"]
 
 
@@ -73,7 +73,7 @@ class Prepared:
 
     @property
     def incremental(self) -> bool:
-        return bool(self.cfg.data.get("incremental"))
+        return bool(self.cfg.data.incremental)
 
 
 def prepare(job: Job) -> Prepared:
@@ -150,9 +150,17 @@ def make_store(p: Prepared) -> LatentStore:
                          f"--incremental to append new samples, or use a new --out for a fixed-length store")
     if not store.incremental:
         _check_fixed_store(store, p)
-    return open_or_create(p.url, config=p.cfg.pinned_like(store.config), n_samples=len(p.src),
-                          sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size,
-                          data_prefix={} if p.incremental else None)
+    return upgraded(open_or_create(p.url, config=p.cfg.pinned_like(store.config), n_samples=len(p.src),
+                                   sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size,
+                                   data_prefix={} if p.incremental else None))
+
+
+def upgraded(store: LatentStore) -> LatentStore:
+    """The store in the current format: a store of an earlier format is rewritten once, its pinned
+    config in the current form (``pflatents.tasks.config.migrate``). Call under the store lock, after
+    the job was checked against the store (a refused job leaves the store untouched)."""
+    store.upgrade(ExtractConfig.from_store(store).to_dict())
+    return store
 
 
 def _check_fixed_store(store: LatentStore, p: Prepared) -> None:
@@ -208,11 +216,11 @@ def grow_to_source(store: LatentStore, src: Source) -> int:
 
 def check_source(store: LatentStore, cfg: ExtractConfig, src: Source) -> None:
     """For resume: the data must be what the store was planned on."""
-    if cfg.data.get("incremental"):
+    if cfg.data.incremental:
         check_prefix(store, src)
         return
-    if src.fingerprint() != cfg.data["fingerprint"] or len(src) != cfg.data["n_samples"]:
-        raise InputError(f"the data {cfg.data['spec']} changed since the store was created (fingerprint or length "
+    if src.fingerprint() != cfg.data.fingerprint or len(src) != cfg.data.n_samples:
+        raise InputError(f"the data {cfg.data.spec} changed since the store was created (fingerprint or length "
                          f"differs); refusing to resume {store.url}")
 
 

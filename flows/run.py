@@ -91,7 +91,7 @@ def resume_store(store: str, run: RunSettings, *, say: Callable[[str], None] = _
     """Finish every shard of ``store`` that is not done, with its pinned config.
 
     Refused when the data's fingerprint or the model's content hash changed since the store was made."""
-    from pflatents.flows.coordinator import check_source, store_url
+    from pflatents.flows.coordinator import check_source, store_url, upgraded
     from pflatents.storage import LatentStore
     from pflatents.tasks.config import ExtractConfig
     from pflatents.tasks.data.sources import open_source
@@ -100,14 +100,15 @@ def resume_store(store: str, run: RunSettings, *, say: Callable[[str], None] = _
 
     url = store_url(store)
     existing = LatentStore.open(url)
-    cfg = ExtractConfig.from_dict(existing.config)
-    check_source(existing, cfg, open_source(cfg.data["spec"]))
-    info = model_info(cfg.model["spec"], cfg.make_sde())
-    if info.content_hash != cfg.model["content_hash"]:
-        raise InputError(f"the model {cfg.model['spec']} changed since the store was created (content hash "
-                         f"{info.content_hash[:12]} != pinned {cfg.model['content_hash'][:12]}); refusing to resume {url}")
+    cfg = ExtractConfig.from_store(existing)
+    check_source(existing, cfg, open_source(cfg.data.spec))
+    info = model_info(cfg.model.spec, cfg.make_sde())
+    if info.content_hash != cfg.model.content_hash:
+        raise InputError(f"the model {cfg.model.spec} changed since the store was created (content hash "
+                         f"{info.content_hash[:12]} != pinned {cfg.model.content_hash[:12]}); refusing to resume {url}")
     run.check()
-    return run_pending(lambda: LatentStore.open(url), url, run, command="resume", say=say, progress=progress)
+    return run_pending(lambda: upgraded(LatentStore.open(url)), url, run, command="resume", say=say,
+                       progress=progress)
 
 
 def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, command: str,

@@ -41,11 +41,14 @@ from pflatents.storage.errors import StoreError
 if TYPE_CHECKING:
     from pflatents.storage.location import Location
 
-__all__ = ["FORMAT_VERSION", "ATTR", "INCOMPLETE_ATTR", "MiB", "SAMPLE_STATUS", "now", "plan_shards",
+__all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "ATTR", "INCOMPLETE_ATTR", "MiB", "SAMPLE_STATUS", "now", "plan_shards",
            "default_shard_size", "dimension_names", "versions", "check_layout", "not_a_store_message", "build",
            "create_status_array"]
 
-FORMAT_VERSION = 1
+# 2: the pinned config spells out every setting (pflatents.tasks.config.migrate); a format-1 store is read
+# as it is and upgraded once (LatentStore.upgrade) by the next extract or resume
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 ATTR = "pflatents"
 INCOMPLETE_ATTR = "pflatents_incomplete"
 MiB = 1 << 20

@@ -23,6 +23,7 @@ from pflatents.storage.growth import Growth
 from pflatents.storage.layout import (
     ATTR,
     FORMAT_VERSION,
+    READABLE_VERSIONS,
     MiB,
     build,
     check_layout,
@@ -115,9 +116,9 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
             raise NotAStoreError(not_a_store_message(loc.url, kind))
         group = zarr.open_group(loc.zarr_store(read_only=mode == "r"), mode=mode, zarr_format=3)
         version = dict(group.attrs[ATTR]).get("format_version")  # type: ignore[arg-type]
-        if version != FORMAT_VERSION:
+        if version not in READABLE_VERSIONS:
             raise StoreError(f"{loc.url} has store format_version {version}; this pflatents "
-                             f"reads version {FORMAT_VERSION}")
+                             f"reads versions {', '.join(map(str, READABLE_VERSIONS))}")
         return cls(loc, group, read_only=mode == "r")
 
     def check_matches(self, config: Mapping[str, Any], n_samples: int | None,
@@ -149,6 +150,24 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
     def config(self) -> dict[str, Any]:
         """The pinned config (plain JSON)."""
         return dict(self.meta["config"])
+
+    @property
+    def format_version(self) -> int:
+        """The store format it was written in (``READABLE_VERSIONS``; ``upgrade`` brings it to the current one)."""
+        return int(self.meta["format_version"])
+
+    def upgrade(self, config: Mapping[str, Any]) -> bool:
+        """Rewrite a store of an earlier format in the current one (the coordinator's, under the store
+        lock, once its config check passed): ``config`` is its pinned config in the current form (the
+        caller's migration; the same settings). One attrs write; the data and records are not touched.
+        Returns False when the store already has the current format."""
+        if self.format_version == FORMAT_VERSION:
+            return False
+        self._check_writable()
+        self.meta.update(format_version=FORMAT_VERSION, config=to_json(config), config_hash=config_hash(config),
+                         upgraded={"from": self.format_version, "at": now()})
+        self._put_meta()
+        return True
 
     @property
     def config_hash(self) -> str:

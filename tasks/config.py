@@ -5,7 +5,10 @@ file, the keywords of ``pflatents.extract``); its field defaults are the only jo
 ``build_config`` validates a job against its data and model and freezes it into an ``ExtractConfig``:
 everything that decides the latents, written as plain JSON into the store's ``pflatents`` attrs and
 compared on reopen (the same config continues a store, a different one is refused naming the fields).
-``ExtractConfig.from_dict`` reads the pinned JSON of every store written so far.
+``ExtractConfig.from_store`` reads the job pinned in a store of any format (``migrate``: format 1 stores
+are read in today's explicit form, and rewritten so by the next extract or resume); it is the one way
+every caller rebuilds a job from a store. ``data``, ``model``, ``sde`` and ``solver`` are typed frozen
+specs; JSON appears only at the store boundary.
 
 Adding a setting is a change in this file:
 1. a field of ``JobSettings`` with its type, default and a ``description`` (the help text). The CLI
@@ -19,13 +22,15 @@ Adding a setting is a change in this file:
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal, Optional
+import json
+from collections.abc import Mapping
+from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from pflatents.tasks.errors import InputError
 
-__all__ = ["JobSettings", "ExtractConfig", "build_config", "sde_from_dict", "solver_from_dict", "validation_message"]
+__all__ = ["JobSettings", "ExtractConfig", "DataSpec", "ModelSpec", "SDESpec", "SolverSpec", "migrate", "CONFIG_FORMAT", "build_config", "sde_from_dict", "solver_from_dict", "validation_message"]
 
 
 class JobSettings(BaseModel):
@@ -103,19 +108,109 @@ def validation_message(e: ValidationError) -> str:
     return "; ".join(lines)
 
 
+Num = Union[int, float]  # a number kept as given (an int stays an int in the pinned JSON and its hash)
+
+
+class PinnedSpec(BaseModel):
+    """A frozen, typed part of the pinned config. Code reads its fields as attributes; ``to_dict`` is
+    its JSON (what the store holds). It also reads like that JSON (``spec["rtol"]``, ``spec.get(...)``,
+    equal to the same dict), the form stores, records and earlier code use."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(exclude_none=True)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.to_dict()[key]
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.to_dict().get(key, default)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Mapping):
+            return self.to_dict() == dict(other)
+        return isinstance(other, PinnedSpec) and type(self) is type(other) and self.to_dict() == other.to_dict()
+
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
+
+class DataSpec(PinnedSpec):
+    """The data's identity: spec and sample shape/dtype, and either its fingerprint and length (a fixed
+    source) or ``incremental`` (a growing one: the store keeps the planned prefix's fingerprint)."""
+
+    spec: str
+    fingerprint: Optional[str] = None
+    n_samples: Optional[int] = None
+    incremental: Optional[bool] = None
+    sample_shape: list[int]
+    dtype: str
+    options: Optional[dict[str, Any]] = None  # the source's options (Source.pinned): reopen it as it was
+    classes: Optional[list[str]] = None  # a labelled source's class names, label k = classes[k]
+
+
+class ModelSpec(PinnedSpec):
+    """The model: its resolved spec (``kind:PATH``), kind, content hash and dimension (None: any)."""
+
+    spec: str
+    kind: str
+    content_hash: str
+    dim: Optional[int]
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()  # "dim": null is pinned as such
+
+
+class SDESpec(PinnedSpec):
+    """The SDE: its name and its parameters (``SDE.to_dict()``; each family has its own)."""
+
+    model_config = ConfigDict(frozen=True, extra="allow")
+
+    name: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump()
+
+    def make(self):
+        """The SDE object."""
+        return sde_from_dict(self.to_dict())
+
+
+class SolverSpec(PinnedSpec):
+    """The solver settings that decide the result (``SolverConfig.to_dict()``): tolerances, step limit,
+    time variable and control for an adaptive solver; steps and grid for the others."""
+
+    name: str
+    t_eps: Optional[Num] = None
+    rtol: Optional[Num] = None
+    atol: Optional[Num] = None
+    max_steps: Optional[int] = None
+    time_var: Optional[str] = None
+    control: Optional[str] = None
+    noise: Optional[Num] = None
+    steps: Optional[int] = None
+    grid: Optional[str] = None
+
+    def make(self):
+        """The ``SolverConfig``."""
+        return solver_from_dict(self.to_dict())
+
+
 class ExtractConfig(BaseModel):
     """Everything that decides the latents (device and runner do not: they are recorded per shard).
 
-    ``data``, ``model``, ``sde`` and ``solver`` are the JSON forms of the source's identity, the
-    model's spec and content hash, ``SDE.to_dict()`` and ``SolverConfig.to_dict()``.
+    ``data``, ``model``, ``sde`` and ``solver`` are typed frozen specs (``DataSpec``, ``ModelSpec``,
+    ``SDESpec``, ``SolverSpec``); JSON appears only at the store (``to_dict`` / ``from_dict``, and
+    ``from_store``, the one way every caller rebuilds a job from a store).
     """
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: dict[str, Any]
-    model: dict[str, Any]
-    sde: dict[str, Any]
-    solver: dict[str, Any]
+    data: DataSpec
+    model: ModelSpec
+    sde: SDESpec
+    solver: SolverSpec
     shard_size: int = Field(ge=1)
     batch_size: int = Field(ge=1)
     dtype: Literal["float32", "float64"] = "float32"  # pinned since the first release; absent means float32
@@ -127,26 +222,42 @@ class ExtractConfig(BaseModel):
 
     def to_dict(self) -> dict[str, Any]:
         """The pinned JSON (the store's ``pflatents.config``); no ``pilot`` key when none ran."""
-        d = self.model_dump()
-        if d["pilot"] is None:
-            del d["pilot"]
+        d = {"data": self.data.to_dict(), "model": self.model.to_dict(), "sde": self.sde.to_dict(),
+             "solver": self.solver.to_dict(), "shard_size": self.shard_size, "batch_size": self.batch_size,
+             "dtype": self.dtype, "precision": self.precision, "compile": self.compile}
+        if self.pilot is not None:
+            d["pilot"] = self.pilot
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ExtractConfig":
-        """Read a pinned config, written by this or any earlier version (absent fields take the defaults
-        that meant the same then; an adaptive solver's ``time_var`` is resolved to what was used)."""
-        d = dict(d)
-        d.pop("extra", None)
-        d["solver"] = _pinned_solver(d["solver"], d["sde"])
-        if "precision" not in d and _exact(d.get("model", {}).get("kind")):
-            from pflatents.tasks.models.precision import ANALYTIC_PRECISION
+    def from_store(cls, store) -> "ExtractConfig":
+        """The job pinned in a store (a ``LatentStore``, or anything with ``config`` and
+        ``format_version``): stores of an earlier format are read through ``migrate``."""
+        return cls.from_dict(store.config, store.format_version)
 
-            d["precision"] = ANALYTIC_PRECISION[d.get("dtype", "float32")]  # an exact score ran in the state's dtype
+    def open_source(self):
+        """The pinned data source."""
+        from pflatents.tasks.data.sources import open_source
+
+        return open_source(self.data.spec)
+
+    def load_model(self, precision: Optional[str] = "pinned", compile: Optional[str] = None):
+        """The pinned model under the pinned SDE, at the pinned precision and compile mode (or the ones given)."""
+        from pflatents.tasks.models.registry import load_model
+
+        return load_model(self.model.spec, self.make_sde(), precision=self.precision if precision == "pinned"
+                          else precision, compile=self.compile if compile is None else compile)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any], format_version: int = 1) -> "ExtractConfig":
+        """Read a pinned config of a store of ``format_version`` (1 by default: any config written so
+        far, read through ``migrate``; a format-2 config is read as it is)."""
         try:
-            return cls(**d)
+            return cls(**migrate(d, format_version))
         except ValidationError as e:
             raise InputError(f"the store's pinned config is not readable: {validation_message(e)}") from None
+        except (KeyError, TypeError) as e:
+            raise InputError(f"the store's pinned config is not readable: missing or malformed {e}") from None
 
     def pinned_like(self, stored: dict[str, Any]) -> dict[str, Any]:
         """``stored`` when it means this config (an older spelling of the same settings), else ``to_dict()``
@@ -171,10 +282,35 @@ class ExtractConfig(BaseModel):
         return new
 
     def make_sde(self):
-        return sde_from_dict(self.sde)
+        return self.sde.make()
 
     def make_solver(self):
-        return solver_from_dict(self.solver)
+        return self.solver.make()
+
+
+CONFIG_FORMAT = 2  # the store format (pflatents.storage.layout.FORMAT_VERSION) whose pinned config is canonical
+
+
+def migrate(config: Mapping[str, Any], format_version: int) -> dict[str, Any]:
+    """A pinned config of a store of ``format_version`` in the canonical form of format 2.
+
+    Format 1 (every store written before the format was bumped) pinned some settings implicitly:
+    an ``extra`` key; adaptive solvers without ``time_var`` (they integrated in s) or with ``auto`` (the
+    SDE's choice); no ``precision`` for an exact score (it ran in the state's dtype) nor for networks
+    (fp32), no ``compile`` (eager), no ``dtype`` (float32). Format 2 spells every one of them out, so
+    a format-2 config is read as it is; the coordinator rewrites a format-1 store once, in this form,
+    on the next extract or resume (``LatentStore.upgrade``). Idempotent on canonical configs.
+    """
+    d = dict(config)
+    if format_version >= CONFIG_FORMAT:
+        return d
+    d.pop("extra", None)
+    d["solver"] = _pinned_solver(d["solver"], d["sde"])
+    if "precision" not in d and _exact(d.get("model", {}).get("kind")):
+        from pflatents.tasks.models.precision import ANALYTIC_PRECISION
+
+        d["precision"] = ANALYTIC_PRECISION[d.get("dtype", "float32")]  # an exact score ran in the state's dtype
+    return d
 
 
 def _exact(kind) -> bool:

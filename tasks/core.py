@@ -105,6 +105,9 @@ class Model(Protocol):
       takes any.
     - ``conditional``: whether the network uses ``cond`` (a conditional model needs labels).
     - ``encode_data(x)`` / ``decode_data(z)``: the encoder/decoder pair (identity for pixel models).
+    - ``with_settings(precision, compile)``: the same model at a network precision / compile mode
+      (``pflatents.tasks.models.precision``); ``network_status(device)``: how the network ran there
+      (precision, compiled or eager), recorded per shard.
     """
 
     content_hash: str
@@ -122,6 +125,10 @@ class Model(Protocol):
     def encode_data(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def decode_data(self, z: torch.Tensor) -> torch.Tensor: ...
+
+    def with_settings(self, precision: Optional[str], compile: str = "off") -> "Model": ...
+
+    def network_status(self, device) -> dict: ...
 
 
 class ScoreFunction:
@@ -145,6 +152,12 @@ class ScoreFunction:
 
     def decode_data(self, z: torch.Tensor) -> torch.Tensor:
         return z
+
+    def with_settings(self, precision: Optional[str], compile: str = "off") -> "ScoreFunction":
+        return self
+
+    def network_status(self, device) -> dict:
+        return {"precision": None, "compile": None}
 
 
 def as_model(model, sde) -> Model:

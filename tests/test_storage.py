@@ -71,7 +71,7 @@ def test_create_layout(tmp_path: Path, shape: tuple[int, ...], dims: tuple[str, 
     assert nfe.shape == (10,) and nfe.dtype == np.int32 and nfe.chunks == (4,)
     assert nfe.metadata.dimension_names == ("sample",)
     meta = group.attrs["pflatents"]
-    assert meta["format_version"] == 1 and meta["config"] == CONFIG
+    assert meta["format_version"] == 2 and meta["config"] == CONFIG  # format 2 since the explicit pinned config
     assert meta["config_hash"] == config_hash(CONFIG) == store.config_hash
     assert {"zarr", "numpy", "python"} <= set(meta["versions"])
     assert (meta["n_samples"], meta["sample_shape"], meta["shard_size"], meta["n_shards"]) == (

@@ -63,6 +63,10 @@ class ModelBase:
         """This model evaluated at a network precision / compile mode (an exact score: itself)."""
         return self
 
+    def network_status(self, device) -> dict:
+        """How the network ran on ``device`` (recorded per shard): its precision and compile state."""
+        return {"precision": None, "compile": None}
+
     def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         raise NotImplementedError
 
@@ -219,6 +223,11 @@ class NetworkModel(ModelBase):
         model = copy.copy(self)
         model.net = self.net.with_settings(precision, compile)
         return model
+
+    def network_status(self, device) -> dict:
+        net = self.net
+        state = net.compile_state(device) if hasattr(net, "compile_state") else None
+        return {"precision": getattr(net, "precision", None), "compile": state}
 
     def _label(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """The time label on x's device, in the net's ``label_dtype`` if it declares one, else x's dtype."""

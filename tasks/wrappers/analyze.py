@@ -36,7 +36,7 @@ def pinned_config(store: LatentStore) -> Any:
     """The store's pinned extraction config."""
     from pflatents.tasks.config import ExtractConfig
 
-    return ExtractConfig.from_dict(store.config)
+    return ExtractConfig.from_store(store)
 
 
 
@@ -94,12 +94,12 @@ def store_data(store: LatentStore, ranges: list[list[int]]) -> tuple[Any, str]:
     """The store's data source, or None and why not: it cannot be read, it is not the data the store
     was extracted from (fingerprint of the pinned length), or it is shorter than the analysed rows."""
     cfg = pinned_config(store)
-    spec = cfg.data.get("spec")
+    spec = cfg.data.spec
     try:
         source = open_source(spec)
-        n_pinned = cfg.data.get("n_samples")
-        if n_pinned is not None and cfg.data.get("fingerprint") and \
-                source.fingerprint(min(int(n_pinned), len(source))) != cfg.data["fingerprint"]:
+        n_pinned = cfg.data.n_samples
+        if n_pinned is not None and cfg.data.fingerprint and \
+                source.fingerprint(min(int(n_pinned), len(source))) != cfg.data.fingerprint:
             return None, f"the data {spec} differs from the data the store was extracted from"
         if len(source) < max(b for _, b in ranges):
             return None, f"the data {spec} has {len(source)} samples, fewer than the store"
@@ -191,10 +191,10 @@ def reconstruct_chunk(store_url: str, chunk_id: int, device: str = "auto") -> di
     size = idx_arr.chunks[0]
     i0 = chunk_id * size
     index = np.asarray(idx_arr[i0:i0 + size])
-    source, sde = open_source(cfg.data["spec"]), cfg.make_sde()
+    source, sde = open_source(cfg.data.spec), cfg.make_sde()
     z = read_latents(store, index).astype(np.float32)
     x = read_rows(source, index)
-    values = reconstruct_rows(load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile),
+    values = reconstruct_rows(load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile),
                               sde, z, x, cfg.make_solver(),
                               cfg.batch_size, resolve_device(device), cfg.dtype, source.quantization)
     write_sample_chunk(store, i0, values)
@@ -238,12 +238,12 @@ def _image_grids(store: LatentStore, index: np.ndarray, device: str, n: int = 8)
 
     cfg = pinned_config(store)
     sde, dev = cfg.make_sde(), resolve_device(device)
-    model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
+    model = load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile)
     solver = cfg.make_solver()
     out: dict[str, np.ndarray] = {}
     if len(index):
         idx = index[:n]
-        out["original"] = read_rows(open_source(cfg.data["spec"]), idx)
+        out["original"] = read_rows(open_source(cfg.data.spec), idx)
         z = read_latents(store, idx).astype(np.float32)
         out["reconstructed"] = decode_block(model, sde, z, solver, cfg.batch_size, dev, cfg.dtype)[0]
     group = analysis_group(store)

@@ -25,6 +25,7 @@ injected failure appends a line ``<store> <shard> <kind>`` there, so a test can 
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 import functools
 import json
 import os
@@ -112,12 +113,12 @@ def _source_cached(spec: str, options: str, stamp: tuple):
     return open_source(spec, **json.loads(options))
 
 
-def _source(data: dict, stop: int = 0):
+def _source(data, stop: int = 0):
     """The job's source (the pinned ``data``: spec and options), opened once per worker process
     (re-opened if the file changed, or if it grew past the cached length: a growing source's new
     samples are read from a fresh open)."""
-    spec = data["spec"]
-    options = json.dumps(data.get("options") or {}, sort_keys=True)
+    spec = data.spec
+    options = json.dumps(data.options or {}, sort_keys=True)
     try:
         st = os.stat(stat_path(spec) or "")
         stamp = (st.st_mtime_ns, st.st_size, st.st_ino)
@@ -150,31 +151,48 @@ def _retry_condition(task, task_run, state) -> bool:
     return can_change_on_retry(exc)
 
 
-def _context(store_url: str, device: str, lease: str | None):
-    """The store (fenced on the coordinator's lock token), its config, the SDE, the device and the model."""
+@dataclasses.dataclass(frozen=True)
+class ShardContext:
+    """What a task needs for its shards: the store (fenced on the coordinator's lock token), the job
+    pinned in it, the SDE, the device and the model (as pinned)."""
+
+    store: LatentStore
+    cfg: Any
+    sde: Any
+    device: Any
+    model: Any
+
+
+def _context(store_url: str, device: str, lease: str | None) -> ShardContext:
     from pflatents.tasks.config import ExtractConfig
 
     store = LatentStore.open(store_url)
     store.fence(lease)
-    cfg = ExtractConfig.from_dict(store.config)
+    cfg = ExtractConfig.from_store(store)
     sde, dev = cfg.make_sde(), resolve_device(device)
-    model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
-    return store, cfg, sde, dev, model
+    return ShardContext(store, cfg, sde, dev, load_model(cfg.model.spec, sde, precision=cfg.precision,
+                                                          compile=cfg.compile))
 
 
-def _open(store_url: str, shard_id: int, device: str, lease: str | None):
-    """``_context`` plus the shard's range."""
-    store, cfg, sde, dev, model = _context(store_url, device, lease)
-    start, stop = store.shard_range(shard_id)
-    return store, cfg, start, stop, sde, dev, model
+@dataclasses.dataclass(frozen=True)
+class Encoded:
+    """One shard integrated: latents, NFE and status per sample, the record's info, the summary and the
+    source's rows (``Batch``: their ids and labels are stored with the latents)."""
+
+    z: np.ndarray
+    nfe: np.ndarray
+    status: np.ndarray
+    info: dict
+    summary: dict
+    batch: Any
 
 
-def _encode(ctx, store_url: str, shard_id: int) -> tuple:
-    """Read and integrate one shard: (latents, nfe, status, record info, summary without write time, the
-    source's batch: its ids and labels are written with the latents)."""
+def _encode(ctx: ShardContext, store_url: str, shard_id: int) -> Encoded:
+    """Read and integrate one shard (the summary's time leaves out the write; the source's batch comes
+    back too: its ids and labels are written with the latents)."""
     t0 = time.perf_counter()
     _inject_fault(store_url, shard_id)
-    store, cfg, sde, dev, model = ctx
+    store, cfg, sde, dev, model = ctx.store, ctx.cfg, ctx.sde, ctx.device, ctx.model
     start, stop = store.shard_range(shard_id)
     batch = _source(cfg.data, stop).read(start, stop)
     t1 = time.perf_counter()
@@ -185,7 +203,7 @@ def _encode(ctx, store_url: str, shard_id: int) -> tuple:
             "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
     summary = {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(nfe.sum()), "seconds": t2 - t0,
                "device": str(dev), "samples_failed": int((status != 0).sum())}
-    return z, nfe, status, info, summary, batch
+    return Encoded(z, nfe, status, info, summary, batch)
 
 
 def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
@@ -195,9 +213,9 @@ def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | 
     flagged, with NaN latents (``LatentStore.failed_mask``), and counted in the summary."""
     t0 = time.perf_counter()
     ctx = _context(store_url, device, lease)
-    z, nfe, status, info, summary, batch = _encode(ctx, store_url, shard_id)
-    ctx[0].write_shard(shard_id, z, nfe, info, status=status, ids=batch.ids, labels=batch.labels)
-    return {**summary, "seconds": time.perf_counter() - t0}
+    e = _encode(ctx, store_url, shard_id)
+    ctx.store.write_shard(shard_id, e.z, e.nfe, e.info, status=e.status, ids=e.batch.ids, labels=e.batch.labels)
+    return {**e.summary, "seconds": time.perf_counter() - t0}
 
 
 def done_summary(store: LatentStore, shard_id: int) -> dict | None:
@@ -223,9 +241,9 @@ def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease
     A failed shard does not stop the others; if any failed, ``ShardGroupFailed`` is raised at the end.
     A lost lock (``StoreLockedError``) stops the task at once."""
     ctx = _context(store_url, device, lease)
-    store = ctx[0]
+    store = ctx.store
     if overlap is None:
-        overlap = ctx[3].type == "cuda"
+        overlap = ctx.device.type == "cuda"
     results: dict[int, dict] = {}
     failures: dict[int, BaseException] = {}
     waiting: tuple[int, Future, dict, float] | None = None
@@ -248,18 +266,18 @@ def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease
                 continue
             t0 = time.perf_counter()
             try:
-                z, nfe, status, info, summary, batch = _encode(ctx, store_url, sid)
+                e = _encode(ctx, store_url, sid)
             except StoreLockedError:
                 raise
-            except Exception as e:  # noqa: BLE001
-                failures[sid] = e
+            except Exception as err:  # noqa: BLE001
+                failures[sid] = err
                 continue
             if waiting is not None:
                 finish(waiting)
                 waiting = None
-            fut = writer.submit(store.write_shard, sid, z, nfe, info, status=status, ids=batch.ids,
-                                labels=batch.labels)
-            waiting = (sid, fut, summary, t0)
+            fut = writer.submit(store.write_shard, sid, e.z, e.nfe, e.info, status=e.status, ids=e.batch.ids,
+                                labels=e.batch.labels)
+            waiting = (sid, fut, e.summary, t0)
             if not overlap:
                 finish(waiting)
                 waiting = None
@@ -274,9 +292,7 @@ def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease
 
 def _network_status(model, dev) -> dict:
     """How the network ran on ``dev``: the pinned precision, and compiled / eager / failed (with why)."""
-    net = getattr(model, "net", None)
-    state = net.compile_state(dev) if hasattr(net, "compile_state") else None
-    return {"precision": getattr(net, "precision", None), "compile": state}
+    return model.network_status(dev)
 
 
 def stricter(solver: SolverConfig) -> SolverConfig:
@@ -294,7 +310,9 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
     The shard's other samples are kept bit for bit; samples that now finish get their latents, the
     rest stay flagged. The shard record notes how many were retried and recovered, and the setting."""
     t0 = time.perf_counter()
-    store, cfg, start, stop, sde, dev, model = _open(store_url, shard_id, device, lease)
+    ctx = _context(store_url, device, lease)
+    store, cfg, sde, dev, model = ctx.store, ctx.cfg, ctx.sde, ctx.device, ctx.model
+    start, stop = store.shard_range(shard_id)
     before = store.sample_status(start, stop)
     idx = np.flatnonzero(before)
     if idx.size == 0:

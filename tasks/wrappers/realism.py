@@ -35,7 +35,7 @@ def model_split(store: LatentStore) -> tuple[dict[str, Any] | None, str]:
 
     cfg = pinned_config(store)
     try:
-        kind, rest = model_kind(str(cfg.model.get("spec", "")))
+        kind, rest = model_kind(str(cfg.model.spec))
         data = kind.training_data(rest)
         if data is None:
             return None, "the model is not a pflatents checkpoint: its training rows are unknown"
@@ -44,7 +44,7 @@ def model_split(store: LatentStore) -> tuple[dict[str, Any] | None, str]:
         return None, f"cannot read the checkpoint's config: {str(e).splitlines()[0]}"
     if not rec:
         return None, "the checkpoint was trained on every row (no --holdout): no held-out rows to compare"
-    if rec.get("fingerprint") != cfg.data.get("fingerprint"):
+    if rec.get("fingerprint") != cfg.data.fingerprint:
         return None, "the checkpoint's training data differ from this store's data: its split does not apply"
     return rec, f"split recorded by the checkpoint: {rec['n_heldout']} held-out of {rec['n_samples']} rows"
 
@@ -84,7 +84,7 @@ def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: i
     if source is None:
         return {"skipped": why}
     try:
-        model = load_model(cfg.model["spec"], sde, precision=cfg.precision, compile=cfg.compile)
+        model = load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile)
     except (InputError, OSError) as e:
         return {"skipped": f"the model cannot be loaded: {str(e).splitlines()[0]}"}
     split = _split_rows(store, ranges)

@@ -31,9 +31,9 @@ def check_stability(store_url: str, ranges: list[list[int]], n: int, seed: int =
     store = LatentStore.open(store_url, mode="r")
     cfg = pinned_config(store)
     index = subset_indices(usable_rows(ranges), n, seed)
-    source, sde = open_source(cfg.data["spec"]), cfg.make_sde()
+    source, sde = open_source(cfg.data.spec), cfg.make_sde()
     precision, dtype = ("fp64", "float64") if float64 else (cfg.precision, cfg.dtype)
-    model = load_model(cfg.model["spec"], sde, precision=precision, compile=cfg.compile)
+    model = load_model(cfg.model.spec, sde, precision=precision, compile=cfg.compile)
     solver = tighter(cfg.make_solver())
     again, _, status = encode_block(model, sde, read_rows(source, index), solver, cfg.batch_size,
                                     resolve_device(device), dtype)
