@@ -196,8 +196,10 @@ def _encode(ctx: ShardContext, store_url: str, shard_id: int) -> Encoded:
     start, stop = store.shard_range(shard_id)
     batch = _source(cfg.data, stop).read(start, stop)
     t1 = time.perf_counter()
+    # labels only where the source has them (an unlabelled shard calls encode_block as before)
+    labelled = {} if batch.labels is None else {"labels": batch.labels}
     z, nfe, status = encode_block(model, sde, batch.x, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype,
-                                  labels=batch.labels)
+                                  **labelled)
     t2 = time.perf_counter()
     info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
             "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
@@ -320,7 +322,8 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
     batch = _source(cfg.data, stop).read(start, stop)
     block, labels = batch.x[idx], None if batch.labels is None else batch.labels[idx]
     solver = stricter(cfg.make_solver())
-    z, nfe, status = encode_block(model, sde, block, solver, cfg.batch_size, dev, "float64", labels=labels)
+    z, nfe, status = encode_block(model, sde, block, solver, cfg.batch_size, dev, "float64",
+                                  **({} if labels is None else {"labels": labels}))
     latents, counts = store.read_shard(shard_id)
     latents[idx], counts[idx] = z, nfe
     after = before.copy()
