@@ -89,11 +89,11 @@ def _check_inputs(store: Any, opts: AnalyzeOptions, device: str) -> None:
     """The data (and the model) must open when reconstruction or ICA needs them."""
     from pflatents.tasks.config import ExtractConfig
     from pflatents.tasks.models.registry import load_model, resolve_device
-    from pflatents.tasks.data.sources import open_source
+    from pflatents.tasks.data.sources import open_pinned
 
     cfg = ExtractConfig.from_store(store)
     if opts.reconstruct or opts.ica:
-        open_source(cfg.data.spec)
+        open_pinned(cfg.data)
     if opts.reconstruct:
         load_model(cfg.model.spec, cfg.make_sde())
         resolve_device(device)
@@ -106,11 +106,11 @@ def _recon_names(store: Any) -> list[str]:
     from pflatents.tasks.wrappers.analyze import RECON_ARRAYS, pinned_config
     from pflatents.tasks.models.registry import load_model
     from pflatents.tasks.analysis.reconstruct import gaussian_params
-    from pflatents.tasks.data.sources import open_source
+    from pflatents.tasks.data.sources import open_pinned
 
     cfg = pinned_config(store)
     names = list(RECON_ARRAYS)
-    if open_source(cfg.data.spec).quantization is not None:
+    if open_pinned(cfg.data).quantization is not None:
         names.append("recon_requantised_exact")
     if gaussian_params(load_model(cfg.model.spec, cfg.make_sde())) is not None:
         names += ["encode_max_abs", "encode_rmse"]

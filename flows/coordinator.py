@@ -86,7 +86,7 @@ def prepare(job: Job) -> Prepared:
     batch (``batch_size`` samples; a GPU needs batches of thousands, 682 samples of 32x32x3 fill 8 MiB),
     so every shard task integrates full batches.
     """
-    src = open_source(data_spec(job.data))
+    src = open_data(job)
     incremental = job.incremental or source_kind(src.spec)[0].growing
     if not incremental:
         src.check_finite()
@@ -98,6 +98,26 @@ def prepare(job: Job) -> Prepared:
     pinned = _pinned_config(url)  # --latent-tol reuses its pilot; --compile auto takes the store's mode
     cfg = build_config(job, source=src, shard_size=shard_size, incremental=incremental, pinned=pinned)
     return Prepared(job=job, url=url, src=src, cfg=cfg, shard_size=shard_size)
+
+
+def open_data(job: Job) -> Source:
+    """The job's source with its options. An image source without ``--channels`` takes grey images when
+    the model's dimension is that of one channel (and not of three): RGB or grey as the model expects."""
+    options = job.source_options()
+    src = open_source(data_spec(job.data), **options)
+    if "channels" in options or "channels" not in source_kind(src.spec)[0].options or src.sample_shape[0] != 3:
+        return src
+    from pflatents.tasks.config import choose_sde
+    from pflatents.tasks.models.registry import model_info
+
+    try:
+        dim = model_info(model_spec(job.model), choose_sde(job.sde, job.model)).dim
+    except InputError:
+        return src  # build_config names the model's problem
+    per_channel = _sample_nbytes(src) // 4 // 3
+    if dim is not None and dim == per_channel:
+        return open_source(data_spec(job.data), **options, channels=1)
+    return src
 
 
 def _sample_nbytes(src: Source) -> int:
@@ -143,7 +163,8 @@ def make_store(p: Prepared) -> LatentStore:
             p.src.check_finite()
             prefix = {"n": len(p.src), "fingerprint": p.src.fingerprint()}
         return open_or_create(p.url, config=p.cfg.to_dict(), n_samples=len(p.src),
-                              sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size, data_prefix=prefix)
+                              sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size, data_prefix=prefix,
+                              sample_ids=True, labels=p.src.has_labels)
     store = LatentStore.open(p.url, mode="r+")
     if store.incremental and not p.incremental:
         raise InputError(f"{p.url} is an incremental store (it follows a growing source): run extract with "

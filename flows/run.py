@@ -77,6 +77,11 @@ def extract_job(job, run: RunSettings, *, command: str = "extract", say: Callabl
     from pflatents.flows.coordinator import grow_to_source, make_store, prepare
 
     p = prepare(job)
+    skipped = (p.cfg.data.options or {}).get("skipped") or []
+    if skipped:
+        listed = "; ".join(f"{sid} ({why})" for sid, why in skipped[:20])
+        say(f"skipped {len(skipped)} unreadable image(s) (--skip-bad; all listed in the store's config, "
+            f"data.options.skipped): {listed}{' ...' if len(skipped) > 20 else ''}")
     if p.cfg.pilot is not None:
         from pflatents.tasks.ode.pilot import describe
 
@@ -94,14 +99,14 @@ def resume_store(store: str, run: RunSettings, *, say: Callable[[str], None] = _
     from pflatents.flows.coordinator import check_source, store_url, upgraded
     from pflatents.storage import LatentStore
     from pflatents.tasks.config import ExtractConfig
-    from pflatents.tasks.data.sources import open_source
+    from pflatents.tasks.data.sources import open_pinned
     from pflatents.tasks.errors import InputError
     from pflatents.tasks.models.registry import model_info
 
     url = store_url(store)
     existing = LatentStore.open(url)
     cfg = ExtractConfig.from_store(existing)
-    check_source(existing, cfg, open_source(cfg.data.spec))
+    check_source(existing, cfg, open_pinned(cfg.data))
     info = model_info(cfg.model.spec, cfg.make_sde())
     if info.content_hash != cfg.model.content_hash:
         raise InputError(f"the model {cfg.model.spec} changed since the store was created (content hash "

@@ -33,6 +33,10 @@ from pflatents.tasks.errors import InputError
 __all__ = ["JobSettings", "ExtractConfig", "DataSpec", "ModelSpec", "SDESpec", "SolverSpec", "migrate", "CONFIG_FORMAT", "build_config", "sde_from_dict", "solver_from_dict", "validation_message"]
 
 
+SOURCE_OPTIONS = ("resolution", "channels", "interpolation", "skip_bad", "image_key", "label_key", "image_column",
+                  "label_column", "id_column")
+
+
 class JobSettings(BaseModel):
     """What to extract and how: the one list of job settings and their defaults."""
 
@@ -74,6 +78,30 @@ class JobSettings(BaseModel):
         None, gt=0, description="per-sample latent error (p99, max-abs) wanted: a pilot on 128 seeded samples picks "
                                 "the cheapest setting (dopri5 tolerance or rk4 steps) meeting it against a float64 "
                                 "run, or says none does; pinned; explicit --solver/--rtol/--atol/--steps win")
+    # options of the image sources (imagefolder:, wds:, parquet:); pinned with the data spec
+    resolution: Optional[int] = Field(
+        None, ge=1, description="image sources: resize each image's short side to R and centre-crop it to R x R "
+                                "(diffusers' training transform; default: every image must have the first one's size)")
+    channels: Optional[Literal[1, 3]] = Field(
+        None, description="image sources: 3 (RGB) or 1 (grey) (default: what the model takes when its dimension "
+                          "says so, else 3)")
+    interpolation: Optional[Literal["bilinear", "bicubic", "lanczos", "nearest"]] = Field(
+        None, description="image sources: resampling for --resolution (default bilinear, as diffusers' scripts)")
+    skip_bad: bool = Field(False, description="image sources: skip unreadable images (every image is decoded once to "
+                                              "find them) and list them in the store and the summary, instead of "
+                                              "refusing the data")
+    image_key: Optional[str] = Field(None, description="wds: the image member of a sample (default: the first of "
+                                                       "png, jpg, jpeg, webp in the first sample)")
+    label_key: Optional[str] = Field(None, description="wds: the label member (default cls when samples have one; "
+                                                       "'' for none)")
+    image_column: Optional[str] = Field(None, description="parquet: the image column (default image, else img)")
+    label_column: Optional[str] = Field(None, description="parquet: the class label column (default label when "
+                                                          "there is one; '' for none)")
+    id_column: Optional[str] = Field(None, description="parquet: the sample id column (default: FILE:ROW)")
+
+    def source_options(self) -> dict[str, Any]:
+        """The source options given (``open_source(spec, **options)``; the data's kind says which it takes)."""
+        return {k: getattr(self, k) for k in SOURCE_OPTIONS if getattr(self, k) not in (None, False)}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JobSettings":
@@ -469,6 +497,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     else:
         data = {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
                 "sample_shape": list(source.sample_shape), "dtype": str(source.dtype)}
+    data.update(source.pinned())  # options and class names of the kinds that have them; nothing for the others
     precision = _precision(job, info.kind, pinned)
     pilot = None
     if job.latent_tol is not None:

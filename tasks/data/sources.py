@@ -462,9 +462,11 @@ def open_source(spec: str | os.PathLike[str], **options: Any) -> Source:
     return _open(spec, **options)
 
 
-def open_pinned(data: dict[str, Any]) -> Source:
-    """The source a store's pinned ``data`` spec names, opened with its pinned options."""
-    return open_source(data["spec"], **(data.get("options") or {}))
+def open_pinned(data: Any) -> Source:
+    """The source a store's pinned data spec names (``DataSpec`` or its JSON), opened with its pinned options."""
+    if isinstance(data, dict):
+        return open_source(data["spec"], **(data.get("options") or {}))
+    return open_source(data.spec, **(data.options or {}))
 
 
 def _reopen(spec: str, options: dict[str, Any]) -> Source:

@@ -18,7 +18,7 @@ from pflatents.tasks.analysis.ica import ica_table
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.analysis.reconstruct import read_rows, reconstruct_rows
 from pflatents.tasks.data.registry import is_pixel_data
-from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.data.sources import open_pinned
 from pflatents.tasks.analysis.dependence import TD_ROWS, dcor_tests, select_pairs, total_dependence
 from pflatents.tasks.analysis.prior import PriorTarget, prior_target, standard_target
 from pflatents.tasks.analysis.spectrum import DataSpectrum, data_spectrum, latent_spectrum, moments_pass
@@ -96,7 +96,7 @@ def store_data(store: LatentStore, ranges: list[list[int]]) -> tuple[Any, str]:
     cfg = pinned_config(store)
     spec = cfg.data.spec
     try:
-        source = open_source(spec)
+        source = open_pinned(cfg.data)
         n_pinned = cfg.data.n_samples
         if n_pinned is not None and cfg.data.fingerprint and \
                 source.fingerprint(min(int(n_pinned), len(source))) != cfg.data.fingerprint:
@@ -191,7 +191,7 @@ def reconstruct_chunk(store_url: str, chunk_id: int, device: str = "auto") -> di
     size = idx_arr.chunks[0]
     i0 = chunk_id * size
     index = np.asarray(idx_arr[i0:i0 + size])
-    source, sde = open_source(cfg.data.spec), cfg.make_sde()
+    source, sde = open_pinned(cfg.data), cfg.make_sde()
     z = read_latents(store, index).astype(np.float32)
     x = read_rows(source, index)
     values = reconstruct_rows(load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile),
@@ -208,7 +208,7 @@ def compare_ica(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, An
     store = LatentStore.open(store_url, mode="r")
     cfg = StatsConfig(**stats_cfg)
     index = _subsample(usable_rows(ranges), ica_n, cfg.seed, 7)
-    x = read_rows(open_source(pinned_config(store).data["spec"]), index)
+    x = read_rows(open_pinned(pinned_config(store).data), index)
     s = np.asarray(np.load(sources, mmap_mode="r")[index], np.float64) if sources else None
     table = ica_table(x, stored_target(store).apply(read_latents(store, index) / prior_std), s, cfg)
     return {"rows": int(len(index)), "sources": sources, "table": table}
@@ -243,7 +243,7 @@ def _image_grids(store: LatentStore, index: np.ndarray, device: str, n: int = 8)
     out: dict[str, np.ndarray] = {}
     if len(index):
         idx = index[:n]
-        out["original"] = read_rows(open_source(cfg.data.spec), idx)
+        out["original"] = read_rows(open_pinned(cfg.data), idx)
         z = read_latents(store, idx).astype(np.float32)
         out["reconstructed"] = decode_block(model, sde, z, solver, cfg.batch_size, dev, cfg.dtype)[0]
     group = analysis_group(store)

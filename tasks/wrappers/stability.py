@@ -16,7 +16,7 @@ from prefect.cache_policies import NO_CACHE
 from pflatents.storage import LatentStore
 from pflatents.tasks.analysis.reconstruct import read_rows, subset_indices
 from pflatents.tasks.analysis.stability import drift, tighter
-from pflatents.tasks.data.sources import open_source
+from pflatents.tasks.data.sources import open_pinned
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.ode.batches import encode_block
 from pflatents.tasks.wrappers.analyze import pinned_config, read_latents, usable_rows
@@ -31,7 +31,7 @@ def check_stability(store_url: str, ranges: list[list[int]], n: int, seed: int =
     store = LatentStore.open(store_url, mode="r")
     cfg = pinned_config(store)
     index = subset_indices(usable_rows(ranges), n, seed)
-    source, sde = open_source(cfg.data.spec), cfg.make_sde()
+    source, sde = open_pinned(cfg.data), cfg.make_sde()
     precision, dtype = ("fp64", "float64") if float64 else (cfg.precision, cfg.dtype)
     model = load_model(cfg.model.spec, sde, precision=precision, compile=cfg.compile)
     solver = tighter(cfg.make_solver())
