@@ -47,9 +47,9 @@ class ImageFolderSource(EncodedImageSource):
         if nested:
             self.classes = sorted({f.split("/", 1)[0] for f in nested})
             index = {c: i for i, c in enumerate(self.classes)}
-            self._label_of = np.array([index[f.split("/", 1)[0]] for f in self.files], dtype=np.int64)
+            self._label_array = np.array([index[f.split("/", 1)[0]] for f in self.files], dtype=np.int64)
         else:
-            self.classes, self._label_of = None, None
+            self.classes, self._label_array = None, None
         self._setup(**options)
 
     def _n_items(self) -> int:
@@ -57,13 +57,6 @@ class ImageFolderSource(EncodedImageSource):
 
     def _item_ids(self, items: np.ndarray) -> list[str]:
         return [self.files[int(i)] for i in items]
-
-    def _item_labels(self, items: np.ndarray) -> Optional[np.ndarray]:
-        return None if self._label_of is None else self._label_of[items]
-
-    @property
-    def has_labels(self) -> bool:
-        return self._label_of is not None
 
     def _item_bytes(self, items: np.ndarray) -> list[bytes]:
         return [(self.root / self.files[int(i)]).read_bytes() for i in items]

@@ -102,14 +102,15 @@ class EncodedImageSource(Source):
     """Encoded images with ids and optional labels, decoded on read to CHW float32 in [-1, 1].
 
     Subclasses set ``spec`` and ``kind``, find their items, then call ``_setup`` with the transform
-    options; they implement ``_n_items``, ``_item_ids``, ``_item_labels`` and ``_item_bytes`` (all
-    by item index arrays) and may add ``_item_identity`` (cheap facts, e.g. byte sizes) and
-    ``_kind_options`` (their own options, e.g. column names).
+    options; they implement ``_n_items``, ``_item_ids`` and ``_item_bytes`` (by item index arrays),
+    set ``_label_array`` (one int64 label per item) when they have labels, and may add
+    ``_item_identity`` (cheap facts, e.g. byte sizes) and ``_kind_options`` (their own options).
     """
 
     quantization = 256
     kind: str = "images"
     classes: Optional[list[str]] = None
+    _label_array: Optional[np.ndarray] = None
 
     # ---- what a kind supplies ---------------------------------------------------------------
 
@@ -121,9 +122,10 @@ class EncodedImageSource(Source):
     def _item_ids(self, items: np.ndarray) -> list[str]:
         """Ids of the items at ``items`` (sorted item indices)."""
 
-    @abstractmethod
     def _item_labels(self, items: np.ndarray) -> Optional[np.ndarray]:
-        """Labels (int64, -1 where an item has none) of ``items``, or None if the source has no labels."""
+        """Labels (int64, -1 where an item has none) of ``items``, or None if the source has no labels
+        (by default from ``_label_array``, one label per item, which a kind may set)."""
+        return None if self._label_array is None else self._label_array[items]
 
     @abstractmethod
     def _item_bytes(self, items: np.ndarray) -> list[bytes]:
@@ -189,7 +191,7 @@ class EncodedImageSource(Source):
 
     @property
     def has_labels(self) -> bool:
-        return self._item_labels(np.arange(0, 1)) is not None
+        return self._label_array is not None
 
     def _ids(self, start: int, stop: int) -> np.ndarray:
         return np.array(self._item_ids(self._items(start, stop)), dtype=str).reshape(-1)

@@ -201,13 +201,6 @@ class ParquetSource(EncodedImageSource):
                 out[int(p)] = f"{self.files[k].name}:{int(r)}"
         return out
 
-    def _item_labels(self, items: np.ndarray) -> Optional[np.ndarray]:
-        return None if self._label_array is None else self._label_array[items]
-
-    @property
-    def has_labels(self) -> bool:
-        return self._label_array is not None
-
     def _item_bytes(self, items: np.ndarray) -> list[bytes]:
         out: list[Any] = [None] * len(items)
         for k, pos, rows in self._locate(np.asarray(items)):

@@ -170,13 +170,6 @@ class TarShardSource(EncodedImageSource):
             out.append(self.shards[k].keys[j])
         return out
 
-    def _item_labels(self, items: np.ndarray) -> Optional[np.ndarray]:
-        return None if self._label_array is None else self._label_array[items]
-
-    @property
-    def has_labels(self) -> bool:
-        return self._label_array is not None
-
     def _item_bytes(self, items: np.ndarray) -> list[bytes]:
         """Image members of ``items``, one open per shard; a missing member raises KeyError."""
         by_shard: dict[int, list[tuple[int, int]]] = {}
