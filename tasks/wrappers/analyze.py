@@ -79,12 +79,17 @@ def _subsample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
     return np.sort(np.random.default_rng([seed, stream]).choice(rows, n, replace=False))
 
 
+def _values(source: Any, start: int, stop: int) -> np.ndarray:
+    """The samples of rows ``[start, stop)`` (a dask task: the source's batch without ids and labels)."""
+    return source.read(start, stop).x
+
+
 def source_dask(source: Any, ranges: list[list[int]], rows: int) -> Any:
     """The data rows of ``ranges`` as one dask array (read lazily, ``rows`` per chunk)."""
     import dask
     import dask.array as da
 
-    parts = [da.from_delayed(dask.delayed(source.read)(i, min(i + rows, b)),
+    parts = [da.from_delayed(dask.delayed(_values)(source, i, min(i + rows, b)),
                              shape=(min(i + rows, b) - i, *source.sample_shape), dtype=source.dtype)
              for a, b in ranges for i in range(a, b, rows)]
     return parts[0] if len(parts) == 1 else da.concatenate(parts)
