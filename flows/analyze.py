@@ -161,9 +161,10 @@ def _make_flow() -> Any:
         from pflatents.storage.analysis import analysis_group, reset_analysis, write_analysis_attrs
         from pflatents.storage.config import to_json
         from pflatents.tasks.analysis.answers import answers
-        from pflatents.tasks.analysis.report import summary_table
+        from pflatents.tasks.analysis.report import artifact_markdown
         from pflatents.tasks.analysis.summary import verdict
-        from pflatents.tasks.wrappers.analyze import compare_ica, compute_latent_stats, write_analysis_report
+        from pflatents.tasks.wrappers.analyze import compare_ica, compute_latent_stats
+        from pflatents.tasks.wrappers.report import write_analysis_report
         from pflatents.tasks.wrappers.realism import check_prior_decodes, split_stats
 
         opts = AnalyzeOptions(**{**options, "ica_n": options.get("ica_n") or 20000})
@@ -193,11 +194,11 @@ def _make_flow() -> Any:
                                    f"({'meets' if st['meets_target'] else 'MISSES'} the target {st['target']:g}).")
         summary = to_json({"answers": answers(summary), **summary}, "analysis summary", nonfinite="null")
         write_analysis_attrs(analysis_group(store, create=True), opts.to_dict(), summary)
-        create_markdown_artifact(markdown=summary_table(summary), key="pflatents-analysis",
-                                 description=f"pflatents analysis of {store_url}")
         if report:
             summary["report"] = write_analysis_report(store_url, ranges, summary, report, prior_std, device,
                                                       int(opts.stats.get("seed", 0)))
+        create_markdown_artifact(markdown=artifact_markdown(summary, summary.get("report")), key="pflatents-analysis",
+                                 description=f"pflatents analysis of {store_url}: the three answers")
         return summary
 
     return analyze

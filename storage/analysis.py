@@ -18,8 +18,13 @@ Layout::
     <store>/analysis/sample_index  int64 (S,), ("sample",): rows given a reconstruction check
     <store>/analysis/recon_*       float32 (S,), ("sample",): per-sample errors, chunked so that each
                                    reconstruction task owns whole chunks (concurrent writers)
-    <store>/analysis/prior_decodes float32 (<= 64, D), ("decode", "value"): decodes of the first seeded
-                                   prior draws of the realism check (the report's image grid)
+    <store>/analysis/data_eigenvalues float64 (D,), ("data_dim",): the data's covariance spectrum
+                                   (ascending; the report marks those under the variance floor)
+    <store>/analysis/ica_corr, ica_corr_squares float64 (K, K), ("ica_i", "ica_j"): correlations of
+                                   FastICA's K components of the data and of their squares (--ica)
+    <store>/analysis/prior_decodes float32 (M', D), ("decode", "value"): decodes of the first seeded
+                                   prior draws of the realism check (at least 64, up to ~4 MB; the
+                                   report's image grid or projection)
 
 ``xr.open_zarr(store, group="analysis", consolidated=False)`` reads it as one Dataset.
 """

@@ -100,8 +100,8 @@ def test_analyze_extracted_store_end_to_end(tmp_path, prefect_api, capsys):
     assert ds["corr"].dims == ("dim_i", "dim_j") and ds["mean"].dims == ("dim",)
     assert ds.attrs["pflatents_analysis"]["summary"]["verdict"] == s["verdict"]
     assert float(ds["recon_max_abs"].max()) == pytest.approx(rec["max_abs_error"], rel=1e-6)
-    for name in ("report.html", "report.md", "hist.png", "qq.png", "corr.png", "corr_squares.png",
-                 "recon_error.png", "images_recon.png", "images_prior.png"):
+    for name in ("report.html", "report.md", "hist.png", "qq.png", "dependence.png", "qq_summary.png",
+                 "round_trip.png", "images_recon.png", "realism.png", "spectrum.png"):
         assert (report / name).stat().st_size > 0, name
     assert "understates" in (report / "report.md").read_text()
     # different settings on the same store: refused, naming the field; --overwrite replaces

@@ -18,6 +18,13 @@ def test_demo_runs_and_reruns_reusing_model_and_store(tmp_path, prefect_api, cap
     assert len(models) == 1 and (models[0] / "model.safetensors").is_file()
     assert (out / "digits.zarr").is_dir()
     assert (out / "report" / "report.html").is_file()
+    from browser import find_chromium
+    from test_report import FIGURES, check_in_browser
+
+    if find_chromium() is not None:  # the digits report in a real browser: images beside the answers
+        rec = check_in_browser(out / "report" / "report.html",
+                               {**FIGURES, "bijection": FIGURES["bijection"] | {"images_recon"}})
+        assert sum(i["section"] == "realism" and i["w"] > 300 for i in rec["images"]) == 1
     assert main(["demo", "--out", str(out), "--train-steps", "20", "--no-progress"]) == 0
     second = capsys.readouterr().out
     assert "reusing" in second and "nothing to do" in second

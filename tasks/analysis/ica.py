@@ -48,12 +48,16 @@ def _standardise(y: np.ndarray) -> np.ndarray:
 
 
 def representation_row(name: str, y: np.ndarray, sources: np.ndarray | None, cfg: StatsConfig,
-                       standardise: bool, dependence: bool = True) -> dict[str, Any]:
+                       standardise: bool, dependence: bool = True, matrices: dict[str, Any] | None = None
+                       ) -> dict[str, Any]:
     """The comparison figures of one representation (rows N, dims D); with ``dependence`` also the
-    total dependence left (nats, with an interval: ``dependence.total_dependence``)."""
+    total dependence left (nats, with an interval: ``dependence.total_dependence``); ``matrices`` (a
+    dict) receives its correlation matrix and that of its squares under ``name``."""
     y = np.asarray(y, dtype=np.float64).reshape(len(y), -1)
     z = _standardise(y) if standardise else y
     res = compute_stats(z, cfg, scheduler="sync")
+    if matrices is not None:
+        matrices[name] = (res["corr_z"], res["corr_sq"])
     s = summarise(res, [], cfg)
     ind, nm = s["independence"], s["normality"]
     amari = None
@@ -68,16 +72,17 @@ def representation_row(name: str, y: np.ndarray, sources: np.ndarray | None, cfg
             "combined_p": ind["p"], "total_dependence": total_dependence(y, cfg.seed, cfg.alpha) if dependence else None}
 
 
-def ica_table(x: np.ndarray, latents: np.ndarray, sources: np.ndarray | None, cfg: StatsConfig
-              ) -> list[dict[str, Any]]:
-    """Rows raw data / FastICA(data) / PF-ODE latents / randomly rotated latents, on the same rows."""
+def ica_table(x: np.ndarray, latents: np.ndarray, sources: np.ndarray | None, cfg: StatsConfig,
+              matrices: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """Rows raw data / FastICA(data) / PF-ODE latents / randomly rotated latents, on the same rows
+    (``matrices``: see ``representation_row``)."""
     x = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
     x = x[:, x.std(0) > 1e-12]  # constant dims (e.g. always-blank pixels) carry nothing
     z = np.asarray(latents, dtype=np.float64).reshape(len(latents), -1)
     rot = ortho_group.rvs(z.shape[1], random_state=cfg.seed) if z.shape[1] > 1 else np.ones((1, 1))
     reps = [("raw data", x, True, True), ("FastICA(data)", fit_ica(x, cfg.seed), False, True),
             ("PF-ODE latents", z, False, True), ("PF-ODE latents, randomly rotated", z @ rot, False, False)]
-    rows = [representation_row(name, y, sources, cfg, std, dep) for name, y, std, dep in reps]
+    rows = [representation_row(name, y, sources, cfg, std, dep, matrices) for name, y, std, dep in reps]
     lat = rows[2]  # the same rows and half-samples: a paired interval for the difference
     lat["total_dependence_difference_vs"] = {
         r["representation"]: difference_ci(lat["total_dependence"], r["total_dependence"], cfg.alpha) for r in rows[:2]}

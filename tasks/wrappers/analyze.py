@@ -17,7 +17,6 @@ from pflatents.storage.analysis import analysis_group, read_sample_arrays, write
 from pflatents.tasks.analysis.ica import ica_table
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.analysis.reconstruct import read_rows, reconstruct_rows
-from pflatents.tasks.data.registry import is_pixel_data
 from pflatents.tasks.data.sources import open_pinned
 from pflatents.tasks.analysis.dependence import TD_ROWS, dcor_tests, select_pairs, total_dependence
 from pflatents.tasks.analysis.prior import PriorTarget, prior_target, standard_target
@@ -26,7 +25,7 @@ from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import summarise
 from pflatents.tasks.errors import InputError
 
-__all__ = ["pinned_config", "store_data", "drop_flagged", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
+__all__ = ["pinned_config", "store_data", "drop_flagged", "subsample", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
            "latents_dask", "RECON_ARRAYS"]
 
 RECON_ARRAYS = ["recon_max_abs", "recon_rmse", "recon_nfe", "recon_status"]
@@ -72,7 +71,7 @@ def read_latents(store: LatentStore, index: np.ndarray) -> np.ndarray:
     return np.asarray(store.latents_array().oindex[np.asarray(index, dtype=np.int64)], dtype=np.float64)
 
 
-def _subsample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
+def subsample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
     """A seeded, sorted subsample of ``n`` of ``rows`` (all if fewer)."""
     if n >= len(rows):
         return rows
@@ -168,7 +167,7 @@ def compute_latent_stats(store_url: str, ranges: list[list[int]], stats_cfg: dic
     cfg = StatsConfig(**stats_cfg)
     target, spectrum = latent_target(store, ranges, cfg.alpha)
     res = compute_stats(latents_dask(store, ranges, rows) / prior_std, cfg, shift=target.shift, matrix=target.matrix)
-    sample = target.apply(read_latents(store, _subsample(usable_rows(ranges), cfg.dcor_n, cfg.seed, 6)) / prior_std)
+    sample = target.apply(read_latents(store, subsample(usable_rows(ranges), cfg.dcor_n, cfg.seed, 6)) / prior_std)
     dcor = dcor_tests(sample, select_pairs(res, cfg), cfg)
     d = int(np.prod(store.sample_shape))
     write_arrays(analysis_group(store, create=True), {**_stats_arrays(res), **_target_arrays(target, d)})
@@ -177,11 +176,14 @@ def compute_latent_stats(store_url: str, ranges: list[list[int]], stats_cfg: dic
     full_mean, full_cov = (res["full_mean"], res["full_cov"]) if "full_cov" in res else \
         (res["normality"]["mean"], res["cov_z"])
     sp = latent_spectrum(spectrum, full_mean, full_cov, target.degenerate_var)
-    write_arrays(analysis_group(store), {"latent_eigenvalues": (sp["eigenvalues"], ("latent_dim",))})
+    eig = {"latent_eigenvalues": (sp["eigenvalues"], ("latent_dim",))}
+    if spectrum is not None:  # the data's spectrum: the report marks the degenerate directions on it
+        eig["data_eigenvalues"] = (np.sort(np.linalg.eigvalsh(spectrum.cov)), ("data_dim",))
+    write_arrays(analysis_group(store), eig)
     if spectrum is None:
         sp["data"]["reason"] = target.info.get("reason")
     summary["independence"]["gaussian_total_correlation_top"] = sp["total_correlation_top"]
-    td_rows = _subsample(usable_rows(ranges), TD_ROWS, cfg.seed, 9)  # total dependence left: a seeded subsample
+    td_rows = subsample(usable_rows(ranges), TD_ROWS, cfg.seed, 9)  # total dependence left: a seeded subsample
     summary["independence"]["total_dependence"] = total_dependence(
         target.apply(read_latents(store, td_rows) / prior_std), cfg.seed, cfg.alpha)
     return {**summary, "data": sp["data"], "latent": sp["latent"], "prior_target": target.info}
@@ -210,12 +212,16 @@ def reconstruct_chunk(store_url: str, chunk_id: int, device: str = "auto") -> di
 def compare_ica(store_url: str, ranges: list[list[int]], stats_cfg: dict[str, Any], ica_n: int,
                 sources: str | None, prior_std: float) -> dict[str, Any]:
     """FastICA on a seeded subsample of the data; the comparison table on the same rows."""
-    store = LatentStore.open(store_url, mode="r")
+    store = LatentStore.open(store_url, mode="r+")
     cfg = StatsConfig(**stats_cfg)
-    index = _subsample(usable_rows(ranges), ica_n, cfg.seed, 7)
+    index = subsample(usable_rows(ranges), ica_n, cfg.seed, 7)
     x = read_rows(open_pinned(pinned_config(store).data), index)
     s = np.asarray(np.load(sources, mmap_mode="r")[index], np.float64) if sources else None
-    table = ica_table(x, stored_target(store).apply(read_latents(store, index) / prior_std), s, cfg)
+    mats: dict[str, Any] = {}
+    table = ica_table(x, stored_target(store).apply(read_latents(store, index) / prior_std), s, cfg, mats)
+    corr, corr_sq = mats["FastICA(data)"]
+    write_arrays(analysis_group(store, create=True), {"ica_corr": (corr, ("ica_i", "ica_j")),
+                                                      "ica_corr_squares": (corr_sq, ("ica_i", "ica_j"))})
     return {"rows": int(len(index)), "sources": sources, "table": table}
 
 
@@ -223,59 +229,3 @@ def recon_values(store: LatentStore) -> dict[str, np.ndarray]:
     """The per-sample reconstruction arrays written so far, with ``sample_index``."""
     names = ["sample_index", *RECON_ARRAYS, "recon_requantised_exact", "encode_max_abs", "encode_rmse"]
     return read_sample_arrays(store, names)
-
-
-def image_shape(store: LatentStore) -> tuple[int, ...] | None:
-    """CHW shape to show samples as images: 3-D samples, or flat quantised square ones (digits)."""
-    shape = store.sample_shape
-    if len(shape) == 3:
-        return shape
-    side = int(round(np.sqrt(shape[0]))) if len(shape) == 1 else 0
-    quantised = is_pixel_data((store.config.get("data") or {}).get("spec", ""))
-    return (1, side, side) if side * side == shape[0] and side > 1 and quantised else None
-
-
-def _image_grids(store: LatentStore, index: np.ndarray, device: str, n: int = 8) -> dict[str, np.ndarray]:
-    """Originals, their reconstructions and decodes of fresh prior draws, as CHW images."""
-    import torch
-
-    from pflatents.tasks.ode.batches import decode_block
-
-    cfg = pinned_config(store)
-    sde, dev = cfg.make_sde(), resolve_device(device)
-    model = load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile)
-    solver = cfg.make_solver()
-    out: dict[str, np.ndarray] = {}
-    if len(index):
-        idx = index[:n]
-        out["original"] = read_rows(open_pinned(cfg.data), idx)
-        z = read_latents(store, idx).astype(np.float32)
-        out["reconstructed"] = decode_block(model, sde, z, solver, cfg.batch_size, dev, cfg.dtype)[0]
-    group = analysis_group(store)
-    if group is not None and "prior_decodes" in group:  # decoded by the realism check: not again
-        out["prior"] = np.asarray(group["prior_decodes"][:n])
-    else:
-        gen = torch.Generator().manual_seed(0)
-        prior = sde.prior_sample((n, *store.sample_shape), generator=gen).numpy()  # prior_std-scaled
-        out["prior"] = decode_block(model, sde, prior, solver, cfg.batch_size, dev, cfg.dtype)[0]
-    shape = image_shape(store)
-    return {k: v.reshape(len(v), *shape) for k, v in out.items()}  # type: ignore[misc]
-
-
-@task(name="write_analysis_report", cache_policy=NO_CACHE, persist_result=False)
-def write_analysis_report(store_url: str, ranges: list[list[int]], summary: dict[str, Any], directory: str,
-                          prior_std: float, device: str = "auto", seed: int = 0) -> dict[str, str]:
-    """Plots from the stored analysis arrays and a seeded latent subsample; report.md + report.html."""
-    from pflatents.tasks.analysis.report import write_report
-
-    store = LatentStore.open(store_url, mode="r")
-    group = analysis_group(store)
-    sample = stored_target(store).apply(read_latents(store, _subsample(usable_rows(ranges), 2000, seed, 8)) / prior_std)
-    data: dict[str, Any] = {"sample": sample.reshape(len(sample), -1), "corr": np.asarray(group["corr"][:]),
-                            "corr_sq": np.asarray(group["corr_squares"][:])}
-    rec = recon_values(store)
-    if "recon_max_abs" in rec:
-        data["recon_err"] = rec["recon_max_abs"]
-    if image_shape(store) is not None:
-        data["images"] = _image_grids(store, rec.get("sample_index", np.empty(0, np.int64)), device)
-    return write_report(directory, summary, data)

@@ -22,11 +22,12 @@ from pflatents.tasks.analysis.summary import independence_failures, summarise
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.wrappers.analyze import (latents_dask, pinned_config, recon_values, store_data, stored_target,
-                                              usable_rows)
+                                              subsample, usable_rows)
 
-__all__ = ["model_split", "check_prior_decodes", "split_stats", "REFERENCE_ROWS"]
+__all__ = ["model_split", "comparison_rows", "reference_rows", "check_prior_decodes", "split_stats", "REFERENCE_ROWS"]
 
 REFERENCE_ROWS = 50_000  # nearest-neighbour reference: at most this many (seeded) training rows
+KEEP_DECODE_VALUES = 1 << 20  # decodes kept for the report: up to ~4 MB of float32 values (at least 64 decodes)
 
 
 def model_split(store: LatentStore) -> tuple[dict[str, Any] | None, str]:
@@ -61,18 +62,29 @@ def _split_rows(store: LatentStore, ranges: list[list[int]]) -> tuple[np.ndarray
     return np.intersect1d(train, rows), np.intersect1d(held, rows)
 
 
-def _pick(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
-    """A seeded sorted subset of ``n`` of ``rows`` (all if fewer)."""
-    if n >= len(rows):
-        return rows
-    return np.sort(np.random.default_rng([seed, stream]).choice(rows, n, replace=False))
+def comparison_rows(store: LatentStore, ranges: list[list[int]], m: int, seed: int
+                    ) -> tuple[np.ndarray, np.ndarray, str]:
+    """(training rows, the rows decodes are compared with, what those are): the held-out rows when
+    the model's split is known, else a seeded half of the rows (the others are the training side)."""
+    split = _split_rows(store, ranges)
+    rows = usable_rows(ranges)
+    if split is not None and len(split[1]):
+        return split[0], subsample(split[1], m, seed, 12), "held-out rows (not trained on)"
+    held = subsample(rows, min(m, len(rows) // 2), seed, 12)
+    return np.setdiff1d(rows, held), held, "data rows (the model may have trained on them)"
+
+
+def reference_rows(train: np.ndarray, seed: int) -> np.ndarray:
+    """The seeded training rows the nearest-neighbour distances are measured against."""
+    return subsample(train, REFERENCE_ROWS, seed, 13)
 
 
 @task(name="check_prior_decodes", cache_policy=NO_CACHE, persist_result=False)
 def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: int, alpha: float,
                         device: str = "auto") -> dict[str, Any]:
     """Decode ``m`` seeded prior draws; MMD, C2ST against held-out (or other) data rows and the
-    nearest-neighbour ratio against the training rows. Keeps 64 decodes for the report's grid."""
+    nearest-neighbour ratio against the training rows. Keeps the first decodes for the report
+    (at least 64; up to ~4 MB)."""
     import torch
 
     from pflatents.tasks.ode.batches import decode_block
@@ -87,25 +99,18 @@ def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: i
         model = load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile)
     except (InputError, OSError) as e:
         return {"skipped": f"the model cannot be loaded: {str(e).splitlines()[0]}"}
-    split = _split_rows(store, ranges)
-    rows = usable_rows(ranges)
-    if split is not None and len(split[1]):
-        train, held = split[0], _pick(split[1], m, seed, 12)
-        against = "held-out rows (not trained on)"
-    else:
-        held = _pick(rows, min(m, len(rows) // 2), seed, 12)
-        train = np.setdiff1d(rows, held)
-        against = "data rows (the model may have trained on them)"
+    train, held, against = comparison_rows(store, ranges, m, seed)
     if len(held) < 5 or len(train) < 1:
         return {"skipped": f"too few data rows to compare with ({len(held)} held out, {len(train)} reference)"}
     gen = torch.Generator().manual_seed(int(seed))
     z = sde.prior_sample((m, *store.sample_shape), generator=gen).numpy()
     x, _, status = decode_block(model, sde, z, cfg.make_solver(), cfg.batch_size, resolve_device(device), cfg.dtype)
     ok = status == 0
-    ref = read_rows(source, _pick(train, REFERENCE_ROWS, seed, 13))
+    ref = read_rows(source, reference_rows(train, seed))
     out = realism(x[ok], read_rows(source, held), ref, source.quantization, seed, alpha)
+    keep = min(m, max(64, KEEP_DECODE_VALUES // max(1, int(np.prod(store.sample_shape)))))
     write_arrays(analysis_group(store, create=True),
-                 {"prior_decodes": (x[:64].reshape(min(m, 64), -1).astype(np.float32), ("decode", "value"))})
+                 {"prior_decodes": (x[:keep].reshape(keep, -1).astype(np.float32), ("decode", "value"))})
     return {"m": int(m), "seed": int(seed), "compared_with": against, "n_decode_failures": int((~ok).sum()), **out}
 
 
