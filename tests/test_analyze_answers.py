@@ -104,9 +104,39 @@ def test_bijection_answer_names_the_degenerate_direction():
     ind = a["independence"]
     assert ind["answer"].startswith("yes: no dependence detected at N = 1000") and ind["kind"] == "yes"
     assert ind["level"] == 0.05 and ind["deciding"]["value"] >= 0.05 and ind["effect"]["unit"] == "nats"
-    # Bartlett at 0.05/6, m = 1953 pairs: the noncentrality seen 80 % of the time is about
+    # Bartlett at 0.05/5, m = 1953 pairs: the noncentrality seen 80 % of the time is about
     # (z_{1-a} + z_0.8) sqrt(2m) (normal approximation), TC = noncentrality / (2 n')
-    ref = (stats.norm.isf(0.05 / 6) + stats.norm.ppf(0.8)) * np.sqrt(2 * 1953) / (2 * (1000 - 1 - 131 / 6))
+    ref = (stats.norm.isf(0.05 / 5) + stats.norm.ppf(0.8)) * np.sqrt(2 * 1953) / (2 * (1000 - 1 - 131 / 6))
     assert ind["mde"]["value"] == pytest.approx(ref, rel=0.1)
-    assert ind["mde"]["pair_corr"] == pytest.approx((stats.norm.isf(0.05 / 6 / 2 / 1953) + 0.8416) / np.sqrt(1000), rel=1e-4)
+    assert ind["mde"]["pair_corr"] == pytest.approx((stats.norm.isf(0.05 / 5 / 2 / 1953) + 0.8416) / np.sqrt(1000), rel=1e-4)
     assert a["realism"]["kind"] == "not checked" and a["realism"]["level"] is None
+
+
+def test_independence_answer_has_three_kinds():
+    """'no' with the effect and its interval, 'yes' with the detectable size, 'cannot tell' on too few rows."""
+    from pflatents.tasks.analysis.answers import decision_line
+
+    def answer(x, **extra):
+        from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
+        from pflatents.tasks.analysis.summary import summarise
+
+        from pflatents.tasks.analysis.dependence import total_dependence
+
+        s = summarise(compute_stats(x, StatsConfig(), scheduler="sync"), [], StatsConfig())
+        s["independence"]["total_dependence"] = total_dependence(x)
+        return answers({**s, "prior": {"skipped": "--prior 0"}, **extra})["independence"]
+
+    rng = np.random.default_rng(4)
+    few = answer(rng.normal(size=(40, 8)))
+    assert few["kind"] == "cannot tell" and few["answer"].startswith("cannot tell: not enough rows")
+    assert few["mde"]["pair_corr"] > 0.5 and "more rows" in few["would_change"]
+    x = rng.normal(size=(3000, 4))
+    x[:, 1] = 0.5 * (x[:, 0] ** 2 - 1) / np.sqrt(2) + np.sqrt(1 - 0.25) * x[:, 1]  # uncorrelated, dependent
+    dep = answer(x)
+    assert dep["kind"] == "no" and dep["answer"].startswith("no: dependent at level 0.05")
+    assert dep["deciding"]["value"] < 0.05 and dep["effect"]["unit"] == "nats"
+    assert dep["effect"]["ci"][0] > 0.02 and dep["effect"]["parts"]["non_gaussian"] > dep["effect"]["parts"]["gaussian"]
+    line = decision_line(dep)
+    assert line.startswith("no at level 0.05; combined p") and "minimum detectable effect" in line
+    ok = answer(rng.normal(size=(3000, 4)))
+    assert ok["kind"] == "yes" and "would have been detected with 80% probability" in ok["answer"]

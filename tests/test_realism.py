@@ -104,3 +104,24 @@ def _summary(prior: dict) -> dict:
 
     return {"n_samples": 100, "n_dims": 5, "normality": defaultdict(float), "independence": defaultdict(float),
             "prior": prior, "verdict": "-"}
+
+
+def test_realism_verdict_holds_its_level_and_states_its_effect():
+    """One decision at alpha (MMD and classifier, Bonferroni): on true samples at most ~alpha false
+    alarms; a wider spread is found, with the classifier accuracy's interval and the detectable accuracy."""
+    from pflatents.tasks.analysis.answers import _realism
+
+    alarms = 0
+    for seed in range(60):
+        rng = np.random.default_rng([seed, 26])
+        r = realism(rng.normal(size=(80, 4)), rng.normal(size=(80, 4)), rng.normal(size=(500, 4)), None, seed, 0.05)
+        assert r["distinguishable"] == (r["p"] < 0.05) and r["p"] == min(1.0, 2 * min(r["mmd_p"], r["c2st_p"]))
+        alarms += r["distinguishable"]
+    assert alarms <= 8, alarms  # P(>= 9 of 60 | 0.05) ~ 0.008
+    rng = np.random.default_rng(3)
+    wide = realism(rng.normal(size=(300, 4)) * 1.4, rng.normal(size=(300, 4)), rng.normal(size=(500, 4)), None, 0, 0.05)
+    a = _realism({"alpha": 0.05, "prior": {"m": 300, "compared_with": "held-out rows", **wide}})
+    assert a["kind"] == "no" and a["level"] == 0.05 and a["deciding"]["value"] < 0.05
+    lo, hi = a["effect"]["ci"]
+    assert 0.5 < lo < a["effect"]["value"] < hi and a["effect"]["unit"] == "accuracy"
+    assert 0.53 < a["mde"]["value"] < 0.6  # 600 rows: the binomial test at 0.05/4 sees ~0.57 with 80 % power

@@ -9,6 +9,7 @@ import pytest
 from scipy import special, stats
 from sklearn.metrics import mutual_info_score
 
+from pflatents.tasks.analysis import decision as Dec
 from pflatents.tasks.analysis import dependence as Dep
 from pflatents.tasks.analysis import normality as Nm
 from pflatents.tasks.analysis import stats as S
@@ -183,3 +184,84 @@ def test_a_constant_dim_fails_normality_without_nan_in_the_summary():
     s = Sm.summarise(r, [], CFG)["normality"]
     assert 1 in s["failing_dims"] and s["n_constant_dims"] == 1
     assert np.isfinite(s["mean_abs_excess_kurtosis"]) and np.isfinite(s["mean_abs_skew"])
+
+
+# ---- one verdict at a stated level (issue 23): calibration and power through the statistics functions ----
+
+def _verdict(x, cfg=CFG):
+    return Sm.summarise(S.compute_stats(x, cfg, scheduler="sync"), [], cfg)["independence"]
+
+
+def test_the_independence_verdict_holds_its_level_on_100_seeded_nulls():
+    """Independent coordinates (50 Gaussian, 50 Laplace runs): the one verdict says "dependent" at most
+    alpha of the time. Before the families were combined, any of seven families at 5 % each made it
+    ~15-30 %; 13 or more of 100 has probability 0.001 at a true 5 %."""
+    alarms = []
+    for seed in range(100):
+        rng = np.random.default_rng([seed, 23])
+        x = rng.normal(size=(2000, 6)) if seed % 2 else rng.laplace(size=(2000, 6))
+        ind = _verdict(x)
+        assert ind["rejected"] == (ind["p"] < 0.05) == bool(Sm.independence_failures(ind))
+        alarms.append(ind["rejected"])
+    assert sum(alarms) <= 12, sum(alarms)
+
+
+def test_planted_dependence_is_found_and_the_mde_is_honest():
+    rng = np.random.default_rng(5)
+    n, d = 2000, 6
+    mde = Dec.pair_corr_mde(n, d * (d - 1) // 2, 0.05 / len(Dec.INDEPENDENCE_FAMILIES))
+    hits = 0
+    for seed in range(30):  # a pair at the stated minimum detectable |r|: found ~80 % of the time (or more)
+        x = np.random.default_rng([seed, 24]).normal(size=(n, d))
+        x[:, 1] = mde * x[:, 0] + np.sqrt(1 - mde ** 2) * x[:, 1]
+        hits += _verdict(x)["rejected"]
+    assert hits >= 18, hits  # P(<= 17 of 30 | 0.8) ~ 0.01
+    x = rng.normal(size=(3000, 4))
+    x[:, 1] = 0.2 * (x[:, 0] ** 2 - 1) / np.sqrt(2) + np.sqrt(1 - 0.04) * x[:, 1]  # uncorrelated, dependent
+    ind = _verdict(x)
+    assert ind["rejected"] and "linear correlation" not in Sm.independence_failures(ind)
+    s = rng.laplace(size=(2000, 4)) @ stats.ortho_group.rvs(4, random_state=3)  # rotated Laplace sources
+    assert _verdict(s)["rejected"]
+
+
+def test_gaussian_total_correlation_interval_and_mde():
+    """The noncentral chi-square interval covers the true Gaussian TC; the MDE matches a simulation."""
+    rho, n, d = 0.1, 5000, 4
+    truth = -0.5 * np.log(1 - rho ** 2)
+    cover = 0
+    for seed in range(40):
+        x = np.random.default_rng([seed, 25]).normal(size=(n, d))
+        x[:, 1] = rho * x[:, 0] + np.sqrt(1 - rho ** 2) * x[:, 1]
+        lo, hi = _verdict(x)["gaussian_total_correlation_ci"]
+        cover += lo <= truth <= hi
+    assert cover >= 33, cover  # 95 % nominal: P(<= 32 of 40) ~ 0.01
+    m = d * (d - 1) // 2  # Bartlett's power at its MDE, by the chi-square law's own simulation
+    tc = Dec.bartlett_mde(n, d, 0.01)
+    lam = 2 * Dec.bartlett_dof(n, d) * tc
+    sims = stats.ncx2.rvs(m, lam, size=20000, random_state=0)
+    assert np.mean(sims > stats.chi2.isf(0.01, m)) == pytest.approx(0.8, abs=0.01)
+
+
+def test_hsic_null_law_is_the_weighted_chi_square():
+    for x in (5.0, 15.0, 25.0):
+        assert Dep.weighted_chi2_sf(x, np.ones(4)) == pytest.approx(stats.chi2.sf(x, 4), rel=1e-3, abs=1e-9)
+    w = np.array([2.0, 1.0, 0.5])
+    q = (np.random.default_rng(0).chisquare(1, size=(400000, 3)) * w).sum(1)
+    assert Dep.weighted_chi2_sf(15.0, w) == pytest.approx(np.mean(q > 15.0), rel=0.05)
+
+
+def test_total_dependence_left_in_nats():
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(4000, 4))
+    x[:, 1] = 0.5 * x[:, 0] + np.sqrt(0.75) * x[:, 1]
+    td = Dep.total_dependence(x, seed=0)
+    truth = -0.5 * np.log(0.75)
+    assert td["total_ci"][0] <= truth <= td["total_ci"][1] and td["n"] == 2000
+    assert td["gaussian"] == pytest.approx(truth, abs=0.03) and abs(td["non_gaussian"]) < 0.05
+    lap = rng.laplace(size=(4000, 4)) @ stats.ortho_group.rvs(4, random_state=2)  # uncorrelated, dependent
+    td = Dep.total_dependence(lap, seed=0)
+    assert abs(td["gaussian"]) < 0.02 and td["non_gaussian"] > 0.05 and td["total_ci"][0] > 0.03
+    ind = Dep.total_dependence(rng.normal(size=(4000, 4)), seed=0)
+    assert ind["total_ci"][0] == 0.0 and ind["total_ci"][1] < 0.06
+    d = Dep.difference_ci(td, ind, 0.05)
+    assert d["ci"][0] > 0  # the rotated Laplace rows leave more dependence than independent ones

@@ -264,8 +264,8 @@ def _independence_decision(s: dict[str, Any]) -> tuple[str, str, dict[str, Any]]
     mde = {"name": "Gaussian total correlation detected with 80 % probability", "value": tc_mde, "power": POWER,
            "unit": "nats", "pair_corr": r_mde, "pair_mutual_information": ind.get("mde_pair_mutual_information"),
            "text": f"a Gaussian total correlation of {_g(tc_mde)} nats or more, or one pair correlated at "
-                   f"|r| >= {_g(r_mde)} (also in squares or |z|), would have been detected with {POWER:.0%} probability"}
-    deciding = {"name": "p-value, 6 dependence families combined (Bonferroni)", "value": ind["p"], "threshold": alpha,
+                   f"|r| >= {_g(r_mde)} (also in |z|), would have been detected with {POWER:.0%} probability"}
+    deciding = {"name": "p-value, 5 dependence families combined (Bonferroni)", "value": ind["p"], "threshold": alpha,
                 "text": f"combined p {ind['p']:.2g} vs level {alpha:g}"}
     eff = f"{effect['value']:.3g} nats{_ci(effect['ci'])}"
     if d < 2:

@@ -513,11 +513,11 @@ def _detail_blocks(s: dict[str, Any], figs: list[Figure]) -> list[str]:
               "## Notes", "\n".join([
                   f"- Target: {target}. Latents are divided by the SDE's prior std ({num(s.get('prior_std'))}) and "
                   "standardised by p_T's mean and covariance where the data could be read.",
-                  f"- Each answer is one decision at level {s['alpha']}: the six dependence families (Bonferroni over "
-                  f"pairs) are each tested at {s['alpha']}/6, Bonferroni across families, so on exactly independent "
+                  f"- Each answer is one decision at level {s['alpha']}: the five dependence families (Bonferroni over "
+                  f"pairs) are each tested at {s['alpha']}/5, Bonferroni across families, so on exactly independent "
                   "latents the verdict says \"dependent\" at most that often; prior decodes: MMD and the classifier "
-                  "test, Bonferroni over the two. Normality: Bonferroni over coordinates and the 6 tests; distance "
-                  "correlation is descriptive (not in the verdict).",
+                  "test, Bonferroni over the two. Normality: Bonferroni over coordinates and the 6 tests; the "
+                  "correlation of squares and distance correlation are descriptive (not in the verdict).",
                   f"- HSIC and binned MI use {ind['pair_test_dims']} coordinates; distance correlation uses a seeded "
                   "subsample of rows and pairs (the flagged ones first)."]),
               *_data_blocks(s), "## Normality",
