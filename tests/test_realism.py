@@ -75,7 +75,7 @@ def test_fewer_prior_draws_than_dimensions_still_compare():
     assert "QDA, one variance per class (fewer samples than dimensions)" in same["c2st_classifier"]
     assert 0.0 <= same["c2st_accuracy"] <= 1.0 and not same["distinguishable"]
     wide = realism(3.0 * rng.normal(size=(8, 192)), held, train, None)
-    assert wide["distinguishable"] and wide["c2st_accuracy"] >= 0.8
+    assert wide["distinguishable"] and wide["c2st_accuracy"] >= 0.75  # scored on the 8 held-out rows
     prior = {"m": 8, "compared_with": "data rows", "n_decode_failures": 0, **same}
     assert "classifier accuracy" in _realism({"prior": prior})["answer"]
     assert "one variance per class" in "\n".join(_prior_blocks({"prior": prior}))
@@ -124,4 +124,4 @@ def test_realism_verdict_holds_its_level_and_states_its_effect():
     assert a["kind"] == "no" and a["level"] == 0.05 and a["deciding"]["value"] < 0.05
     lo, hi = a["effect"]["ci"]
     assert 0.5 < lo < a["effect"]["value"] < hi and a["effect"]["unit"] == "accuracy"
-    assert 0.53 < a["mde"]["value"] < 0.6  # 600 rows: the binomial test at 0.05/4 sees ~0.57 with 80 % power
+    assert 0.55 < a["mde"]["value"] < 0.65  # 300 held-out rows: the binomial test at 0.05/4 sees ~0.6 with 80 % power
