@@ -359,7 +359,7 @@ def _independence_figures(s: dict[str, Any], data: dict[str, Any]) -> list[Figur
             cap += (f", and of FastICA's components of the data ({rows} rows; their pass line "
                     f"{num(thr, 2)})")
         cap += (". One colour scale for all panels; the black lines on the colour bar mark the latents' pass line "
-                "(level alpha, Bonferroni over pairs). Correlation of squares shows dependence that correlation "
+                "(each family at level alpha / 5, Bonferroni over pairs). Correlation of squares shows dependence that correlation "
                 "misses (a shared scale).")
         out.append(Figure("dependence.png", "Dependence heatmaps", cap,
                           F.heatmaps(panels, ind.get("corr_threshold"))))
