@@ -15,8 +15,9 @@ hooks: list[Callable[[int, int, float], None]] = []
 
 
 def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = False, progress: bool = True,
-              holdout: float = 0.0, device: str = "cpu") -> dict:
-    """Run the Prefect ``train`` flow (with a progress bar of steps and loss unless disabled); returns the checkpoint config."""
+              holdout: float = 0.0, device: str = "cpu", data_options: dict | None = None) -> dict:
+    """Run the Prefect ``train`` flow (with a progress bar of steps and loss unless disabled); returns the checkpoint
+    config. ``data_options``: the source's options (``Source.options``: resolution, channels, skip list, ...)."""
     from pflatents.flows.progress import bar
     from pflatents.flows.server import prefect_env, use_server
 
@@ -27,7 +28,7 @@ def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = 
         hooks.append(hook)
         try:
             return _flow()(data_spec=data_spec, out=out, cfg=cfg, sde=sde, overwrite=overwrite, holdout=holdout,
-                           device=device)
+                           device=device, data_options=data_options or {})
         finally:
             hooks.remove(hook)
 
@@ -44,7 +45,7 @@ def _define():
 
     @task(name="fit_score_model", cache_policy=NO_CACHE, persist_result=False)
     def fit_score_model(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool, holdout: float = 0.0,
-                        device: str = "cpu") -> dict:
+                        device: str = "cpu", data_options: dict | None = None) -> dict:
         """Train on the data (less a held-out fraction) and write the checkpoint; returns its config document."""
         from pflatents.tasks.models.checkpoint import sde_from_dict
         from pflatents.tasks.data.sources import open_source
@@ -54,14 +55,14 @@ def _define():
             for h in list(hooks):
                 h(step, total, loss)
 
-        return train_checkpoint(open_source(data_spec), sde_from_dict(sde), TrainConfig(**cfg), out,
+        return train_checkpoint(open_source(data_spec, **(data_options or {})), sde_from_dict(sde), TrainConfig(**cfg), out,
                                 progress=progress, overwrite=overwrite, holdout=holdout, device=device)
 
     @flow(name="train", persist_result=False)
     def train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = False, holdout: float = 0.0,
-              device: str = "cpu") -> dict:
+              device: str = "cpu", data_options: dict | None = None) -> dict:
         """Fit a score network to a dataset and write a safetensors checkpoint (on ``device``)."""
-        return fit_score_model(data_spec, out, cfg, sde, overwrite, holdout, device)
+        return fit_score_model(data_spec, out, cfg, sde, overwrite, holdout, device, data_options)
 
     return train
 

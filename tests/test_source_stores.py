@@ -191,3 +191,20 @@ def test_incremental_append_keeps_ids_and_labels_aligned(tmp_path, prefect_api, 
     Image.fromarray(np.zeros((5, 5), np.uint8)).save(root / "a" / "000a.png")
     assert main(_args(spec, model, out, "--incremental")) == 2
     assert "changed in its first 17 samples" in capsys.readouterr().err
+
+
+@pytest.mark.integration
+def test_train_on_an_image_folder_then_extract_with_its_model(tmp_path, prefect_api, capsys):
+    _folder(tmp_path / "f")
+    spec = f"imagefolder:{tmp_path / 'f'}"
+    model = tmp_path / "m"
+    assert main(["train", "--data", spec, "--out", str(model), "--resolution", str(RES), "--image-channels", "1",
+                 "--skip-bad", "--steps", "20", "--batch-size", "8", "--no-progress"]) == 0
+    assert "skipped 1 unreadable image(s)" in capsys.readouterr().out
+    data = json.loads((model / "config.json").read_text())["data"]
+    assert data["options"]["channels"] == 1 and data["classes"] == ["a", "b"] and data["n_samples"] == 10
+    out = tmp_path / "o.zarr"
+    assert main(["extract", "--data", spec, "--model", str(model), "--out", str(out), "--resolution", str(RES),
+                 "--skip-bad", "--solver", "rk4", "--steps", "2", "--no-progress"]) == 0
+    ds = pflatents.open_latents(str(out))  # grey without --channels: the model takes 16 values
+    assert ds["latents"].shape == (10, 1, RES, RES) and ds["label"].values.tolist() == [0] * 5 + [1] * 5

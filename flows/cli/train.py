@@ -11,7 +11,8 @@ __all__ = ["register", "cmd_train", "build_train_config"]
 def register(sub) -> None:
     """Add the ``train`` subcommand."""
     p = sub.add_parser("train", help="train a score network on a dataset and write a safetensors checkpoint")
-    p.add_argument("--data", required=True, help="file.npy | store.zarr[/array] | images:DIR | sklearn:digits")
+    p.add_argument("--data", required=True, help="file.npy | store.zarr[/array] | images:DIR | imagefolder:DIR | "
+                                                  "wds:PATTERN | parquet:PATH | sklearn:digits")
     p.add_argument("--out", required=True, help="checkpoint directory to write (model.safetensors + config.json)")
     p.add_argument("--arch", default="mlp", choices=["mlp", "unet"], help="mlp (flat data) or unet (C,H,W images)")
     p.add_argument("--steps", type=int, default=2000, help="optimisation steps (default 2000)")
@@ -32,9 +33,35 @@ def register(sub) -> None:
     p.add_argument("--device", default="auto",
                    help="auto | cpu | cuda[:N] (default auto: a GPU when torch sees one; there the forward pass "
                         "runs under bf16 autocast)")
+    _add_source_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_train)
+
+
+def _add_source_args(p: argparse.ArgumentParser) -> None:
+    """The image-source flags of ``extract`` (same names, help and choices), but ``--image-channels``
+    for extract's ``--channels`` (here ``--channels`` is the U-Net's width)."""
+    from pflatents.flows.cli.common import _flag_type
+    from pflatents.tasks.config import SOURCE_OPTIONS, JobSettings
+
+    for name in SOURCE_OPTIONS:
+        f = JobSettings.model_fields[name]
+        flag = "--image-channels" if name == "channels" else "--" + name.replace("_", "-")
+        if f.annotation is bool:
+            p.add_argument(flag, dest=f"source_{name}", action="store_true", default=None, help=f.description)
+            continue
+        kind, choices = _flag_type(f.annotation)
+        help_ = "image sources: 3 (RGB, the default) or 1 (grey)" if name == "channels" else f.description
+        p.add_argument(flag, dest=f"source_{name}", type=kind, choices=choices, default=None, help=help_,
+                       metavar=None if choices else name.upper())
+
+
+def source_options(a: argparse.Namespace) -> dict:
+    """The image-source options given on the command line."""
+    from pflatents.tasks.config import SOURCE_OPTIONS
+
+    return {k: getattr(a, f"source_{k}") for k in SOURCE_OPTIONS if getattr(a, f"source_{k}", None) is not None}
 
 
 def build_train_config(a: argparse.Namespace):
@@ -70,8 +97,12 @@ def cmd_train(a: argparse.Namespace) -> int:
     device = str(resolve_device(a.device))
     sde = make_sde(a.sde)
     sde.check_t_eps(a.t_eps)
-    src = open_source(data_spec(a.data))
+    src = open_source(data_spec(a.data), **source_options(a))
     src.check_finite()
+    skipped = getattr(src, "skipped", None)
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s) (--skip-bad; listed in the checkpoint's config.json): "
+              + "; ".join(f"{sid} ({why})" for sid, why in skipped[:20]))
     if a.holdout:
         from pflatents.tasks.data.split import holdout_split
 
@@ -85,7 +116,7 @@ def cmd_train(a: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise InputError(f"{out} is a file, not a checkpoint directory")
     doc = run_train(src.spec, str(out), cfg.to_dict(), sde.to_dict(), overwrite=a.overwrite,
-                    progress=not a.no_progress, holdout=a.holdout, device=device)
+                    progress=not a.no_progress, holdout=a.holdout, device=device, data_options=src.options)
     s = doc["summary"]
     print(f"trained {doc['network']['arch']} for {s['steps_done']} steps in {doc['provenance']['seconds']:.1f} s "
           f"on {doc['provenance'].get('device', 'cpu')} "

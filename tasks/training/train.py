@@ -289,7 +289,7 @@ def train_checkpoint(source, sde: SDE, cfg: TrainConfig, out, progress: Progress
                                "d = sqrt(alpha^2 v + sigma^2); mu, v = data_mean, data_var in model.safetensors"},
         "sde": sde.to_dict(),
         "data": {"spec": source.spec, "fingerprint": source.fingerprint(), "n_samples": len(source),
-                 "sample_shape": list(shape), "quantization": source.quantization,
+                 "sample_shape": list(shape), "quantization": source.quantization, **source.pinned(),
                  "normalisation": {"kind": "none: data used as is; per-dim mean/variance precondition the network",
                                    "mean": float(x.mean()), "std": float(x.std()),
                                    "per_dim_std_min": float(x.std(0).min()), "per_dim_std_max": float(x.std(0).max()),
