@@ -13,13 +13,13 @@ from typing import Any
 
 from pflatents.flows.server import prefect_env
 
-__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "add_model_args", "model_values", "add_run_args", "run_settings",
+__all__ = ["EXIT_OK", "EXIT_FAILED", "EXIT_USAGE", "add_model_args", "flag_type", "model_values", "add_run_args", "run_settings",
            "store_url", "prefect_env"]
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
-def _flag_type(annotation: Any) -> tuple[Any, list | None]:
+def flag_type(annotation: Any) -> tuple[Any, list | None]:
     """(argparse type, choices) of a field annotation: int, float, str, Literal[...], Optional[...]."""
     origin = typing.get_origin(annotation)
     if origin is typing.Literal:
@@ -27,7 +27,7 @@ def _flag_type(annotation: Any) -> tuple[Any, list | None]:
         return type(choices[0]), choices
     if origin in (typing.Union, types.UnionType):
         inner = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return _flag_type(inner[0])
+        return flag_type(inner[0])
     return annotation, None
 
 
@@ -46,7 +46,7 @@ def add_model_args(p: argparse.ArgumentParser, model: Any, required: bool = True
         if f.annotation is bool:
             p.add_argument(flag, action="store_true", default=None, help=f.description)
             continue
-        kind, choices = _flag_type(f.annotation)
+        kind, choices = flag_type(f.annotation)
         p.add_argument(flag, type=kind, choices=choices, default=None, help=help_,
                        required=required and f.is_required())
 

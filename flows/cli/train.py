@@ -42,7 +42,7 @@ def register(sub) -> None:
 def _add_source_args(p: argparse.ArgumentParser) -> None:
     """The image-source flags of ``extract`` (same names, help and choices), but ``--image-channels``
     for extract's ``--channels`` (here ``--channels`` is the U-Net's width)."""
-    from pflatents.flows.cli.common import _flag_type
+    from pflatents.flows.cli.common import flag_type
     from pflatents.tasks.config import SOURCE_OPTIONS, JobSettings
 
     for name in SOURCE_OPTIONS:
@@ -51,7 +51,7 @@ def _add_source_args(p: argparse.ArgumentParser) -> None:
         if f.annotation is bool:
             p.add_argument(flag, dest=f"source_{name}", action="store_true", default=None, help=f.description)
             continue
-        kind, choices = _flag_type(f.annotation)
+        kind, choices = flag_type(f.annotation)
         help_ = "image sources: 3 (RGB, the default) or 1 (grey)" if name == "channels" else f.description
         p.add_argument(flag, dest=f"source_{name}", type=kind, choices=choices, default=None, help=help_,
                        metavar=None if choices else name.upper())

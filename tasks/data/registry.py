@@ -139,7 +139,7 @@ SOURCE_KINDS: dict[str, SourceKind] = {
                        claims=lambda s: _zarr_parts(s) is not None, path=_zarr_path),
     "imagefolder": SourceKind("imagefolder", _open_imagefolder, "imagefolder:DIR", pixels=True, options=IMAGE_OPTIONS),
     "wds": SourceKind("wds", _open_wds, "wds:PATTERN", pixels=True, options=("image_key", "label_key", *IMAGE_OPTIONS),
-                      path=lambda rest: None if "://" in rest else rest),
+                      path=lambda rest: None if "://" in rest or rest.startswith("{") else rest),
     "parquet": SourceKind("parquet", _open_parquet, "parquet:PATH", pixels=True,
                           options=("image_column", "label_column", "id_column", *IMAGE_OPTIONS)),
     "npy": SourceKind("npy", _open_npy, "file.npy", prefixed=False, claims=lambda s: s.endswith(".npy"),
