@@ -233,6 +233,8 @@ def main() -> None:
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps({"alpha": ALPHA, "nulls": nulls, "power": power}, indent=1))
+    if _POOL is not None:
+        _POOL.shutdown()
 
 
 if __name__ == "__main__":
