@@ -368,11 +368,19 @@ def _start_shared(home: Path, *, port: int | None, idle: float, ui: bool, timeou
     return st
 
 
-def _clear_stale(home: Path, st: dict[str, Any]) -> None:
-    """A record whose server does not answer: stop what is left of it (a hung server), drop the record."""
+def _clear_stale(home: Path, st: dict[str, Any], patience: float = 30.0) -> bool:
+    """A record whose server did not answer at once. A live process gets ``patience`` seconds to answer
+    (a loaded machine); returns True when it does. Otherwise stop what is left of it (a hung server)
+    and drop the record."""
     if st.get("pid") and _process_alive(st):
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline and _process_alive(st):
+            if _healthy(st["url"], timeout=5.0):
+                return True
+            time.sleep(0.5)
         _terminate(st)
     _remove_state(home)
+    return False
 
 
 def _acquire_shared() -> dict[str, Any]:
@@ -384,9 +392,7 @@ def _acquire_shared() -> dict[str, Any]:
         with _locked(home, timeout=timeout + 60):
             st = server_status()
             started = False
-            if not st["running"]:
-                if _read_state(home) is not None:
-                    _clear_stale(home, st)
+            if not st["running"] and not (_read_state(home) is not None and _clear_stale(home, st)):
                 st = _start_shared(home, port=None, idle=idle, ui=False, timeout=timeout)
                 started = True
             _take_lease(home)
@@ -456,6 +462,8 @@ def start_server(port: int | None = None, timeout: float = 180.0, ui: bool = Fal
     home = prefect_home()
     with _locked(home, timeout=timeout + 60):
         st = server_status()
+        if not st["running"] and _read_state(home) is not None and _clear_stale(home, st):
+            st = {**st, "running": True}  # slow to answer, but it answered
         if st["running"]:
             if port and port != st["port"]:
                 raise _input_error(f"the local Prefect server already runs on port {st['port']} ({st['url']}); "
@@ -467,8 +475,6 @@ def start_server(port: int | None = None, timeout: float = 180.0, ui: bool = Fal
             if rec.get("idle") != idle:
                 _write_state({**rec, "idle": idle, "idle_since": time.time()}, home)
             return {**server_status(), "started_now": False}
-        if _read_state(home) is not None:
-            _clear_stale(home, st)
         if port:
             with socket.socket() as s:
                 if s.connect_ex(("127.0.0.1", port)) == 0:

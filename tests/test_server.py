@@ -284,3 +284,14 @@ def test_bad_server_settings_are_clear_errors(tmp_path):
         res = cli(extract_args(tmp_path, data, model, "o.zarr"), env=env)
         assert res.returncode == 2 and words in res.stderr and "Traceback" not in res.stderr, res.stderr
         assert marked(env) == [] and not (tmp_path / "home" / "pflatents-server.json").exists()
+
+
+@pytest.mark.timeout(600)
+def test_an_explicit_api_url_starts_nothing(tmp_path, prefect_server):
+    env = _env(tmp_path / "home", PREFECT_API_URL=prefect_server)
+    data, model = write_gmm_job(tmp_path, n=300)
+    ext = cli(extract_args(tmp_path, data, model, "o.zarr"), env=env)
+    assert ext.returncode == 0 and "done: 300 samples" in ext.stdout, ext.stderr
+    assert "started a local Prefect server" not in ext.stderr
+    assert marked(env) == [] and not (tmp_path / "home" / "pflatents-server.json").exists()
+    assert any(str(tmp_path / "o.zarr") in json.dumps(r.parameters) for r in flow_runs(prefect_server))
