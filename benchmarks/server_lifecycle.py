@@ -34,10 +34,33 @@ from extract_overhead import BARE, make_job  # noqa: E402  (the ~12 s job and it
 from scaleout import write_job  # noqa: E402  (the small GMM job the benchmarks share)
 
 
+CPU: list[float] = []  # CPU seconds of each run() (the command, what it reaped, and the shared server)
+
+
+def shared_server_cpu(env: dict) -> float:
+    """CPU seconds used so far by the shared server of env's PREFECT_HOME (0 when none runs)."""
+    import json
+
+    import psutil
+
+    try:
+        pid = json.loads((Path(env["PREFECT_HOME"]) / "pflatents-server.json").read_text())["pid"]
+        t = psutil.Process(pid).cpu_times()
+        return t.user + t.system
+    except (OSError, ValueError, KeyError, psutil.Error):
+        return 0.0
+
+
 def run(cmd: list[str], env: dict) -> float:
+    """Wall seconds of one command; its CPU seconds go to CPU (robust to other jobs on the machine)."""
+    import resource
+
+    r0, s0 = resource.getrusage(resource.RUSAGE_CHILDREN), shared_server_cpu(env)
     t0 = time.perf_counter()
     res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=900)
     wall = time.perf_counter() - t0
+    r1, s1 = resource.getrusage(resource.RUSAGE_CHILDREN), shared_server_cpu(env)
+    CPU.append(r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime + max(0.0, s1 - s0))
     if res.returncode != 0:
         raise SystemExit(f"{' '.join(cmd[:3])} failed ({res.returncode}):\n{res.stderr[-3000:]}")
     return wall
@@ -75,14 +98,19 @@ def main() -> None:
 
     times: dict[str, list[float]] = {"shared-first": [], "shared": [], "off": [], "bare": [], "big-shared": [],
                                      "big-off": []}
+    cpu: dict[str, list[float]] = {k: [] for k in times}
+
+    def add(key: str, wall: float) -> None:
+        times[key].append(wall)
+        cpu[key].append(CPU[-1])
     try:
         small("off")  # untimed: creates the off mode's database
-        times["shared-first"].append(small("shared"))  # fresh database: creates it, starts the server
+        add("shared-first", small("shared"))  # fresh database: creates it, starts the server
         run(pfl("server", "stop"), envs["shared"])
-        times["shared-first"].append(small("shared"))  # existing database
+        add("shared-first", small("shared"))  # existing database
         for _ in range(a.repeats):
-            times["off"].append(small("off"))
-            times["shared"].append(small("shared"))
+            add("off", small("off"))
+            add("shared", small("shared"))
         print(f"trivial job done, load {min(loads):.1f}-{max(loads):.1f}", file=sys.stderr, flush=True)
         if not a.skip_big:
             big = d / "big"
@@ -92,29 +120,30 @@ def main() -> None:
                 out = big / f"bare{rep}"
                 out.mkdir()
                 loads.append(os.getloadavg()[0])
-                times["bare"].append(run([sys.executable, "-c", BARE, str(data), str(model), str(out), "10", "4096",
-                                          "32768"], base))
+                add("bare", run([sys.executable, "-c", BARE, str(data), str(model), str(out), "10", "4096", "32768"],
+                                base))
                 for mode in ("shared", "off"):
                     loads.append(os.getloadavg()[0])
-                    times[f"big-{mode}"].append(run(pfl("extract", "--data", str(data), "--model", f"gmm:{model}",
-                                                        "--out", str(big / f"{mode}{rep}.zarr"), "--solver", "rk4",
-                                                        "--steps", "10", "--batch-size", "4096", "--no-progress"),
-                                                    envs[mode]))
+                    add(f"big-{mode}", run(pfl("extract", "--data", str(data), "--model", f"gmm:{model}", "--out",
+                                               str(big / f"{mode}{rep}.zarr"), "--solver", "rk4", "--steps", "10",
+                                               "--batch-size", "4096", "--no-progress"), envs[mode]))
                 print(f"big rep {rep}: bare {times['bare'][-1]:.1f} s, shared {times['big-shared'][-1]:.1f} s, "
                       f"off {times['big-off'][-1]:.1f} s", file=sys.stderr, flush=True)
     finally:
         subprocess.run(pfl("server", "stop"), env=envs["shared"], capture_output=True, timeout=120)
     print(f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load average {min(loads):.1f}-{max(loads):.1f}\n")
-    print("| run | median s | min s | max s | runs | median / bare |")
-    print("|---|---|---|---|---|---|")
-    print(row("trivial extract, shared server starting (first use: fresh db, then existing db)", times["shared-first"]))
-    print(row("trivial extract, shared server up (the default)", times["shared"]))
-    print(row("trivial extract, PFLATENTS_SERVER=off (own server)", times["off"]))
-    if times["bare"]:
-        print(row("~12 s job: bare loop", times["bare"]))
-        print(row("~12 s job: extract, shared server up", times["big-shared"], times["bare"]))
-        print(row("~12 s job: extract, PFLATENTS_SERVER=off", times["big-off"], times["bare"]))
-
+    names = {"shared-first": "trivial extract, shared server starting (first use: fresh db, then existing db)",
+             "shared": "trivial extract, shared server up (the default)",
+             "off": "trivial extract, PFLATENTS_SERVER=off (own server)",
+             "bare": "~12 s job: bare loop", "big-shared": "~12 s job: extract, shared server up",
+             "big-off": "~12 s job: extract, PFLATENTS_SERVER=off"}
+    for title, data in (("wall seconds", times), ("CPU seconds (command, its children, the shared server)", cpu)):
+        print(f"\n{title}\n")
+        print("| run | median | min | max | runs | median / bare |")
+        print("|---|---|---|---|---|---|")
+        for key, name in names.items():
+            if data[key]:
+                print(row(name, data[key], data["bare"] if key.startswith("big-") else None))
 
 if __name__ == "__main__":
     main()
