@@ -163,7 +163,7 @@ def make_store(p: Prepared) -> LatentStore:
             p.src.check_finite()
             prefix = {"n": len(p.src), "fingerprint": p.src.fingerprint()}
         return open_or_create(p.url, config=p.cfg.to_dict(), n_samples=len(p.src),
-                              sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size, data_prefix=prefix,
+                              sample_shape=p.cfg.latent_shape, shard_size=p.shard_size, data_prefix=prefix,
                               sample_ids=True, labels=p.src.has_labels)
     store = LatentStore.open(p.url, mode="r+")
     if store.incremental and not p.incremental:
@@ -172,7 +172,7 @@ def make_store(p: Prepared) -> LatentStore:
     if not store.incremental:
         _check_fixed_store(store, p)
     return upgraded(open_or_create(p.url, config=p.cfg.pinned_like(store.config), n_samples=len(p.src),
-                                   sample_shape=tuple(p.src.sample_shape), shard_size=p.shard_size,
+                                   sample_shape=p.cfg.latent_shape, shard_size=p.shard_size,
                                    data_prefix={} if p.incremental else None))
 
 
@@ -207,7 +207,7 @@ def _check_fixed_store(store: LatentStore, p: Prepared) -> None:
     same = {**new, "data": {**pinned, **{k: v for k, v in new["data"].items() if k != "incremental"}}}
     same["data"].update(n_samples=n_old, fingerprint=pinned.get("fingerprint"))
     same = ExtractConfig(**same).pinned_like(store.config)  # a store pinned by earlier code, same meaning: matches
-    store.check_matches(same, None, tuple(p.src.sample_shape), p.shard_size)
+    store.check_matches(same, None, p.cfg.latent_shape, p.shard_size)
     store.make_incremental(new, {"n": n_old, "fingerprint": pinned["fingerprint"]})
 
 

@@ -28,6 +28,7 @@ from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from pflatents.tasks.data.registry import specs_help
 from pflatents.tasks.errors import InputError
 
 __all__ = ["JobSettings", "ExtractConfig", "DataSpec", "ModelSpec", "SDESpec", "SolverSpec", "migrate", "CONFIG_FORMAT", "build_config", "sde_from_dict", "solver_from_dict", "validation_message"]
@@ -42,7 +43,7 @@ class JobSettings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    data: str = Field(description="file.npy | npydir:DIR | store.zarr[/array] | images:DIR | sklearn:digits")
+    data: str = Field(description=specs_help())
     model: str = Field(description="gmm:params.json | checkpoint dir | diffusers:DIR")
     out: str = Field(description="output store (path or fsspec URL, e.g. s3://bucket/x.zarr)")
     sde: Literal["vp", "ve", "edm"] = Field("vp", description="the SDE family (a trained model runs under its own)")
@@ -185,9 +186,13 @@ class ModelSpec(PinnedSpec):
     kind: str
     content_hash: str
     dim: Optional[int]
+    latent_shape: Optional[list[int]] = None  # a latent model's state shape (absent: the data's shape)
 
     def to_dict(self) -> dict[str, Any]:
-        return self.model_dump()  # "dim": null is pinned as such
+        d = self.model_dump()  # "dim": null is pinned as such
+        if d["latent_shape"] is None:
+            del d["latent_shape"]
+        return d
 
 
 class SDESpec(PinnedSpec):
@@ -262,6 +267,11 @@ class ExtractConfig(BaseModel):
         """The job pinned in a store (a ``LatentStore``, or anything with ``config`` and
         ``format_version``): stores of an earlier format are read through ``migrate``."""
         return cls.from_dict(store.config, store.format_version)
+
+    @property
+    def latent_shape(self) -> tuple[int, ...]:
+        """The shape of one stored latent: the model's latent shape (a latent model), else the data's."""
+        return tuple(self.model.latent_shape or self.data.sample_shape)
 
     def open_source(self):
         """The pinned data source."""
@@ -488,9 +498,9 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     d = 1
     for n in source.sample_shape:
         d *= n
-    if info.dim is not None and info.dim != d:
+    if info.data_dim is not None and info.data_dim != d:
         raise InputError(f"sample shape {tuple(source.sample_shape)} ({d} values) does not match the model "
-                         f"{info.spec} (dimension {info.dim})")
+                         f"{info.spec} (dimension {info.data_dim})")
     if incremental:
         data = {"spec": source.spec, "incremental": True, "sample_shape": list(source.sample_shape),
                 "dtype": str(source.dtype)}

@@ -15,14 +15,14 @@ flagged samples) hands it the same subset of ``cond``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol, runtime_checkable
+from typing import Any, Optional, Protocol, runtime_checkable
 
 import numpy as np
 import torch
 
 from pflatents.tasks.errors import DataError
 
-__all__ = ["Batch", "Cond", "Model", "ScoreFunction", "as_model", "bcast", "cond_tensor", "take_cond"]
+__all__ = ["Batch", "Cond", "Model", "ModelBase", "ScoreFunction", "as_model", "bcast", "cond_tensor", "take_cond"]
 
 Cond = Optional[torch.Tensor]  # None or int64 (batch,): one class label per row
 
@@ -131,33 +131,59 @@ class Model(Protocol):
     def network_status(self, device) -> dict: ...
 
 
-class ScoreFunction:
+class ModelBase:
+    """Defaults of the ``Model`` contract for a pixel-space adapter: the data and latent shapes are
+    ``sample_shape`` (None: any shape of ``dim`` values), the encoder and decoder are the identity, no
+    conditioning, nothing to configure. Calling the adapter gives the score. Subclasses define
+    ``sigma2_score`` and set ``sde``."""
+
+    content_hash: str = ""
+    dim: Optional[int] = None
+    sample_shape: Optional[tuple[int, ...]] = None
+    conditional: bool = False
+    sde: Any
+
+    @property
+    def data_shape(self) -> Optional[tuple[int, ...]]:
+        return self.sample_shape
+
+    @property
+    def latent_shape(self) -> Optional[tuple[int, ...]]:
+        return self.sample_shape
+
+    def encode_data(self, x: torch.Tensor) -> torch.Tensor:
+        """Data -> ODE state (identity: the model works in data space)."""
+        return x
+
+    def decode_data(self, z: torch.Tensor) -> torch.Tensor:
+        """ODE state -> data (identity)."""
+        return z
+
+    def with_settings(self, precision: Optional[str], compile: str = "off") -> "ModelBase":
+        """This model evaluated at a network precision / compile mode (an exact score: itself)."""
+        return self
+
+    def network_status(self, device) -> dict:
+        """How the network ran on ``device`` (recorded per shard): its precision and compile state."""
+        return {"precision": None, "compile": None}
+
+    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """The score grad_x log p_t(x | cond)."""
+        return self.sigma2_score(x, t, cond) / bcast(self.sde.sigma(t) ** 2, x)
+
+
+class ScoreFunction(ModelBase):
     """A plain score function ``score(x, t)`` (a test oracle, a wrapper that counts calls) as a ``Model``
     under ``sde``: ``sigma2_score = sigma(t)^2 score(x, t)``; unconditional, data space, no hash."""
-
-    content_hash = ""
-    dim = None
-    conditional = False
-    data_shape = None
-    latent_shape = None
 
     def __init__(self, score, sde) -> None:
         self.score, self.sde = score, sde
 
     def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         return bcast(self.sde.sigma(t) ** 2, x) * self.score(x, t)
-
-    def encode_data(self, x: torch.Tensor) -> torch.Tensor:
-        return x
-
-    def decode_data(self, z: torch.Tensor) -> torch.Tensor:
-        return z
-
-    def with_settings(self, precision: Optional[str], compile: str = "off") -> "ScoreFunction":
-        return self
-
-    def network_status(self, device) -> dict:
-        return {"precision": None, "compile": None}
 
 
 def as_model(model, sde) -> Model:

@@ -16,6 +16,7 @@ so through ``native_sde``; the extraction then runs under it.
 from __future__ import annotations
 
 import functools
+import math
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,15 +37,22 @@ PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
 @dataclass(frozen=True)
 class ModelInfo:
-    """What the store pins about a model: its spec, kind, content hash and data dimension."""
+    """What the store pins about a model: its spec, kind, content hash and state dimension, and for a
+    latent model (latent shape other than its data shape) the latent shape the store holds.
+    ``data_dim`` (values per data sample, None: any) is checked against the data, not pinned."""
 
     spec: str
     kind: str
     content_hash: str
     dim: int | None
+    latent_shape: tuple[int, ...] | None = None
+    data_dim: int | None = None
 
     def to_dict(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind, "content_hash": self.content_hash, "dim": self.dim}
+        d = {"spec": self.spec, "kind": self.kind, "content_hash": self.content_hash, "dim": self.dim}
+        if self.latent_shape is not None:
+            d["latent_shape"] = list(self.latent_shape)
+        return d
 
 
 def is_pickle_file(path: str | Path) -> bool:
@@ -273,7 +281,10 @@ def model_info(spec: str, sde: SDE) -> ModelInfo:
     """Load (cached) and describe a model for the store's pinned config."""
     spec = resolve_model_spec(spec)
     m = _load(spec, sde)
-    return ModelInfo(spec=spec, kind=model_kind(spec)[0].name, content_hash=m.content_hash, dim=m.dim)
+    latent = None if m.latent_shape == m.data_shape else tuple(m.latent_shape)
+    data_dim = m.dim if latent is None else (math.prod(m.data_shape) if m.data_shape is not None else None)
+    return ModelInfo(spec=spec, kind=model_kind(spec)[0].name, content_hash=m.content_hash, dim=m.dim,
+                     latent_shape=latent, data_dim=data_dim)
 
 
 def resolve_device(device: str) -> torch.device:

@@ -1,8 +1,7 @@
 """Model adapters behind one contract (``pflatents.tasks.core.Model``): ``sigma2_score(x, t, cond)``
 = sigma(t)^2 grad_x log p_t(x | cond), per-sample ``t``; calling an adapter gives the score itself.
 
-- ``ModelBase``: the contract's defaults for a pixel-space model (identity encoder/decoder, data and
-  latent shapes equal, unconditional, nothing to configure).
+- ``ModelBase`` (from ``pflatents.tasks.core``): the contract's defaults for a pixel-space model.
 - ``GaussianMixtureScore``: the exact score of a diffused Gaussian mixture (test oracle and the
   ``gmm:params.json`` model).
 - Adapters that turn a network into a score: noise prediction (``EpsScore``), v-prediction
@@ -22,7 +21,7 @@ from typing import Callable, Optional
 
 import torch
 
-from pflatents.tasks.core import Cond, Model, bcast as _bcast
+from pflatents.tasks.core import Cond, Model, ModelBase, bcast as _bcast
 from pflatents.tasks.errors import DataError, ModelError
 from pflatents.tasks.ode.sde import SDE
 
@@ -30,49 +29,6 @@ __all__ = ["ScoreModel", "ModelBase", "GaussianMixtureScore", "EpsScore", "VScor
 
 F64 = torch.float64
 ScoreModel = Model  # the earlier name of the contract
-
-
-class ModelBase:
-    """Defaults of the ``Model`` contract (pflatents.tasks.core) for a pixel-space adapter: the data
-    and latent shapes are ``sample_shape`` (None: any shape of ``dim`` values), the encoder and decoder
-    are the identity, no conditioning, nothing to configure. Calling the adapter gives the score."""
-
-    content_hash: str = ""
-    dim: Optional[int] = None
-    sample_shape: Optional[tuple[int, ...]] = None
-    conditional: bool = False
-    sde: SDE
-
-    @property
-    def data_shape(self) -> Optional[tuple[int, ...]]:
-        return self.sample_shape
-
-    @property
-    def latent_shape(self) -> Optional[tuple[int, ...]]:
-        return self.sample_shape
-
-    def encode_data(self, x: torch.Tensor) -> torch.Tensor:
-        """Data -> ODE state (identity: the model works in data space)."""
-        return x
-
-    def decode_data(self, z: torch.Tensor) -> torch.Tensor:
-        """ODE state -> data (identity)."""
-        return z
-
-    def with_settings(self, precision: Optional[str], compile: str = "off") -> "ModelBase":
-        """This model evaluated at a network precision / compile mode (an exact score: itself)."""
-        return self
-
-    def network_status(self, device) -> dict:
-        """How the network ran on ``device`` (recorded per shard): its precision and compile state."""
-        return {"precision": None, "compile": None}
-
-    def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        raise NotImplementedError
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        """The score grad_x log p_t(x | cond)."""
-        return self.sigma2_score(x, t, cond) / _bcast(self.sde.sigma(t) ** 2, x)
 
 
 class GaussianMixtureScore(ModelBase):

@@ -10,7 +10,10 @@ sizes stay in float64 and are cast at the state boundary.
   step size: each sample accepts, rejects and sizes its steps from its own error alone, so its result
   does not depend on its batch mates, and finished samples drop out of the score evaluations.
 - ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022), a multistep exponential integrator for the
-  semi-linear PF-ODE; lives in ``pflatents.tasks.ode.pfode`` because it needs the data prediction, not F.
+  semi-linear PF-ODE; it needs the data prediction, not F, so its loop lives in ``pflatents.tasks.ode.pfode``.
+
+All five are entries of one table with one signature, ``pflatents.tasks.ode.pfode.SOLVERS``
+(``run(ODEProblem, SolverConfig) -> SolveResult``).
 """
 
 from __future__ import annotations
