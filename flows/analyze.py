@@ -150,7 +150,10 @@ def _rows_note(store: Any, ranges: list[list[int]], partial: bool, n_flagged: in
 def _make_flow() -> Any:
     from prefect import flow
 
+    from pflatents.flows import dashboard
+
     @flow(name="analyze", persist_result=False, log_prints=True)
+    @dashboard.tasks_untagged
     def analyze(store_url: str, options: dict, ranges: list, device: str = "auto", rows: int | None = None,
                 report: str | None = None, n_flagged: int = 0) -> dict:
         """Statistics, reconstruction, ICA and report of one store; returns the JSON summary."""
@@ -197,8 +200,10 @@ def _make_flow() -> Any:
         if report:
             summary["report"] = write_analysis_report(store_url, ranges, summary, report, prior_std, device,
                                                       int(opts.stats.get("seed", 0)))
-        create_markdown_artifact(markdown=artifact_markdown(summary, summary.get("report")), key="pflatents-analysis",
-                                 description=f"pflatents analysis of {store_url}: the three answers")
+        dashboard.publish(create_markdown_artifact, markdown=artifact_markdown(summary, summary.get("report")),
+                          key="pflatents-analysis", description=f"pflatents analysis of {store_url}: the three answers")
+        dashboard.log_analysis(summary)
+        dashboard.hand_over(store_url, summary)
         return summary
 
     return analyze
@@ -251,6 +256,11 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
     use_server()
     from pflatents.flows.extract import make_runner
 
-    flow = _make_flow().with_options(task_runner=make_runner(runner, workers))
-    return flow(store_url=url, options=opts.to_dict(), ranges=ranges, device=device, rows=rows,
-                report=str(Path(report).expanduser().resolve()) if report else None, n_flagged=n_flagged)
+    from pflatents.flows import dashboard
+
+    flow = _make_flow().with_options(task_runner=make_runner(runner, workers),
+                                     flow_run_name=dashboard.run_name(f"analyze {dashboard.store_name(url)}"))
+    kwargs = dict(store_url=url, options=opts.to_dict(), ranges=ranges, device=device, rows=rows,
+                  report=str(Path(report).expanduser().resolve()) if report else None, n_flagged=n_flagged)
+    return dashboard.run_watched(flow, kwargs, url, dashboard.run_tags(url, st.config["model"].get("kind")),
+                                 "analysis", f"`pflatents analyze {url}` again")

@@ -15,13 +15,15 @@ import socket
 import time
 
 from prefect import flow
-from prefect.artifacts import create_progress_artifact, update_progress_artifact
+from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
+from prefect.logging import get_run_logger
 from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from pflatents.flows import progress
+from pflatents.flows import dashboard, progress
 from pflatents.storage import LatentStore, StoreLockedError
+from pflatents.storage.layout import shard_label
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.wrappers.extract import (ShardGroupFailed, done_summary, integrate_shards,
                                               retry_shard_samples)
@@ -102,7 +104,7 @@ def _gpu_annotation(gpu: bool):
     return dask.annotate(resources={"GPU": 1})
 
 
-@flow(name="extract", persist_result=False, log_prints=True)
+@flow(name="extract", persist_result=False)
 def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries: int = 2,
             request_gpu: bool = False, retry_samples: bool = False, shards_per_task: int = 1):
     """Encode the given shards of a store's pinned job; FAILED (naming shard ids) if any shard fails.
@@ -113,6 +115,11 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
     Tasks and the failure records are fenced on the token of the store lock held when the flow
     starts (the coordinator's), so a run that lost its lock stops writing. A failed run ends in a
     FAILED state carrying ``ShardsFailed`` (raised to the caller), without a traceback of its own.
+
+    In the dashboard: task runs are named by their shards (``integrate shards 8-15``); the run's log
+    ends with its summary and the store; a progress artifact follows the shards and a table artifact
+    (``dashboard.extract_table``) sums the run up. If the Prefect server goes away
+    (``dashboard.server_lost``), the dashboard updates are skipped and the work goes on.
     """
     store = LatentStore.open(store_url)
     lease = store.lock_token()
@@ -122,14 +129,19 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
     groups = [list(shard_ids[i:i + k]) for i in range(0, len(shard_ids), k)]
     t0 = time.perf_counter()
     opts = {"retries": retries, "retry_delay_seconds": 1}
-    with _gpu_annotation(request_gpu):
-        futures = {integrate_shards.with_options(**opts).submit(store_url, g, device, lease): g for g in groups}
-        futures.update({retry_shard_samples.with_options(**opts).submit(store_url, sid, device, lease): [sid]
-                        for sid in retry_ids})
+    with _gpu_annotation(request_gpu), dashboard.untagged():
+        futures = {integrate_shards.with_options(task_run_name=dashboard.shards_run_name("integrate", g),
+                                                 **opts).submit(store_url, g, device, lease): g for g in groups}
+        futures.update({retry_shard_samples.with_options(task_run_name=f"retry flagged samples of shard {sid}", **opts)
+                        .submit(store_url, sid, device, lease): [sid] for sid in retry_ids})
     total = len(shard_ids) + len(retry_ids)
-    artifact = create_progress_artifact(0.0, description=f"pflatents extract: {total} shards of {store_url} "
-                                        f"in {len(futures)} tasks")
-    done, failures, n_samples, nfe_sum, samples_failed = 0, {}, 0, 0, 0
+    logger = get_run_logger()
+    logger.info(f"{total} shard(s) of {store_url} in {len(futures)} task(s) of up to {k} shard(s)")
+    artifact = dashboard.publish(create_progress_artifact, 0.0, description=f"pflatents extract: {total} shards of "
+                          f"{store_url} in {len(futures)} tasks")
+    done, failures, n_samples, samples_failed = 0, {}, 0, 0
+    nfe = {"nfe_sum": 0, "nfe_sumsq": 0, "nfe_min": None, "nfe_max": None}
+    devices: set[str] = set()
     for fut in as_completed(list(futures)):
         group = futures[fut]
         res = fut.result(raise_on_failure=False)
@@ -139,10 +151,13 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
             if not isinstance(res, StoreLockedError):  # a run that lost the lock records nothing
                 store.mark_failed(sid, error, {"host": socket.gethostname(), "pid": os.getpid()})
         for r in results:
-            n_samples, nfe_sum = n_samples + r["n"], nfe_sum + r["nfe_sum"]
+            n_samples += r["n"]
+            _add_nfe(nfe, r)
             samples_failed += r.get("samples_failed", 0)
+            devices.update([r["device"]] if r.get("device") else [])
         done += len(group)
-        update_progress_artifact(artifact, 100.0 * done / max(1, total))
+        if artifact is not None:
+            dashboard.publish(update_progress_artifact, artifact, 100.0 * done / max(1, total))
         for hook in progress.hooks:
             for r in results:
                 hook(r["n"], {"shard_id": r["shard_id"], "failed": False})
@@ -152,16 +167,39 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
     summary = {"shards": len(shard_ids), "tasks": len(groups), "shards_per_task": k,
                "failed_shards": sorted(failures), "samples": n_samples,
                "seconds": wall, "samples_per_s": n_samples / wall if wall > 0 else 0.0,
-               "mean_nfe": nfe_sum / n_samples if n_samples else 0.0, "samples_failed": samples_failed,
-               "retried_sample_shards": retry_ids}
-    print(f"extract: {n_samples} samples in {wall:.1f} s ({summary['samples_per_s']:.0f}/s), "
-          f"mean NFE {summary['mean_nfe']:.1f}, {len(failures)} failed shard(s), "
-          f"{samples_failed} flagged sample(s)")
+               "mean_nfe": nfe["nfe_sum"] / n_samples if n_samples else 0.0, "samples_failed": samples_failed,
+               "retried_sample_shards": retry_ids, "nfe": _nfe_summary(nfe, n_samples), "devices": sorted(devices)}
+    logger.info(f"{n_samples} samples in {wall:.1f} s ({summary['samples_per_s']:.0f} samples/s), "
+                f"mean NFE {summary['mean_nfe']:.1f}, {len(failures)} failed shard(s), "
+                f"{samples_failed} flagged sample(s)")
+    logger.info(f"store: {store_url} (`pflatents status {store_url}`)")
+    dashboard.publish(create_table_artifact, dashboard.extract_table(summary, store_url, store.config, store.n_shards),
+               key="pflatents-extract", description=f"pflatents extract of {store_url}")
+    failed = None
     if failures:
         message = (f"{len(failures)} shard(s) failed: {sorted(failures)}; first error: "
                    f"{failures[min(failures)]}. Run `pflatents resume {store_url}` to retry them.")
-        return Failed(message=message, data=ShardsFailed(message))
-    return summary
+        logger.warning(message)
+        failed = Failed(message=message, data=ShardsFailed(message))
+    dashboard.hand_over(store_url, failed.data if failed is not None else summary)
+    return failed if failed is not None else summary
+
+
+def _add_nfe(acc: dict, r: dict) -> None:
+    acc["nfe_sum"] += r["nfe_sum"]
+    acc["nfe_sumsq"] += r.get("nfe_sumsq", 0)
+    for key, pick in (("nfe_min", min), ("nfe_max", max)):
+        if r.get(key) is not None:
+            acc[key] = r[key] if acc[key] is None else pick(acc[key], r[key])
+
+
+def _nfe_summary(acc: dict, n: int) -> dict | None:
+    """Mean, standard deviation, min and max of per-sample NFE over the run's samples."""
+    if not n:
+        return None
+    mean = acc["nfe_sum"] / n
+    var = max(0.0, acc["nfe_sumsq"] / n - mean * mean)
+    return {"mean": mean, "std": math.sqrt(var), "min": acc["nfe_min"], "max": acc["nfe_max"]}
 
 
 def _outcome(store: LatentStore, group: list[int], res) -> tuple[list[dict], dict[int, str]]:

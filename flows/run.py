@@ -9,6 +9,7 @@ Nothing here prints: callers pass ``say`` for progress lines and get an ``Outcom
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -158,27 +159,79 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         from pflatents.flows import progress as prog
         from pflatents.tasks.models.registry import resolve_device
 
+        from prefect import tags
+        from prefect.settings import PREFECT_API_URL
+
+        from pflatents.flows import dashboard
+
         gpu = run.runner.startswith("dask") and resolve_device(run.device).type == "cuda"
         n_pending = sum(stop - start for start, stop in (store.shard_range(i) for i in pending))
+        n_run = n_pending
         n_pending += sum(int(records[i]["samples_failed"]) for i in flagged)
-        with prog.bar(n_pending, "encoding", disabled=not progress) as update:
+        name = dashboard.job_run_name(command, url, n_run, len(pending))
+        t0 = time.perf_counter()
+        with prog.bar(n_pending, "encoding", disabled=not progress) as update, \
+                dashboard.ServerWatch(PREFECT_API_URL.value(), url, command) as watch:
             hook = lambda n, info: update(advance=n)  # noqa: E731
             prog.hooks.append(hook)
             try:
-                flow = ex.extract.with_options(task_runner=ex.make_runner(run.runner, run.workers))
+                flow = ex.extract.with_options(task_runner=ex.make_runner(run.runner, run.workers),
+                                               flow_run_name=name)
                 k = ex.shards_per_task(len(pending), store.shard_size, int(store.config["batch_size"]),
                                        run.workers, run.shards_per_task)
-                summary = flow(store_url=url, shard_ids=pending, device=run.device, retries=run.retries,
-                               request_gpu=gpu, retry_samples=run.retry_samples, shards_per_task=k)
+                with tags(*dashboard.run_tags(url, store.config["model"].get("kind"))):
+                    summary = flow(store_url=url, shard_ids=pending, device=run.device, retries=run.retries,
+                                   request_gpu=gpu, retry_samples=run.retry_samples, shards_per_task=k)
             except ex.ShardsFailed as e:
-                return Outcome(False, str(e), url, base)
+                return Outcome(False, str(e) + watch.dropped_note(), url, base)
+            except Exception as e:
+                if not (watch.lost.is_set() or dashboard.is_server_error(e)):
+                    raise
+                dashboard.show_traceback()
+                summary = _without_server(store, pending, watch, time.perf_counter() - t0)
+                if isinstance(summary, str):
+                    return Outcome(False, summary, url, base)
             finally:
                 prog.hooks.remove(hook)
         store.publish()
         n_samples = store.n_samples
     msg = (f"done: {summary['samples']} samples in {summary['seconds']:.1f} s "
            f"({summary['samples_per_s']:.0f} samples/s), mean NFE {summary['mean_nfe']:.1f} -> {url}")
+    if watch.lost.is_set():
+        msg += (f"\nevery shard is done in the store, although the Prefect server went away during the run"
+                f"{watch.dropped_note()}")
     if summary.get("samples_failed"):
         msg += (f"\n{summary['samples_failed']} sample(s) could not be integrated (step limit or non-finite): "
                 f"stored flagged with NaN latents; `pflatents resume --retry-samples {url}` retries them")
     return Outcome(True, msg, url, {**summary, **base, "n_samples": n_samples})
+
+
+def _without_server(store, pending: list[int], watch, seconds: float) -> dict[str, Any] | str:
+    """After the flow call failed on an unreachable Prefect server, the store decides: the summary of a
+    finished run, or (a string) what is not done and the command that finishes it."""
+    from pflatents.flows import dashboard
+    from pflatents.flows.extract import ShardsFailed
+    from pflatents.storage.layout import shard_label
+
+    url = store.url
+    result = dashboard.results.pop(url, None)
+    what = ("went away during the run" if watch.lost.is_set() else "did not answer")
+    if isinstance(result, ShardsFailed):
+        return f"{result}{watch.dropped_note()}"
+    records = store.shard_records()
+    left = [i for i in pending if (records.get(i) or {}).get("state") != "done"]
+    if left:
+        kept = "the others are safe in the store" if len(left) < len(pending) else "nothing was encoded"
+        return (f"the Prefect server at {watch.api_url} {what}; {len(left)} of {len(pending)} shard(s) are not "
+                f"done ({shard_label(left)}), {kept}. Run `pflatents resume {url}` to finish them"
+                f"{watch.dropped_note()}")
+    if isinstance(result, dict):
+        return result
+    import numpy as np
+
+    ranges = [store.shard_range(i) for i in pending]
+    n = sum(b - a for a, b in ranges)
+    nfe = sum(int(np.asarray(store.nfe_array()[a:b], dtype=np.int64).sum()) for a, b in ranges)
+    return {"shards": len(pending), "failed_shards": [], "samples": n, "seconds": seconds,
+            "samples_per_s": n / seconds if seconds > 0 else 0.0, "mean_nfe": nfe / n if n else 0.0,
+            "samples_failed": sum(int((records.get(i) or {}).get("samples_failed") or 0) for i in pending)}

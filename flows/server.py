@@ -55,6 +55,9 @@ FLOW_COMMANDS = ("extract", "resume", "analyze", "train", "demo")
 
 def prefect_env() -> None:
     """Quiet, offline-safe Prefect defaults (call before prefect is imported)."""
+    from pflatents.flows.dashboard import logging_env
+
+    logging_env()  # before PREFECT_LOGGING_LEVEL below: a user's own level keeps Prefect's console as it was
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")

@@ -27,8 +27,16 @@ def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = 
         hook = lambda step, total, loss: update(completed=step, loss=f"{loss:.4f}")  # noqa: E731
         hooks.append(hook)
         try:
-            return _flow()(data_spec=data_spec, out=out, cfg=cfg, sde=sde, overwrite=overwrite, holdout=holdout,
-                           device=device, data_options=data_options or {})
+            from pathlib import Path
+
+            from pflatents.flows import dashboard
+
+            name = dashboard.run_name(f"train {Path(out).name}: {cfg['arch']}, {cfg['steps']} steps")
+            kwargs = dict(data_spec=data_spec, out=out, cfg=cfg, sde=sde, overwrite=overwrite, holdout=holdout,
+                          device=device, data_options=data_options or {})
+            return dashboard.run_watched(_flow().with_options(flow_run_name=name), kwargs, out,
+                                         ["pflatents", "train", f"model:{cfg['arch']}"], "training",
+                                         "the same `pflatents train` again, with --overwrite")
         finally:
             hooks.remove(hook)
 
@@ -58,11 +66,18 @@ def _define():
         return train_checkpoint(open_source(data_spec, **(data_options or {})), sde_from_dict(sde), TrainConfig(**cfg), out,
                                 progress=progress, overwrite=overwrite, holdout=holdout, device=device)
 
+    from pflatents.flows.dashboard import tasks_untagged
+
     @flow(name="train", persist_result=False)
+    @tasks_untagged
     def train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = False, holdout: float = 0.0,
               device: str = "cpu", data_options: dict | None = None) -> dict:
         """Fit a score network to a dataset and write a safetensors checkpoint (on ``device``)."""
-        return fit_score_model(data_spec, out, cfg, sde, overwrite, holdout, device, data_options)
+        from pflatents.flows import dashboard
+
+        doc = fit_score_model(data_spec, out, cfg, sde, overwrite, holdout, device, data_options)
+        dashboard.hand_over(out, doc)
+        return doc
 
     return train
 

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from pflatents.storage.location import Location
 
 __all__ = ["FORMAT_VERSION", "READABLE_VERSIONS", "ATTR", "INCOMPLETE_ATTR", "MiB", "SAMPLE_STATUS", "now", "plan_shards",
+           "shard_label",
            "default_shard_size", "dimension_names", "versions", "check_layout", "not_a_store_message", "build",
            "create_status_array"]
 
@@ -65,6 +66,20 @@ def plan_shards(n_samples: int, shard_size: int) -> list[tuple[int, int]]:
     if n_samples < 0 or shard_size < 1:
         raise StoreError(f"cannot plan shards of {shard_size} samples over {n_samples} samples")
     return [(i0, min(n_samples, i0 + shard_size)) for i0 in range(0, n_samples, shard_size)]
+
+
+def shard_label(ids) -> str:
+    """Shard ids as ranges, for run names and messages: ``[8, 9, 10, 12]`` -> ``8-10, 12``."""
+    ids = sorted({int(i) for i in ids})
+    parts: list[str] = []
+    i = 0
+    while i < len(ids):
+        j = i
+        while j + 1 < len(ids) and ids[j + 1] == ids[j] + 1:
+            j += 1
+        parts.append(str(ids[i]) if i == j else f"{ids[i]}-{ids[j]}")
+        i = j + 1
+    return ", ".join(parts)
 
 
 def default_shard_size(sample_nbytes: int, n_samples: int | None = None, *,

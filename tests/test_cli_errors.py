@@ -153,7 +153,7 @@ def test_console_script_exit_codes(tmp_path, cli_env):
     assert "[1]" in res.stderr and "resume" in res.stderr
     assert no_traceback(res.stderr) and "Task run" not in res.stderr, res.stderr  # the summary, what to do
     res = cli(["--debug", *args], env=env_with(cli_env, PFLATENTS_FAIL_SHARDS="1"))
-    assert res.returncode == 1 and "Task run 'integrate_shards" in res.stderr  # --debug shows Prefect's run log
+    assert res.returncode == 1 and "Task run 'integrate shard 1'" in res.stderr  # --debug shows Prefect's run log
     res = cli(["resume", str(out), "--no-progress"], env=cli_env)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "done: 200 samples" in res.stdout

@@ -39,6 +39,9 @@ def main(argv: list[str] | None = None) -> int:
     from pflatents.flows import server
 
     server.note_printers[:] = [lambda msg: print(msg, file=sys.stderr, flush=True)]
+    from pflatents.flows import dashboard
+
+    dashboard.quiet[0] = not args.debug
     from pflatents.storage.errors import StoreError
     from pflatents.tasks.errors import InputError
 
@@ -52,6 +55,9 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"pflatents: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except dashboard.ServerGone as e:
+        print(f"pflatents: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except KeyboardInterrupt:
         print("pflatents: interrupted", file=sys.stderr)
         return 130

@@ -46,7 +46,7 @@ from pflatents.tasks.data.registry import stat_path
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.ode.pfode import SolverConfig
 
-__all__ = ["run_shard", "run_shards", "ShardGroupFailed", "done_summary", "retry_samples", "integrate_shards", "retry_shard_samples", "can_change_on_retry",
+__all__ = ["run_shard", "run_shards", "nfe_stats", "log_group", "ShardGroupFailed", "done_summary", "retry_samples", "integrate_shards", "retry_shard_samples", "can_change_on_retry",
            "stricter", "InjectedFault", "TransientFault"]
 
 _failed_once: set[tuple[str, int]] = set()
@@ -203,9 +203,17 @@ def _encode(ctx: ShardContext, store_url: str, shard_id: int) -> Encoded:
     t2 = time.perf_counter()
     info = {"timings": {"read_s": t1 - t0, "integrate_s": t2 - t1}, "device": str(dev),
             "host": socket.gethostname(), "pid": os.getpid(), "network": _network_status(model, dev)}
-    summary = {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(nfe.sum()), "seconds": t2 - t0,
+    summary = {"shard_id": shard_id, "n": stop - start, **nfe_stats(nfe), "seconds": t2 - t0,
                "device": str(dev), "samples_failed": int((status != 0).sum())}
     return Encoded(z, nfe, status, info, summary, batch)
+
+
+def nfe_stats(nfe) -> dict:
+    """Sum, sum of squares, min and max of per-sample NFE counts: what a run's NFE statistics add up from."""
+    a = np.asarray(nfe, dtype=np.int64)
+    if a.size == 0:
+        return {"nfe_sum": 0, "nfe_sumsq": 0, "nfe_min": None, "nfe_max": None}
+    return {"nfe_sum": int(a.sum()), "nfe_sumsq": int((a * a).sum()), "nfe_min": int(a.min()), "nfe_max": int(a.max())}
 
 
 def run_shard(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
@@ -226,7 +234,7 @@ def done_summary(store: LatentStore, shard_id: int) -> dict | None:
     if not record or record.get("state") != "done":
         return None
     start, stop = store.shard_range(shard_id)
-    return {"shard_id": shard_id, "n": stop - start, "nfe_sum": int(np.asarray(store.nfe_array()[start:stop]).sum()),
+    return {"shard_id": shard_id, "n": stop - start, **nfe_stats(np.asarray(store.nfe_array()[start:stop])),
             "seconds": 0.0, "device": (record.get("info") or {}).get("device"),
             "samples_failed": int(record.get("samples_failed") or 0), "skipped": True}
 
@@ -334,7 +342,7 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
             "timings": {"integrate_s": time.perf_counter() - t0}}
     ids, labels = store.read_ids_labels(start, stop)  # kept as they are, like the shard's other samples
     store.write_shard(shard_id, latents, counts, info, status=after, ids=ids, labels=labels)
-    return {"shard_id": shard_id, "n": int(idx.size), "nfe_sum": int(nfe.sum()), "seconds": time.perf_counter() - t0,
+    return {"shard_id": shard_id, "n": int(idx.size), **nfe_stats(nfe), "seconds": time.perf_counter() - t0,
             "device": str(dev), "samples_failed": int((after != 0).sum())}
 
 
@@ -342,13 +350,50 @@ _TASK = dict(retries=2, retry_delay_seconds=1, retry_condition_fn=_retry_conditi
              persist_result=False)
 
 
+def log_group(shard_ids: list[int], results: list[dict], failures: dict[int, str], seconds: float,
+              what: str = "shards") -> str:
+    """The task's INFO line in Prefect's run log (the dashboard's Logs tab): its shards, samples,
+    samples/s, mean NFE and samples the solver flagged; failed shards with their first error."""
+    from prefect.logging import get_run_logger
+
+    from pflatents.storage.layout import shard_label
+
+    fresh = [r for r in results if not r.get("skipped")]
+    n = sum(r["n"] for r in fresh)
+    nfe = sum(r["nfe_sum"] for r in fresh)
+    flagged = sum(r.get("samples_failed", 0) for r in results)
+    what = what if what != "shards" or len(shard_ids) > 1 else "shard"
+    line = (f"{what} {shard_label(shard_ids)}: {n} samples in {seconds:.2f} s ({n / seconds if seconds > 0 else 0:.0f} "
+            f"samples/s), mean NFE {nfe / n if n else 0:.1f}, {flagged} failed sample(s)")
+    skipped = len(results) - len(fresh)
+    if skipped:
+        line += f", {skipped} shard(s) done by an earlier attempt"
+    if failures:
+        first = min(failures)
+        line += f"; {len(failures)} shard(s) failed: {shard_label(failures)} (shard {first}: {failures[first]})"
+    logger = get_run_logger()
+    (logger.warning if failures else logger.info)(line)
+    return line
+
+
 @task(name="integrate_shards", **_TASK)
 def integrate_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease: str | None = None) -> list[dict]:
-    """Encode a group of shards, each written, verified and recorded done on its own (``run_shards``)."""
-    return run_shards(store_url, shard_ids, device, lease)
+    """Encode a group of shards, each written, verified and recorded done on its own (``run_shards``);
+    logs one INFO line (``log_group``)."""
+    t0 = time.perf_counter()
+    try:
+        results = run_shards(store_url, shard_ids, device, lease)
+    except ShardGroupFailed as e:
+        log_group(shard_ids, e.results, e.failures, time.perf_counter() - t0)
+        raise
+    log_group(shard_ids, results, {}, time.perf_counter() - t0)
+    return results
 
 
 @task(name="retry_samples", **_TASK)
 def retry_shard_samples(store_url: str, shard_id: int, device: str = "auto", lease: str | None = None) -> dict:
     """Re-integrate a done shard's flagged samples with a stricter setting (``resume --retry-samples``)."""
-    return retry_samples(store_url, shard_id, device, lease)
+    t0 = time.perf_counter()
+    result = retry_samples(store_url, shard_id, device, lease)
+    log_group([shard_id], [result], {}, time.perf_counter() - t0, what="retried flagged samples of shard")
+    return result
