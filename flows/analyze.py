@@ -253,7 +253,7 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
     check_analysis_config(st, opts.to_dict(), overwrite)
     _check_inputs(st, opts, device)
     prefect_env()
-    use_server()
+    api_url = use_server()
     from pflatents.flows.extract import make_runner
 
     from pflatents.flows import dashboard
@@ -263,4 +263,4 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
     kwargs = dict(store_url=url, options=opts.to_dict(), ranges=ranges, device=device, rows=rows,
                   report=str(Path(report).expanduser().resolve()) if report else None, n_flagged=n_flagged)
     return dashboard.run_watched(flow, kwargs, url, dashboard.run_tags(url, st.config["model"].get("kind")),
-                                 "analysis", f"`pflatents analyze {url}` again")
+                                 "analysis", f"`pflatents analyze {url}` again", api_url)

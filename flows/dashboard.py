@@ -23,11 +23,12 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import urllib.request
 from typing import Any, Callable, Iterable
 
 __all__ = ["logging_env", "store_name", "shard_label", "run_name", "shards_run_name", "job_run_name", "run_tags", "untagged", "tasks_untagged", "log_analysis", "extract_table",
-           "ServerWatch", "ServerGone", "run_watched", "server_lost", "publish", "hand_over", "show_traceback", "is_server_error", "healthy", "warn", "quiet", "results", "NOISE"]
+           "ServerWatch", "ServerGone", "run_watched", "server_lost", "probe", "SLOW_S", "publish", "hand_over", "show_traceback", "is_server_error", "healthy", "warn", "quiet", "results", "NOISE"]
 
 # Set by the CLI: without --debug, Prefect's messages about a lost server are dropped (and counted).
 quiet: list[bool] = [True]
@@ -156,6 +157,7 @@ NOISE = ("Unable to connect to", "failed to process item", "Error logging to API
          "Connect call failed", "Still processing items", "failed with", "Crash detected")
 
 _current: list["ServerWatch"] = []
+SLOW_S = 60.0  # a server that has not answered a health check for this long counts as gone
 
 
 def server_lost() -> bool:
@@ -185,14 +187,14 @@ def hand_over(key: str, value: Any) -> None:
         _current[-1].fail_fast()
 
 
-def run_watched(flow: Any, kwargs: dict, store_url: str, tags: list[str], what: str, again: str) -> Any:
+def run_watched(flow: Any, kwargs: dict, store_url: str, tags: list[str], what: str, again: str,
+                api_url: str | None) -> Any:
     """Call ``flow(**kwargs)`` tagged and under a ``ServerWatch``. If the server goes away, the flow's
     result still comes back when its body finished (``hand_over``); otherwise a ``ServerGone`` error
     says what to run ``again``."""
     from prefect import tags as prefect_tags
-    from prefect.settings import PREFECT_API_URL
 
-    with ServerWatch(PREFECT_API_URL.value(), store_url, what) as watch:
+    with ServerWatch(api_url, store_url, what) as watch:
         try:
             with prefect_tags(*tags):
                 return flow(**kwargs)
@@ -245,11 +247,21 @@ def is_server_error(exc: BaseException | None) -> bool:
 
 
 def healthy(api_url: str, timeout: float = 1.0) -> bool:
+    """Whether the Prefect API at ``api_url`` answers its health check within ``timeout`` seconds."""
+    return probe(api_url, timeout) == "ok"
+
+
+def probe(api_url: str, timeout: float = 5.0) -> str:
+    """``ok``; ``gone`` (the connection is refused or reset: nothing listens any more); ``slow`` (no
+    answer in time: a busy machine, or a hung server)."""
     try:
         with urllib.request.urlopen(api_url.rstrip("/") + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
+            return "ok" if r.status == 200 else "slow"
+    except (ConnectionRefusedError, ConnectionResetError):
+        return "gone"
+    except OSError as e:
+        reason = getattr(e, "reason", None)
+        return "gone" if isinstance(reason, (ConnectionRefusedError, ConnectionResetError)) else "slow"
 
 
 class _Drop(logging.Filter):
@@ -269,7 +281,7 @@ class _Drop(logging.Filter):
         exc = record.exc_info[1] if record.exc_info else None
         if not (any(s in text for s in NOISE) or is_server_error(exc)):
             return True
-        if not self.watch.lost.is_set() and not healthy(self.watch.api_url):
+        if not self.watch.lost.is_set() and probe(self.watch.api_url) == "gone":
             self.watch.lose()
         if self.watch.lost.is_set() and quiet[0]:
             self.watch.dropped += 1
@@ -302,8 +314,9 @@ class _StderrGate:
 class ServerWatch:
     """While a flow runs against ``api_url``: notice the server going away, say so once, quiet Prefect.
 
-    ``with ServerWatch(api_url, store_url) as w: ...``; ``w.lost`` is set once the server failed two
-    health checks in a row (polled every ``interval`` s) or Prefect logged that it cannot reach it.
+    ``with ServerWatch(api_url, store_url) as w: ...``; ``w.lost`` is set once the server refused two
+    health checks in a row (polled every ``interval`` s) or answered none for ``SLOW_S`` seconds, or
+    Prefect logged that it cannot reach it and the connection is refused.
     ``api_url`` None (Prefect's temporary server, which lives in this process) watches nothing.
     """
 
@@ -349,10 +362,16 @@ class ServerWatch:
             self.restore()
 
     def _poll(self) -> None:
-        misses = 0
+        """Lost after two refused connections in a row, or no answer at all for ``SLOW_S`` seconds (a
+        busy machine answers late: a slow health check alone is no reason)."""
+        refused, last_ok = 0, time.monotonic()
         while not self._stop.wait(self.interval):
-            misses = 0 if healthy(self.api_url, timeout=max(0.5, self.interval)) else misses + 1
-            if misses >= 2:
+            state = probe(self.api_url, timeout=5.0)
+            if state == "ok":
+                refused, last_ok = 0, time.monotonic()
+                continue
+            refused = refused + 1 if state == "gone" else 0
+            if refused >= 2 or time.monotonic() - last_ok > SLOW_S:
                 self.lose()
                 return
 

@@ -154,13 +154,12 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         for line in bitwise_caveats(store, run.device):
             say(f"note: {line}")
         prefect_env()
-        use_server()
+        api_url = use_server()
         from pflatents.flows import extract as ex
         from pflatents.flows import progress as prog
         from pflatents.tasks.models.registry import resolve_device
 
         from prefect import tags
-        from prefect.settings import PREFECT_API_URL
 
         from pflatents.flows import dashboard
 
@@ -171,7 +170,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         name = dashboard.job_run_name(command, url, n_run, len(pending))
         t0 = time.perf_counter()
         with prog.bar(n_pending, "encoding", disabled=not progress) as update, \
-                dashboard.ServerWatch(PREFECT_API_URL.value(), url, command) as watch:
+                dashboard.ServerWatch(api_url, url, command) as watch:
             hook = lambda n, info: update(advance=n)  # noqa: E731
             prog.hooks.append(hook)
             try:

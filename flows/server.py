@@ -256,13 +256,9 @@ def _take_lease(home: Path) -> None:
 
 
 def _healthy(url: str, timeout: float = 2.0) -> bool:
-    import urllib.request
+    from pflatents.flows.dashboard import healthy
 
-    try:
-        with urllib.request.urlopen(url.rstrip("/") + "/health", timeout=timeout) as r:
-            return r.status == 200
-    except OSError:
-        return False
+    return healthy(url, timeout)
 
 
 def server_status() -> dict[str, Any]:

@@ -22,7 +22,7 @@ def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = 
     from pflatents.flows.server import prefect_env, use_server
 
     prefect_env()
-    use_server()
+    api_url = use_server()
     with bar(cfg["steps"], "training", disabled=not progress, fields=("loss",)) as update:
         hook = lambda step, total, loss: update(completed=step, loss=f"{loss:.4f}")  # noqa: E731
         hooks.append(hook)
@@ -36,7 +36,7 @@ def run_train(data_spec: str, out: str, cfg: dict, sde: dict, overwrite: bool = 
                           device=device, data_options=data_options or {})
             return dashboard.run_watched(_flow().with_options(flow_run_name=name), kwargs, out,
                                          ["pflatents", "train", f"model:{cfg['arch']}"], "training",
-                                         "the same `pflatents train` again, with --overwrite")
+                                         "the same `pflatents train` again, with --overwrite", api_url)
         finally:
             hooks.remove(hook)
 
