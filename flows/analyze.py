@@ -151,6 +151,7 @@ def _make_flow() -> Any:
     from prefect import flow
 
     from pflatents.flows import dashboard
+    from pflatents.flows.progress import step_done
 
     @flow(name="analyze", persist_result=False, log_prints=True)
     @dashboard.tasks_untagged
@@ -175,18 +176,26 @@ def _make_flow() -> Any:
         prior_std = float(ExtractConfig.from_store(store).make_sde().prior_std)
         reset_analysis(store)
         summary = compute_latent_stats(store_url, ranges, opts.stats, prior_std, rows)
+        step_done("statistics")
         summary["reconstruction"] = (_reconstruct(store, ranges, opts, device) if opts.reconstruct
                                      else {"max_abs_error": None, "rmse": None})
+        if opts.reconstruct:
+            step_done("reconstruction")
         if opts.ica:
             summary["ica"] = compare_ica(store_url, ranges, opts.stats, opts.ica_n, opts.sources, prior_std)
+            step_done("ICA")
         seed, alpha = int(opts.stats.get("seed", 0)), float(opts.stats.get("alpha", 0.05))
         summary["prior"] = (check_prior_decodes(store_url, ranges, opts.prior, seed, alpha, device) if opts.prior
                             else {"skipped": "--prior 0"})
+        if opts.prior:
+            step_done("prior decodes")
         summary["splits"] = split_stats(store_url, ranges, opts.stats, prior_std, rows)
+        step_done("splits")
         if opts.stability:
             from pflatents.tasks.wrappers.stability import check_stability
 
             summary["stability"] = check_stability(store_url, ranges, opts.stability, seed, device)
+            step_done("stability")
         summary.update(store=store_url, n_samples_store=store.n_samples, prior_std=prior_std,
                        rows_note=_rows_note(store, ranges, opts.partial, n_flagged), partial=opts.partial,
                        n_flagged_excluded=n_flagged)
@@ -200,6 +209,7 @@ def _make_flow() -> Any:
         if report:
             summary["report"] = write_analysis_report(store_url, ranges, summary, report, prior_std, device,
                                                       int(opts.stats.get("seed", 0)))
+            step_done("report")
         dashboard.publish(create_markdown_artifact, markdown=artifact_markdown(summary, summary.get("report")),
                           key="pflatents-analysis", description=f"pflatents analysis of {store_url}: the three answers")
         dashboard.log_analysis(summary)
@@ -220,8 +230,10 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
                   sources: str | None = None, report: str | None = None, partial: bool = False,
                   overwrite: bool = False, seed: int = 0, alpha: float = 0.05, dcor_pairs: int = 8,
                   rows: int | None = None, runner: str = "local", workers: int = 1, device: str = "auto",
-                  prior: int = 300, stability: int = 0) -> dict:
+                  prior: int = 300, stability: int = 0, progress: bool = False) -> dict:
     """Validate everything before Prefect starts, run the ``analyze`` flow, return its JSON summary.
+
+    With ``progress``, a bar on stderr counts the analysis' steps as they end.
 
     The summary opens with the three answers (``answers``: realism, bijection, independence); ``prior``
     seeded prior draws are decoded and compared with the data (0 skips; skipped with a reason when
@@ -262,5 +274,18 @@ def analyze_store(store: str, *, reconstruct: int | str | None = None, ica: bool
                                      flow_run_name=dashboard.run_name(f"analyze {dashboard.store_name(url)}"))
     kwargs = dict(store_url=url, options=opts.to_dict(), ranges=ranges, device=device, rows=rows,
                   report=str(Path(report).expanduser().resolve()) if report else None, n_flagged=n_flagged)
-    return dashboard.run_watched(flow, kwargs, url, dashboard.run_tags(url, st.config["model"].get("kind")),
-                                 "analysis", f"`pflatents analyze {url}` again", api_url)
+    from pflatents.flows import progress as prog
+
+    n_steps = 2 + sum(map(bool, (opts.reconstruct, opts.ica, opts.prior, opts.stability, report)))
+    with prog.bar(n_steps, "analyzing", disabled=not progress, fields=("step",)) as update:
+        done = [0]
+
+        def hook(name: str) -> None:
+            done[0] += 1
+            update(completed=done[0], step=name)  # absolute: a throttled update loses no step
+        prog.steps.append(hook)
+        try:
+            return dashboard.run_watched(flow, kwargs, url, dashboard.run_tags(url, st.config["model"].get("kind")),
+                                         "analysis", f"`pflatents analyze {url}` again", api_url)
+        finally:
+            prog.steps.remove(hook)

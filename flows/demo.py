@@ -93,7 +93,7 @@ def run_demo(out: str | Path = "pflatents-demo", train_steps: int = DEFAULT_TRAI
 
     t0 = time.perf_counter()
     print(f"[3/3] analyze: --reconstruct all --ica --report {report}")
-    summary = analyze_store(str(store), reconstruct="all", ica=True, report=str(report))
+    summary = analyze_store(str(store), reconstruct="all", ica=True, report=str(report), progress=progress)
     print(summary_table(summary))
     print(f"report: {summary['report']['html']}")
     t_analyze = time.perf_counter() - t0

@@ -11,14 +11,24 @@ from __future__ import annotations
 import time
 from typing import Callable
 
-__all__ = ["hooks", "bar"]
+__all__ = ["hooks", "bar", "steps", "step_done"]
 
 # Callbacks (n_samples_done_in_shard, info) called by the extract flow as each shard finishes.
 hooks: list[Callable[[int, dict], None]] = []
 
+# Callbacks (name) called by the analyze flow as each of its steps ends.
+steps: list[Callable[[str], None]] = []
+
+
+def step_done(name: str) -> None:
+    """Tell the registered ``steps`` callbacks that a step of a flow ended."""
+    for hook in list(steps):
+        hook(name)
+
 
 class bar:
-    """A rich progress bar; ``with bar(total, "encoding") as update`` yields ``update(advance=0, completed=None, **fields)``.
+    """A rich progress bar on stderr (stdout keeps the command's result, e.g. ``--json``); ``with
+    bar(total, "encoding") as update`` yields ``update(advance=0, completed=None, **fields)``.
 
     ``fields`` names extra columns shown as ``name value`` (e.g. ``loss``); with ``disabled`` the
     update is a no-op and nothing is printed. Updates with fields are throttled to 10 per second.
@@ -30,10 +40,12 @@ class bar:
     def __enter__(self) -> Callable[..., None]:
         if self.disabled:
             return lambda *a, **k: None
+        from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         extra = [TextColumn(f"{f} {{task.fields[{f}]}}") for f in self.fields]
-        self.p = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), *extra, TimeRemainingColumn())
+        self.p = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), *extra, TimeRemainingColumn(),
+                          console=Console(stderr=True))
         self.p.start()
         tid = self.p.add_task(self.label, total=self.total, **dict.fromkeys(self.fields, "-"))
         last = [0.0]

@@ -101,8 +101,11 @@ def test_extract_and_resume_runs_in_the_dashboard(tmp_path, cli_env, prefect_ser
     assert rows["solver (pinned)"] == "rk4 steps=4 grid=logsnr t_eps=0.0001"
     assert any(a["type"] == "progress" for a in arts)
 
-    res = cli(["resume", str(out), "--no-progress"], env=env)
+    res = cli(["resume", str(out), "--json"], env=env)  # with the progress bar: it is on stderr
     assert res.returncode == 0, res.stderr[-2000:]
+    outcome = json.loads(res.stdout)  # stdout holds the JSON outcome and nothing else
+    assert outcome["ok"] and outcome["samples"] == 100 and outcome["shard_ids"] == [5] and outcome["store"] == str(out)
+    assert "encoding" in res.stderr
     run = flow_run_of(prefect_server, name)
     assert run["name"] == f"resume {name}: 100 samples, 1 shard" and run["state_type"] == "COMPLETED"
     tasks = api(prefect_server, "/task_runs/filter", {"flow_runs": {"id": {"any_": [run["id"]]}}})

@@ -12,7 +12,9 @@ def test_bar_counts_samples_and_shows_the_last_loss(capsys):
     with bar(10, "encoding") as update:
         update(advance=4)
         update(advance=6)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert captured.out == ""  # the bar goes to stderr: stdout keeps the command's result
+    out = captured.err
     assert "training" in out and "4/4" in out and "loss 0.2500" in out
     assert "encoding" in out and "10/10" in out
 
@@ -20,4 +22,5 @@ def test_bar_counts_samples_and_shows_the_last_loss(capsys):
 def test_disabled_bar_prints_nothing(capsys):
     with bar(5, "encoding", disabled=True) as update:
         update(advance=5)
-    assert capsys.readouterr().out == ""
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err == ""

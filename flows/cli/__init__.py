@@ -26,11 +26,22 @@ COMMAND_MODULES = ("extract", "analyze", "train", "serve", "demo", "verify", "se
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pflatents", description="Probability-flow ODE latents for whole datasets.")
-    ap.add_argument("--debug", action="store_true", help="show tracebacks for errors")
+    ap.add_argument("--debug", action="store_true",
+                    help="show tracebacks for errors, and Prefect's run logs on the terminal (any command)")
     sub = ap.add_subparsers(dest="cmd", required=True)
     for name in COMMAND_MODULES:
         importlib.import_module(f"pflatents.flows.cli.{name}").register(sub)
+    _debug_everywhere(ap)
     return ap
+
+
+def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
+    """``--debug`` means the same after any subcommand (``pflatents analyze S --debug``) as before it."""
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values() if isinstance(action, argparse._SubParsersAction) else ():
+            sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks for errors, and Prefect's run logs on the terminal")
+            _debug_everywhere(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     from pflatents.flows import dashboard
 
     dashboard.quiet[0] = not args.debug
+    if args.debug and "prefect" not in sys.modules:
+        os.environ["PREFECT_LOGGING_HANDLERS_CONSOLE_LEVEL"] = "INFO"  # the run logs' INFO lines too
     from pflatents.storage.errors import StoreError
     from pflatents.tasks.errors import InputError
 

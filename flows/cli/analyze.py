@@ -20,7 +20,9 @@ def register(sub) -> None:
     p.add_argument("--ica-samples", type=int, default=20000, help="rows of the seeded ICA subsample")
     p.add_argument("--sources", default=None, help="known sources (.npy, N x D) for Amari distances")
     p.add_argument("--report", default=None, help="write report.html, report.md and PNGs into DIR")
-    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON (and nothing else on stdout)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the bar counts the analysis' steps, "
+                   "on stderr)")
     p.add_argument("--partial", action="store_true", help="analyse only the done shards of an incomplete store")
     p.add_argument("--overwrite", action="store_true", help="replace a stored analysis made with other settings")
     p.add_argument("--seed", type=int, default=0)
@@ -46,7 +48,8 @@ def cmd_analyze(a: argparse.Namespace) -> int:
     summary = analyze_store(a.store, reconstruct=a.reconstruct, ica=a.ica, ica_samples=a.ica_samples,
                             sources=a.sources, report=a.report, partial=a.partial, overwrite=a.overwrite,
                             seed=a.seed, alpha=a.alpha, dcor_pairs=a.dcor_pairs, rows=a.rows, runner=a.runner,
-                            workers=a.workers, device=a.device, prior=a.prior, stability=a.stability)
+                            workers=a.workers, device=a.device, prior=a.prior, stability=a.stability,
+                            progress=not a.no_progress)
     if a.json:
         print(json.dumps(summary, indent=2))
     else:

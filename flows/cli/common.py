@@ -62,7 +62,8 @@ def add_run_args(p: argparse.ArgumentParser, progress: bool = True) -> None:
 
     add_model_args(p, RunSettings)
     if progress:
-        p.add_argument("--no-progress", action="store_true", help="no progress bar")
+        p.add_argument("--no-progress", action="store_true", help="no progress bar (the bar is on stderr)")
+    p.add_argument("--json", action="store_true", help="print the outcome as JSON (and nothing else on stdout)")
 
 
 def run_settings(a: argparse.Namespace):

@@ -39,24 +39,33 @@ def job_from_args(a: argparse.Namespace):
     return Job.from_dict(model_values(a, Job))
 
 
-def _finish(outcome) -> int:
+def _finish(outcome, as_json: bool = False) -> int:
+    if as_json:
+        print(json.dumps({"ok": outcome.ok, "store": outcome.url, "message": outcome.message, **outcome.summary},
+                         indent=2, default=str))
     if not outcome.ok:
         print(f"pflatents: extraction incomplete: {outcome.message}", file=sys.stderr)
         return EXIT_FAILED
-    print(outcome.message)
+    if not as_json:
+        print(outcome.message)
     return EXIT_OK
+
+
+def _say(a: argparse.Namespace):
+    """Notes go to stdout, or to stderr when stdout holds the JSON outcome."""
+    return (lambda msg: print(msg, file=sys.stderr)) if a.json else print
 
 
 def cmd_extract(a: argparse.Namespace) -> int:
     from pflatents.flows.run import extract_job
 
-    return _finish(extract_job(job_from_args(a), run_settings(a), say=print, progress=not a.no_progress))
+    return _finish(extract_job(job_from_args(a), run_settings(a), say=_say(a), progress=not a.no_progress), a.json)
 
 
 def cmd_resume(a: argparse.Namespace) -> int:
     from pflatents.flows.run import resume_store
 
-    return _finish(resume_store(a.store, run_settings(a), say=print, progress=not a.no_progress))
+    return _finish(resume_store(a.store, run_settings(a), say=_say(a), progress=not a.no_progress), a.json)
 
 
 def cmd_status(a: argparse.Namespace) -> int:

@@ -35,7 +35,9 @@ def register(sub) -> None:
                         "runs under bf16 autocast)")
     _add_source_args(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint at --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (the bar is on stderr)")
+    p.add_argument("--json", action="store_true", help="print the checkpoint's config document as JSON (and nothing "
+                   "else on stdout)")
     p.set_defaults(func=cmd_train)
 
 
@@ -117,6 +119,11 @@ def cmd_train(a: argparse.Namespace) -> int:
         raise InputError(f"{out} is a file, not a checkpoint directory")
     doc = run_train(src.spec, str(out), cfg.to_dict(), sde.to_dict(), overwrite=a.overwrite,
                     progress=not a.no_progress, holdout=a.holdout, device=device, data_options=src.options)
+    if a.json:
+        import json
+
+        print(json.dumps({"checkpoint": str(out), **doc}, indent=2, default=str))
+        return 0
     s = doc["summary"]
     print(f"trained {doc['network']['arch']} for {s['steps_done']} steps in {doc['provenance']['seconds']:.1f} s "
           f"on {doc['provenance'].get('device', 'cpu')} "
