@@ -125,6 +125,12 @@ def ode_func_t(model: Model, sde: SDE, sample_shape: tuple[int, ...]) -> Callabl
     (benchmarks/solver_audit.py; docs/solver-audit.md).
     """
     model = as_model(model, sde)
+    velocity = getattr(model, "velocity", None)
+    if velocity is not None:  # a velocity network's dx/dt itself: finite where alpha = 0 (flow matching's T)
+        def V(y: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+            return velocity(y.reshape(y.shape[0], *sample_shape), t, cond).reshape(y.shape)
+
+        return V
 
     def G(y: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         x = y.reshape(y.shape[0], *sample_shape)
@@ -272,6 +278,10 @@ class Solver:
 
 
 def _grid(p: ODEProblem, cfg: "SolverConfig") -> torch.Tensor:
+    if p.in_t:  # an SDE with alpha = 0 at T (flow): fixed steps uniform in t (--grid time)
+        g = torch.linspace(p.t_start, p.t_end, cfg.steps + 1, dtype=F64)
+        g[0], g[-1] = p.t_start, p.t_end
+        return g
     return make_grid(p.sde, p.t_start, p.t_end, cfg.steps, cfg.grid)
 
 
@@ -319,6 +329,13 @@ def integrate(model: Model, sde: SDE, x: torch.Tensor, t_start: float, t_end: fl
     solver = SOLVERS[cfg.name]
     tv = sde.preferred_time_var if cfg.time_var == "auto" else cfg.time_var
     in_t = solver.adaptive and tv == "t"
+    if not math.isfinite(sde.s_of_t(torch.tensor(max(t_start, t_end), dtype=F64)).item()):
+        # alpha = 0 at T (flow matching): s = log(sigma/alpha) is +inf there, so the ODE is integrated in t
+        if not solver.likelihood or (not solver.adaptive and cfg.grid != "time") or (solver.adaptive and tv == "s"):
+            raise SolverError(f"the {sde.name} SDE reaches alpha = 0 at T (log(sigma/alpha) = +inf): it is integrated "
+                              f"in t, by dopri5 or a Runge-Kutta solver with --grid time (got {cfg.name}, grid "
+                              f"{cfg.grid}, time variable {tv})")
+        in_t = True
     F = (ode_func_t if in_t else ode_func)(model, sde, shape)
     y0 = x.reshape(b, m)
     if likelihood is not None:

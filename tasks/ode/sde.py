@@ -21,7 +21,7 @@ import torch
 from pflatents.tasks.core import bcast
 from pflatents.tasks.errors import SolverError
 
-__all__ = ["SDE", "VPSDE", "VESDE", "EDMSDE", "make_sde", "SDE_NAMES"]
+__all__ = ["SDE", "VPSDE", "VESDE", "EDMSDE", "FlowSDE", "make_sde", "SDE_NAMES"]
 
 F64 = torch.float64
 
@@ -250,11 +250,54 @@ class EDMSDE(SDE):
         return self.sigma_max
 
 
-SDE_NAMES = {"vp": VPSDE, "ve": VESDE, "edm": EDMSDE}
+@dataclass(frozen=True)
+class FlowSDE(SDE):
+    """Flow matching / rectified flow: x_t = (1 - t) x_0 + t eps, t in [0, 1], prior N(0, I) at t = 1.
+
+    alpha = 1 - t, sigma = t. A velocity network v(x, t) ~ E[eps - x_0 | x_t] is the PF-ODE's right-hand
+    side itself, dx/dt = v; the general form f x - g^2/(2 sigma^2) (sigma^2 score) has f = -1/(1 - t) and
+    g^2 = 2t/(1 - t), infinite at T = 1 (alpha = 0, s = log(sigma/alpha) = +inf), so a flow is integrated
+    in t with the model's ``velocity`` (docs/math.md, "Flow matching"). diffusers' flow-matching
+    schedulers call their ``sigmas`` this t and label the network with ``timestep = 1000 t``.
+    """
+
+    name = "flow"
+    T = 1.0
+    preferred_time_var = "t"
+
+    def log_alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return torch.log1p(-_t64(t))
+
+    def alpha(self, t: torch.Tensor) -> torch.Tensor:
+        return 1.0 - _t64(t)
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        return _t64(t).clone()
+
+    def s_of_t(self, t: torch.Tensor) -> torch.Tensor:
+        t = _t64(t)
+        return torch.log(t) - torch.log1p(-t)
+
+    def t_of_s(self, s: torch.Tensor) -> torch.Tensor:
+        return torch.sigmoid(_t64(s))
+
+    def f(self, t: torch.Tensor) -> torch.Tensor:
+        return -1.0 / (1.0 - _t64(t))
+
+    def g2(self, t: torch.Tensor) -> torch.Tensor:
+        t = _t64(t)
+        return 2.0 * t / (1.0 - t)
+
+    def dlog_alpha_ds(self, t: torch.Tensor) -> torch.Tensor:
+        # dlog(alpha)/dt = -1/(1 - t), ds/dt = 1/(t (1 - t))
+        return -_t64(t).clone()
+
+
+SDE_NAMES = {"vp": VPSDE, "ve": VESDE, "edm": EDMSDE, "flow": FlowSDE}
 
 
 def make_sde(name: str = "vp", **params: float) -> SDE:
-    """Build an SDE by name ('vp', 've', 'edm') with optional parameters."""
+    """Build an SDE by name ('vp', 've', 'edm', 'flow') with optional parameters."""
     try:
         cls = SDE_NAMES[name]
     except KeyError:
