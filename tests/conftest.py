@@ -116,8 +116,11 @@ def _set_torch_state(torch, state: tuple) -> None:
 
 
 def _uses_problems(module) -> bool:
-    """Whether a test module is built on tests/problems.py (imports any of its functions or classes)."""
-    return any(getattr(v, "__module__", None) == "problems" for v in vars(module).values())
+    """Whether a test module is built on tests/problems.py or tests/tiny_diffusers.py (imports any of
+    their functions or classes, or the module itself)."""
+    tiny = ("problems", "tiny_diffusers")
+    return any(getattr(v, "__module__", None) in tiny or getattr(v, "__name__", None) in tiny
+               for v in vars(module).values())
 
 
 @pytest.fixture(autouse=True)

@@ -11,11 +11,12 @@ import torch
 
 from pflatents.tasks.errors import DataError, ModelError
 from pflatents.tasks.models.registry import load_model, native_sde
-from pflatents.tasks.ode.pfode import SolverConfig, decode, encode
-from tests import tiny_diffusers as T
+from pflatents.tasks.ode.pfode import SolverConfig, decode, encode, integrate
+import tiny_diffusers as T
 
 F64 = torch.float64
-TIGHT = SolverConfig("dopri5", rtol=1e-9, atol=1e-9, t_eps=1e-3)
+TIGHT = SolverConfig("dopri5", rtol=1e-7, atol=1e-7, t_eps=1e-3)
+REF_TOL, ATOL = 1e-8, 2e-5  # scipy's tolerance, and the agreement asked of a latent of size ~1
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +33,7 @@ def _dit_eps(m, x, label, cond):
     return m(x, timestep=label, class_labels=cond).sample[:, :c]
 
 
-def _ddpm(diffusers, n=100, **kw):
+def _ddpm(diffusers, n=20, **kw):
     return diffusers.DDPMScheduler(num_train_timesteps=n, beta_schedule="squaredcos_cap_v2", **kw)
 
 
@@ -53,18 +54,19 @@ def test_conditional_unet_latent_equals_scipy_and_depends_on_label(diffusers_mod
     labels = torch.tensor([0, 1, 2])
     z = encode(model, sde, x, TIGHT, cond=labels).x
     unet = diffusers_mod.UNet2DModel.from_pretrained(str(cond_unet_dir / "unet"), use_safetensors=True)
-    ab = np.array(sde.alphas_cumprod)
-    for i in range(3):
-        ref = T.discrete_vp_reference(T.torch_fn(unet, (1, 8, 8), _unet_eps, int(labels[i])), ab,
-                                      x[i].reshape(1, -1).numpy(), TIGHT.t_eps)
-        np.testing.assert_allclose(z[i].reshape(-1).numpy(), ref[0], rtol=0, atol=2e-6)
+    ref = T.discrete_vp_reference(T.torch_fn(unet, (1, 8, 8), _unet_eps, labels.numpy()), np.array(sde.alphas_cumprod),
+                                  x.reshape(3, -1).numpy(), TIGHT.t_eps, tol=REF_TOL)
+    np.testing.assert_allclose(z.reshape(3, -1).numpy(), ref, rtol=0, atol=ATOL)
     # another label, another latent (the class embedding reaches every evaluation)
-    z2 = encode(model, sde, x, TIGHT, cond=torch.tensor([1, 2, 0])).x
-    assert ((z2 - z).reshape(3, -1).abs().max(1).values > 1e-2).all()
+    fast = SolverConfig("dopri5", rtol=1e-5, atol=1e-5, t_eps=1e-3)
+    z1 = encode(model, sde, x, fast, cond=labels).x
+    z2 = encode(model, sde, x, fast, cond=torch.tensor([1, 2, 0])).x
+    assert ((z2 - z1).reshape(3, -1).abs().max(1).values > 1e-2).all()
     # each row's label follows it through the adaptive solver's row subsetting: alone = in the batch
+    # (up to the last bits of batched convolutions, which move the adaptive steps a little)
     for i in range(3):
-        zi = encode(model, sde, x[i:i + 1], TIGHT, cond=labels[i:i + 1]).x
-        torch.testing.assert_close(zi[0], z[i], rtol=0, atol=1e-9)
+        zi = encode(model, sde, x[i:i + 1], fast, cond=labels[i:i + 1]).x
+        torch.testing.assert_close(zi[0], z1[i], rtol=0, atol=1e-4)
 
 
 def test_conditional_model_refuses_missing_or_bad_labels(diffusers_mod, cond_unet_dir):
@@ -96,16 +98,20 @@ def test_dit_latent_diffusion_pipeline(diffusers_mod, tmp_path):
     res = encode(model, sde, px, TIGHT, cond=labels)
     assert res.x.shape == (2, 4, 8, 8) and (res.status == 0).all()
     net = diffusers_mod.DiTTransformer2DModel.from_pretrained(str(root / "transformer"), use_safetensors=True)
-    for i in range(2):
-        ref = T.discrete_vp_reference(T.torch_fn(net, (4, 8, 8), _dit_eps, int(labels[i])),
-                                      np.array(sde.alphas_cumprod), lat[i].reshape(1, -1).numpy(), TIGHT.t_eps)
-        np.testing.assert_allclose(res.x[i].reshape(-1).numpy(), ref[0], rtol=0, atol=2e-6)
-    # decode: back to pixels through the VAE; equals the VAE's own round trip of the data
-    back = decode(model, sde, res.x, TIGHT, cond=labels)
-    assert back.x.shape == (2, 3, 16, 16)
+    ref = T.discrete_vp_reference(T.torch_fn(net, (4, 8, 8), _dit_eps, labels.numpy()), np.array(sde.alphas_cumprod),
+                                  lat.reshape(2, -1).numpy(), TIGHT.t_eps, tol=REF_TOL)
+    np.testing.assert_allclose(res.x.reshape(2, -1).numpy(), ref, rtol=0, atol=ATOL)
+    # decode: the PF-ODE back to t_eps in latent space, then the VAE's decoder (of latent / scaling_factor)
+    back_lat = integrate(model, sde, res.x, 1.0, TIGHT.t_eps, TIGHT, cond=labels).x
+    back = decode(model, sde, res.x, TIGHT, cond=labels).x
+    assert back.shape == (2, 3, 16, 16)
     with torch.no_grad():
-        own = vae.decode(lat / vae.config.scaling_factor).sample
-    torch.testing.assert_close(back.x, own, rtol=0, atol=1e-5)
+        torch.testing.assert_close(back, vae.decode(back_lat / vae.config.scaling_factor).sample, rtol=0, atol=1e-12)
+        own = vae.decode(lat / vae.config.scaling_factor).sample  # the VAE's own round trip of the data
+    # the pixel round trip closes up to the latent round trip's error (a random network's flow is
+    # ill-conditioned: measured 3e-4 in latent and 4e-3 in pixel space at tolerance 1e-7)
+    assert float((back_lat - lat).abs().max()) < 2e-3
+    assert float((back - own).abs().max()) < 2e-2 < float((own - px).abs().max())
     z_other = encode(model, sde, px, TIGHT, cond=torch.tensor([0, 2])).x
     assert ((z_other - res.x).reshape(2, -1).abs().max(1).values > 1e-3).all()
 
@@ -115,7 +121,7 @@ def test_vq_latent_model_round_trip(diffusers_mod, tmp_path):
     so the pixel round trip equals VQModel's own forward (encode, quantise, decode)."""
     torch.manual_seed(0)
     unet = T.flow_unet(diffusers_mod, channels=4)
-    root = T.save_pipeline(tmp_path / "ldm", unet, diffusers_mod.DDIMScheduler(num_train_timesteps=50),
+    root = T.save_pipeline(tmp_path / "ldm", unet, diffusers_mod.DDIMScheduler(num_train_timesteps=20),
                            T.vae(diffusers_mod, "VQModel"))
     spec = f"diffusers:{root}"
     sde = native_sde(spec)
@@ -126,8 +132,10 @@ def test_vq_latent_model_round_trip(diffusers_mod, tmp_path):
     back = decode(model, sde, res.x, TIGHT)
     vq = diffusers_mod.VQModel.from_pretrained(str(root / "vae"), use_safetensors=True).double()
     with torch.no_grad():
-        own = vq(px).sample
-    torch.testing.assert_close(back.x, own, rtol=0, atol=1e-5)
+        own = vq(px).sample  # encode, quantise, decode
+        lat = vq.encode(px).latents * vq.config.scaling_factor
+    torch.testing.assert_close(model.encode_data(px), lat, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(back.x, own, rtol=0, atol=1e-6)  # the same codes: the latent round trip lands in them
     with pytest.raises(DataError, match=r"takes images of shape \(3, 16, 16\)"):
         model.encode_data(torch.zeros(1, 3, 8, 8, dtype=F64))
 
