@@ -45,6 +45,7 @@ def cond_unet_dir(diffusers_mod, tmp_path_factory):
     return T.save_pipeline(root, T.cond_unet(diffusers_mod), _ddpm(diffusers_mod))
 
 
+@pytest.mark.slow
 def test_conditional_unet_latent_equals_scipy_and_depends_on_label(diffusers_mod, cond_unet_dir):
     spec = f"diffusers:{cond_unet_dir}"
     sde = native_sde(spec)
@@ -80,6 +81,7 @@ def test_conditional_model_refuses_missing_or_bad_labels(diffusers_mod, cond_une
         encode(model, sde, x, SolverConfig("euler", steps=2), cond=torch.tensor([0, 7]))
 
 
+@pytest.mark.slow
 def test_dit_latent_diffusion_pipeline(diffusers_mod, tmp_path):
     """A DiTPipeline-style folder (transformer/ DiT with learned sigma, vae/ AutoencoderKL, scheduler/):
     the encoder is the VAE's posterior mean times its scaling factor, the PF-ODE latent lives in the
@@ -154,12 +156,12 @@ def test_latent_model_hash_covers_the_vae(diffusers_mod, tmp_path):
 @pytest.fixture(scope="module")
 def flow_dir(diffusers_mod, tmp_path_factory):
     root = tmp_path_factory.mktemp("flow")
-    sched = diffusers_mod.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    sched = diffusers_mod.FlowMatchEulerDiscreteScheduler(num_train_timesteps=20, shift=3.0)
     return T.save_pipeline(root, T.flow_unet(diffusers_mod), sched)
 
 
 def _flow_v(unet):
-    return T.torch_fn(unet, (1, 8, 8), lambda m, x, lab, c: m(x, lab * 1000.0).sample)
+    return T.torch_fn(unet, (1, 8, 8), lambda m, x, lab, c: m(x, lab * 20.0).sample)
 
 
 def test_flow_matching_latent_equals_scipy(diffusers_mod, flow_dir):
@@ -172,7 +174,7 @@ def test_flow_matching_latent_equals_scipy(diffusers_mod, flow_dir):
     assert (res.status == 0).all()
     unet = diffusers_mod.UNet2DModel.from_pretrained(str(flow_dir / "unet"), use_safetensors=True)
     ref = T.flow_reference(_flow_v(unet), x.reshape(3, -1).numpy(), TIGHT.t_eps, 1.0)
-    np.testing.assert_allclose(res.x.reshape(3, -1).numpy(), ref, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(res.x.reshape(3, -1).numpy(), ref, rtol=0, atol=ATOL)
     # fixed steps on a grid in t (the log-SNR grid is infinite at T = 1 and is refused)
     rk4 = encode(model, sde, x, SolverConfig("rk4", steps=64, grid="time", t_eps=1e-3)).x
     np.testing.assert_allclose(rk4.reshape(3, -1).numpy(), ref, rtol=0, atol=1e-5)

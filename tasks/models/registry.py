@@ -160,12 +160,38 @@ def _diffusers_sde(rest: str) -> SDE:
     return diffusers_sde(rest)
 
 
+def _load_py(rest: str, sde: SDE) -> Model:
+    from pflatents.tasks.models.usercode import load_user_model
+
+    return load_user_model(rest, sde)
+
+
+def _py_sde(rest: str) -> SDE:
+    from pflatents.tasks.models.usercode import user_sde
+
+    return user_sde(rest)
+
+
+def _py_resolve(rest: str) -> str:
+    from pflatents.tasks.models.usercode import resolve_user_spec
+
+    return resolve_user_spec(rest)
+
+
+def _py_files(rest: str) -> list:
+    from pflatents.tasks.models.usercode import user_files
+
+    return user_files(rest)
+
+
 # prefix -> kind; a plain directory holding a checkpoint's config.json is ``ckpt``
 MODEL_KINDS: dict[str, ModelKind] = {
     "gmm": ModelKind("gmm", "gmm:PATH.json", _load_gmm, files=lambda rest: [Path(rest)], exact=True),
     "ckpt": ModelKind("ckpt", "a checkpoint dir (or ckpt:DIR) written by `pflatents train`", _load_ckpt,
                       resolve=_resolve_ckpt, native_sde=_ckpt_sde, training_data=_ckpt_data),
     "diffusers": ModelKind("diffusers", "diffusers:DIR", _load_diffusers, native_sde=_diffusers_sde),
+    "py": ModelKind("py", "py:module:callable or py:path/file.py:callable (runs that code)", _load_py,
+                    resolve=_py_resolve, native_sde=_py_sde, files=_py_files),
 }
 KINDS = ", ".join(k.usage for k in MODEL_KINDS.values())
 
