@@ -46,7 +46,7 @@ class JobSettings(BaseModel):
     data: str = Field(description=specs_help())
     model: str = Field(description="gmm:params.json | checkpoint dir | diffusers:DIR")
     out: str = Field(description="output store (path or fsspec URL, e.g. s3://bucket/x.zarr)")
-    sde: Literal["vp", "ve", "edm"] = Field("vp", description="the SDE family (a trained model runs under its own)")
+    sde: Literal["vp", "ve", "edm", "flow"] = Field("vp", description="the SDE family (a trained model runs under its own; flow: x_t = (1 - t) x0 + t eps)")
     t_eps: float = Field(1e-4, gt=0, description="integrate from t_eps (not 0); 1e-4: VP sigma 3.2e-3, below half an "
                                                 "8-bit step, and the learned-model benchmark's error at 1e-5..1e-3 "
                                                 "alike")
