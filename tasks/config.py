@@ -466,6 +466,16 @@ def _precision(job: JobSettings, kind: str, pinned: Optional[dict[str, Any]]) ->
     return resolve_precision(job.precision, job.dtype, kind)
 
 
+def _check_labels(model_spec: str, sde, source) -> None:
+    """A class-conditional model needs a label for every sample: refused up front when the source has none."""
+    from pflatents.tasks.models.registry import load_model
+
+    if load_model(model_spec, sde).conditional and not source.has_labels:
+        raise InputError(f"the model {model_spec} is class-conditional (a class label per sample) but the data "
+                         f"{source.spec} has no labels; give a labelled source (imagefolder: class subfolders, a "
+                         "webdataset cls key, a parquet label column)")
+
+
 def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool,
                  pinned: Optional[dict[str, Any]] = None) -> ExtractConfig:
     """Validate the job against the data and the model, and freeze it into one config.
@@ -486,6 +496,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     sde = choose_sde(job.sde, job.model)
     sde.check_t_eps(job.t_eps)
     info = model_info(job.model, sde)
+    _check_labels(job.model, sde, source)
     # latent-unit control pays where the encode map amplifies errors by up to sigma(T)/sigma(t_eps)
     # (learned models: gains of 50-500 measured); a gmm's covariance bounds its gain, and there local
     # control reached the same worst error with ~15 % fewer NFE (benchmarks/README.md, learned models)

@@ -53,9 +53,9 @@ MODULE = textwrap.dedent(f"""
             self.gain = torch.nn.Parameter(torch.ones((), dtype=torch.float64))
             self.register_buffer("mu", torch.tensor(MU, dtype=torch.float64))
 
-        def forward(self, x, label, cond):
+        def forward(self, x, label, cond=None):
             t = (label / 1000.0)[:, None]
-            mu = self.mu * (cond[:, None] + 1).to(x.dtype)
+            mu = self.mu if cond is None else self.mu * (cond[:, None] + 1).to(x.dtype)
             v = (1 - t) ** 2 * S2 + t ** 2
             return self.gain * (-mu + (t - (1 - t) * S2) / v * (x - (1 - t) * mu))
 
@@ -77,6 +77,10 @@ MODULE = textwrap.dedent(f"""
     def flow():
         return ExactFlow(), {{"parameterization": "velocity", "schedule": {{"kind": "flow"}}, "sample_shape": [4],
                              "time_scale": 1000, "num_classes": 3}}
+
+    def flow_plain():
+        return ExactFlow(), {{"parameterization": "velocity", "schedule": {{"kind": "flow"}}, "sample_shape": [4],
+                             "time_scale": 1000}}
 """)
 
 
@@ -192,3 +196,31 @@ def test_spec_forms(tmp_path, monkeypatch):
     spec = resolve_model_spec("py:mypkg_nets:eps")
     assert spec == "py:mypkg_nets:eps"
     assert native_sde(spec) == VPSDE()
+
+
+def test_extract_cli_with_a_py_flow_model(module_file, tmp_path, prefect_api, capsys):
+    """`extract --model py:FILE:flow_plain --sde flow` pins the flow SDE and the py kind and stores the exact
+    latents; the conditional variant on unlabelled data is refused before anything is written."""
+    from pflatents.flows.cli import main
+    from pflatents.storage import LatentStore
+
+    g = Gaussian(np.array(MU), S**2 * np.eye(4))
+    x = g.sample(8, seed=2).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    base = ["extract", "--data", str(tmp_path / "x.npy"), "--no-progress", "--sde", "flow", "--dtype", "float64",
+            "--rtol", "1e-9", "--atol", "1e-9", "--t-eps", "1e-3"]
+    assert main(base + ["--model", f"py:{module_file}:flow_plain", "--out", str(tmp_path / "o.zarr")]) == 0
+    store = LatentStore.open(str(tmp_path / "o.zarr"), mode="r")
+    assert store.config["sde"]["name"] == "flow" and store.config["model"]["kind"] == "py"
+    z = np.asarray(store.latents_array()[:8]) if hasattr(store, "latents_array") else None
+    if z is None:
+        import zarr
+
+        z = zarr.open_group(str(tmp_path / "o.zarr"), mode="r")["latents"][:8]
+    te = 1e-3
+    exact = (x.astype(np.float64) - (1 - te) * np.array(MU)) / np.sqrt((1 - te) ** 2 * S**2 + te**2)
+    np.testing.assert_allclose(z, exact, rtol=0, atol=1e-5)
+    capsys.readouterr()
+    out = tmp_path / "c.zarr"
+    assert main(base + ["--model", f"py:{module_file}:flow", "--out", str(out)]) == 2 and not out.exists()
+    assert "label" in capsys.readouterr().err
