@@ -297,6 +297,9 @@ class _StderrGate:
         self.stream, self.watch, self.skip_next = stream, watch, False
 
     def write(self, s: str) -> int:
+        if (quiet[0] and s.startswith("--- Error logging to API") and not self.watch.lost.is_set()
+                and probe(self.watch.api_url) == "gone"):
+            self.watch.lose()  # the log worker failed before the health watch noticed: same check
         if self.watch.lost.is_set() and quiet[0]:
             if s.startswith("--- Error logging to API"):
                 self.watch.dropped += 1
