@@ -99,6 +99,10 @@ class JobSettings(BaseModel):
     label_column: Optional[str] = Field(None, description="parquet: the class label column (default label when "
                                                           "there is one; '' for none)")
     id_column: Optional[str] = Field(None, description="parquet: the sample id column (default: FILE:ROW)")
+    class_label: Optional[int] = Field(
+        None, description="class-conditional models: condition every sample on class K instead of the source's "
+                          "labels (an unlabelled source is then accepted); pinned; the store's label array keeps "
+                          "the source's labels")
 
     def source_options(self) -> dict[str, Any]:
         """The source options given (``open_source(spec, **options)``; the data's kind says which it takes)."""
@@ -252,6 +256,9 @@ class ExtractConfig(BaseModel):
     compile: Literal["auto", "on", "off"] = "off"
     # --latent-tol: the target, the pilot's choice and figures (pflatents.tasks.ode.pilot); absent: none asked
     pilot: Optional[dict[str, Any]] = None
+    # --class-label K: every row conditions the network on class K, not on the source's label; absent: the
+    # source's labels (what every store pinned before the field existed did)
+    class_label: Optional[int] = Field(None, ge=0)
 
     def to_dict(self) -> dict[str, Any]:
         """The pinned JSON (the store's ``pflatents.config``); no ``pilot`` key when none ran."""
@@ -260,7 +267,19 @@ class ExtractConfig(BaseModel):
              "dtype": self.dtype, "precision": self.precision, "compile": self.compile}
         if self.pilot is not None:
             d["pilot"] = self.pilot
+        if self.class_label is not None:
+            d["class_label"] = self.class_label
         return d
+
+    def cond_labels(self, labels: Optional[Any], n: int) -> Optional[Any]:
+        """The class labels a shard's ``n`` rows condition the network on: class ``class_label`` for every
+        row when one is pinned, else the source's ``labels`` (None when it has none). The store's ``label``
+        array keeps the source's labels either way."""
+        if self.class_label is None:
+            return labels
+        import numpy as np
+
+        return np.full(n, self.class_label, dtype=np.int64)
 
     @classmethod
     def from_store(cls, store) -> "ExtractConfig":
@@ -466,14 +485,33 @@ def _precision(job: JobSettings, kind: str, pinned: Optional[dict[str, Any]]) ->
     return resolve_precision(job.precision, job.dtype, kind)
 
 
-def _check_labels(model_spec: str, sde, source) -> None:
-    """A class-conditional model needs a label for every sample: refused up front when the source has none."""
+def _class_label(job: JobSettings, pinned: Optional[dict[str, Any]]) -> Optional[int]:
+    """The class label to pin: the one asked for, else the existing store's (a store keeps conditioning on the
+    class it was made with, as it keeps its solver), else None (the source's labels)."""
+    if job.class_label is not None:
+        return job.class_label
+    return (pinned or {}).get("class_label")
+
+
+def _check_labels(model_spec: str, sde, source, class_label: Optional[int] = None) -> None:
+    """A class-conditional model needs a label for every sample: refused up front when the source has none
+    and no ``--class-label`` is given. ``--class-label K`` needs a conditional model with a class K."""
     from pflatents.tasks.models.registry import load_model
 
-    if load_model(model_spec, sde).conditional and not source.has_labels:
+    model = load_model(model_spec, sde)
+    if class_label is not None:
+        if not model.conditional:
+            raise InputError(f"--class-label {class_label}: the model {model_spec} is not class-conditional (it takes "
+                             "no class label); drop --class-label")
+        n = model.num_classes
+        if class_label < 0 or (n is not None and class_label >= n):
+            known = f"the model {model_spec} has {n} classes: 0 .. {n - 1}" if n is not None else "labels are >= 0"
+            raise InputError(f"--class-label {class_label} is out of range: {known}")
+        return
+    if model.conditional and not source.has_labels:
         raise InputError(f"the model {model_spec} is class-conditional (a class label per sample) but the data "
                          f"{source.spec} has no labels; give a labelled source (imagefolder: class subfolders, a "
-                         "webdataset cls key, a parquet label column)")
+                         "webdataset cls key, a parquet label column) or --class-label K for all samples")
 
 
 def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool,
@@ -496,7 +534,8 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     sde = choose_sde(job.sde, job.model)
     sde.check_t_eps(job.t_eps)
     info = model_info(job.model, sde)
-    _check_labels(job.model, sde, source)
+    class_label = _class_label(job, pinned)
+    _check_labels(job.model, sde, source, class_label)
     # latent-unit control pays where the encode map amplifies errors by up to sigma(T)/sigma(t_eps)
     # (learned models: gains of 50-500 measured); a gmm's covariance bounds its gain, and there local
     # control reached the same worst error with ~15 % fewer NFE (benchmarks/README.md, learned models)
@@ -526,4 +565,4 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=kept or scfg.to_dict(),
                          shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype, precision=precision,
                          compile=_compile_mode(job.compile, info.kind, pinned),
-                         pilot=pilot)
+                         pilot=pilot, class_label=class_label)

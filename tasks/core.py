@@ -103,7 +103,8 @@ class Model(Protocol):
       for latent models, whose ``encode_data`` / ``decode_data`` map between data and latent space.
     - ``dim``: values per sample of the ODE state (``prod(latent_shape)``), or None if the model
       takes any.
-    - ``conditional``: whether the network uses ``cond`` (a conditional model needs labels).
+    - ``conditional``: whether the network uses ``cond`` (a conditional model needs labels);
+      ``num_classes``: its labels are ``0 .. num_classes - 1`` (None: not conditional, or not known).
     - ``encode_data(x)`` / ``decode_data(z)``: the encoder/decoder pair (identity for pixel models).
     - ``with_settings(precision, compile)``: the same model at a network precision / compile mode
       (``pflatents.tasks.models.precision``); ``network_status(device)``: how the network ran there
@@ -113,6 +114,7 @@ class Model(Protocol):
     content_hash: str
     dim: Optional[int]
     conditional: bool
+    num_classes: Optional[int]
 
     def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
 
@@ -141,6 +143,7 @@ class ModelBase:
     dim: Optional[int] = None
     sample_shape: Optional[tuple[int, ...]] = None
     conditional: bool = False
+    num_classes: Optional[int] = None
     sde: Any
 
     @property

@@ -196,8 +196,9 @@ def _encode(ctx: ShardContext, store_url: str, shard_id: int) -> Encoded:
     start, stop = store.shard_range(shard_id)
     batch = _source(cfg.data, stop).read(start, stop)
     t1 = time.perf_counter()
-    # labels only where the source has them (an unlabelled shard calls encode_block as before)
-    labelled = {} if batch.labels is None else {"labels": batch.labels}
+    # labels only where the source has them or --class-label pinned one (else encode_block as before)
+    cond = cfg.cond_labels(batch.labels, stop - start)
+    labelled = {} if cond is None else {"labels": cond}
     z, nfe, status = encode_block(model, sde, batch.x, cfg.make_solver(), cfg.batch_size, dev, cfg.dtype,
                                   **labelled)
     t2 = time.perf_counter()
@@ -328,7 +329,8 @@ def retry_samples(store_url: str, shard_id: int, device: str = "auto", lease: st
     if idx.size == 0:
         return {"shard_id": shard_id, "n": 0, "nfe_sum": 0, "seconds": 0.0, "device": str(dev), "samples_failed": 0}
     batch = _source(cfg.data, stop).read(start, stop)
-    block, labels = batch.x[idx], None if batch.labels is None else batch.labels[idx]
+    cond = cfg.cond_labels(batch.labels, stop - start)
+    block, labels = batch.x[idx], None if cond is None else cond[idx]
     solver = stricter(cfg.make_solver())
     z, nfe, status = encode_block(model, sde, block, solver, cfg.batch_size, dev, "float64",
                                   **({} if labels is None else {"labels": labels}))
