@@ -89,6 +89,10 @@ def take_cond(cond: Cond, rows: torch.Tensor | slice) -> Cond:
 class Model(Protocol):
     """A diffusion model as the PF-ODE sees it: one form, the scaled score, with a conditioning slot.
 
+    - ``velocity(x, t, cond)``: the PF-ODE's right-hand side ``dx/dt`` in the SDE's own time, what the
+      solver integrates in t. ``ModelBase`` derives it from the scaled score and the SDE's drift,
+      ``f(t) x - g(t)^2 / (2 sigma^2) * sigma2_score``; a velocity network (flow matching) overrides it
+      with its prediction, which stays finite at alpha = 0 (t = 1), where ``f`` and ``g^2`` do not.
     - ``sigma2_score(x, t, cond)``: ``sigma(t)^2 * grad_x log p_t(x | cond)`` for a state ``x`` of shape
       ``(B, *latent_shape)`` in the caller's dtype and per-sample times ``t`` (float64, shape (B,)),
       in the SDE's own time (``sde``: ``x_t = alpha(t) x_0 + sigma(t) eps``, t in [0, T]). This form is
@@ -118,6 +122,8 @@ class Model(Protocol):
 
     def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
 
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor: ...
+
     @property
     def data_shape(self) -> Optional[tuple[int, ...]]: ...
 
@@ -136,8 +142,9 @@ class Model(Protocol):
 class ModelBase:
     """Defaults of the ``Model`` contract for a pixel-space adapter: the data and latent shapes are
     ``sample_shape`` (None: any shape of ``dim`` values), the encoder and decoder are the identity, no
-    conditioning, nothing to configure. Calling the adapter gives the score. Subclasses define
-    ``sigma2_score`` and set ``sde``."""
+    conditioning, nothing to configure; the velocity follows from the scaled score. Calling the adapter
+    gives the score. Subclasses define ``sigma2_score`` (and ``velocity`` when they predict it) and set
+    ``sde``."""
 
     content_hash: str = ""
     dim: Optional[int] = None
@@ -172,6 +179,14 @@ class ModelBase:
 
     def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         raise NotImplementedError
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        """dx/dt = f(t) x - g(t)^2 / (2 sigma(t)^2) * sigma^2 score: the PF-ODE (Song et al. 2021, eq. 13)
+        in the SDE's own time, from the scaled score (infinite where alpha = 0: a flow model overrides it)."""
+        sde = self.sde
+        sig2 = sde.sigma(t) ** 2
+        s2score = self.sigma2_score(x, t, cond)
+        return bcast(sde.f(t), x) * x - bcast(0.5 * sde.g2(t) / sig2, x) * s2score
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         """The score grad_x log p_t(x | cond)."""

@@ -279,6 +279,9 @@ class LatentModel(ModelBase):
     def sigma2_score(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         return self.inner.sigma2_score(x, t, cond)
 
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        return self.inner.velocity(x, t, cond)  # a latent flow model's own velocity (finite at t = 1)
+
     def __call__(self, x: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         return self.inner(x, t, cond)
 

@@ -118,25 +118,18 @@ def ode_func(model: Model, sde: SDE, sample_shape: tuple[int, ...]) -> Callable:
 
 
 def ode_func_t(model: Model, sde: SDE, sample_shape: tuple[int, ...]) -> Callable:
-    """G(y, t) = dx/dt = f(t) x - g(t)^2/(2 sigma^2) (sigma^2 score), on flat states (B, M); t per sample.
+    """G(y, t) = dx/dt, the model's ``velocity`` (``Model``), on flat states (B, M); t per sample.
 
-    The same ODE as ``ode_func`` with ds/dt = g^2 / (2 sigma^2) applied; in plain t the VP flow needs
-    ~26 % fewer dopri5 score evaluations than in s for the same worst latent error
-    (benchmarks/solver_audit.py; docs/solver-audit.md).
+    For a score model that is f(t) x - g(t)^2/(2 sigma^2) (sigma^2 score) (``ModelBase.velocity``), the
+    same ODE as ``ode_func`` with ds/dt = g^2 / (2 sigma^2) applied; in plain t the VP flow needs ~26 %
+    fewer dopri5 score evaluations than in s for the same worst latent error
+    (benchmarks/solver_audit.py; docs/solver-audit.md). A velocity network gives its prediction, finite
+    where alpha = 0 (flow matching's T).
     """
     model = as_model(model, sde)
-    velocity = getattr(model, "velocity", None)
-    if velocity is not None:  # a velocity network's dx/dt itself: finite where alpha = 0 (flow matching's T)
-        def V(y: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-            return velocity(y.reshape(y.shape[0], *sample_shape), t, cond).reshape(y.shape)
-
-        return V
 
     def G(y: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
-        x = y.reshape(y.shape[0], *sample_shape)
-        sig2 = sde.sigma(t) ** 2
-        s2score = model.sigma2_score(x, t, cond)
-        return (_bcast(sde.f(t), x) * x - _bcast(0.5 * sde.g2(t) / sig2, x) * s2score).reshape(y.shape)
+        return model.velocity(y.reshape(y.shape[0], *sample_shape), t, cond).reshape(y.shape)
 
     return G
 
