@@ -29,7 +29,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow and not integration" tests
 
 bench: venv
-	$(BIN)/python benchmarks/solvers.py
+	$(BIN)/python -m benchmarks solvers
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU path end to end on one machine, from a fresh copy of the repository (benchmarks/gpu_bench.py
+# The GPU path end to end on one machine, from a fresh copy of the repository (benchmarks/cases/gpu.py
 # says what it measures). Run from anywhere:
 #
 #   benchmarks/gpu.sh                      # one GPU: train a U-Net, extract (Prefect + Zarr), analyze
@@ -7,7 +7,7 @@
 #   benchmarks/gpu.sh --precision bf16 --compile on --solver rk4 --steps 32 --json out.json
 #
 # Needs python3 with torch. Packages the machine lacks (prefect, zarr, dask, ...) are installed from
-# the wheels in .whl/ at the repository root if that folder exists (benchmarks/gpu_wheels.sh builds it;
+# the wheels in .whl/ at the repository root if that folder exists (benchmarks/gpu_wheels.py builds it;
 # benchmarks/README.md says how), into a temporary folder put first on PYTHONPATH. Without an install
 # of pflatents, the repository itself is made importable as `pflatents` through a symlink. Without
 # PREFECT_API_URL, one managed local Prefect server (`pflatents server start`) serves every command
@@ -43,4 +43,6 @@ fi
 if [ -z "${PREFECT_API_URL:-}" ]; then  # one managed Prefect server for train, extract and analyze
   "$py" -c "$cli" server start && started=1
 fi
-"$py" "$repo/benchmarks/gpu_bench.py" "$@"
+# the suite's `gpu` case (benchmarks/cases/gpu.py); it also writes benchmarks/out/gpu.md and gpu.json
+"$py" -c 'import sys; sys.path.insert(0, sys.argv.pop(1)); from benchmarks.suite import main; sys.exit(main())' \
+  "$repo" gpu "$@"

@@ -62,7 +62,7 @@ def prefect_env() -> None:
     os.environ.setdefault("DO_NOT_TRACK", "1")
     os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
     # OpenMP's spin-waiting threads made 2-thread torch 20-50x slower whenever another process
-    # competed for the cores (measured, benchmarks/solvers.py); passive waiting costs nothing alone.
+    # competed for the cores (measured, benchmarks/cases/solvers.py); passive waiting costs nothing alone.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 _spec = importlib.util.spec_from_file_location(
-    "dashboard_screenshot", Path(__file__).resolve().parents[1] / "benchmarks" / "dashboard_screenshot.py")
+    "dashboard", Path(__file__).resolve().parents[1] / "benchmarks" / "cases" / "dashboard.py")
 shot = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(shot)
 

@@ -123,7 +123,7 @@ def ode_func_t(model: Model, sde: SDE, sample_shape: tuple[int, ...]) -> Callabl
     For a score model that is f(t) x - g(t)^2/(2 sigma^2) (sigma^2 score) (``ModelBase.velocity``), the
     same ODE as ``ode_func`` with ds/dt = g^2 / (2 sigma^2) applied; in plain t the VP flow needs ~26 %
     fewer dopri5 score evaluations than in s for the same worst latent error
-    (benchmarks/solver_audit.py; docs/solver-audit.md). A velocity network gives its prediction, finite
+    (benchmarks/cases/solver_audit.py; docs/solver-audit.md). A velocity network gives its prediction, finite
     where alpha = 0 (flow matching's T).
     """
     model = as_model(model, sde)

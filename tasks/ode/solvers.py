@@ -199,7 +199,7 @@ def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor
     d2 = ((k1 - k0) / scale).to(F64).pow(2).mean(1).sqrt() / h0
     dmax = torch.maximum(d1, d2)
     # exponent 1/order as in HNW's HINIT (iord = 5 for DOPRI5); 1/(order+1) gave first steps ~2x too long,
-    # whose error (amplified by the flow) dominated the worst latent error (benchmarks/solvers.py)
+    # whose error (amplified by the flow) dominated the worst latent error (benchmarks/cases/solvers.py)
     h1 = torch.where(dmax <= 1e-15, torch.maximum(torch.full_like(h0, 1e-6), h0 * 1e-3),
                      (0.01 / dmax.clamp_min(1e-300)) ** (1.0 / order))
     h = torch.minimum(torch.minimum(100 * h0, h1), span)

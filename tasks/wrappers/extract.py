@@ -248,7 +248,7 @@ def run_shards(store_url: str, shard_ids: list[int], device: str = "auto", lease
     records. Each shard is written, verified and recorded on its own; with ``overlap`` the write and
     verification run in a writer thread while the next shard is integrated (at most one shard waits
     to be written). ``overlap=None``: on a CUDA device only; on the CPU the writer competes with
-    torch's threads for the cores (benchmarks/task_groups.py measured no gain on a 2-core VM).
+    torch's threads for the cores (benchmarks/cases/task_groups.py measured no gain on a 2-core VM).
     A failed shard does not stop the others; if any failed, ``ShardGroupFailed`` is raised at the end.
     A lost lock (``StoreLockedError``) stops the task at once."""
     ctx = _context(store_url, device, lease)

@@ -1,6 +1,6 @@
 """Several shards per task: the writer-thread overlap, and the Prefect task count, on a GMM job.
 
-    .venv/bin/python benchmarks/task_groups.py [--n 50000] [--dim 64] [--shard 1000] [--steps 10] [--repeats 3]
+    .venv/bin/python -m benchmarks task_groups [--n 50000] [--dim 64] [--shard 1000] [--steps 10] [--repeats 3]
 
 1. in-process, no Prefect: ``run_shards`` over every shard of a fresh store, with the store write +
    read-back verification of shard i in a writer thread while shard i+1 integrates (overlap) and
@@ -31,8 +31,8 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the CLI sets (before torch is imported)
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from scaleout import write_job  # noqa: E402  (the GMM job generator the benchmarks share)
+from benchmarks.cases.scaleout import write_job  # noqa: E402  (the GMM job generator the benchmarks share)
+from benchmarks.common.report import md_table  # noqa: E402
 
 
 def in_process(data: Path, model: Path, out: Path, a, overlap: bool) -> tuple[float, float]:
@@ -70,8 +70,8 @@ def end_to_end(data: Path, model: Path, out: Path, a, per_task: int | None) -> t
     return a.n / float(m.group(2)), -(-n_shards // k)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks task_groups", description=__doc__.split("\n")[0])
     ap.add_argument("--n", type=int, default=50_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--shard", type=int, default=1000)
@@ -79,12 +79,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-e2e", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         data, model = write_job(tmp, a.n, a.dim, k=8)
         print(f"{a.n} x {a.dim} GMM (K=8), rk4 {a.steps} steps, shards of {a.shard}, batch {a.batch}, "
-              f"{a.repeats} alternating runs each")
+              f"{a.repeats} alternating runs each (medians)\n")
+        table, rec = [], {}
         runs: dict[bool, list[tuple[float, float]]] = {True: [], False: []}
         for _ in range(a.repeats):
             for overlap in (False, True):
@@ -92,21 +93,23 @@ def main() -> None:
         for overlap in (False, True):
             rate = statistics.median(r[0] for r in runs[overlap])
             share = statistics.median(r[1] for r in runs[overlap])
-            print(f"run_shards {'overlap   ' if overlap else 'sequential'}: {rate:,.0f} samples/s "
-                  f"(write + verify {share:.0%} of wall)")
-        gain = statistics.median(r[0] for r in runs[True]) / statistics.median(r[0] for r in runs[False])
-        print(f"overlap / sequential: {gain:.2f}x")
+            table.append([f"`run_shards` in-process, {'writer thread (overlap)' if overlap else 'write after each shard'}",
+                          "-", f"{rate:,.0f}", f"{share:.0%}"])
+            rec["overlap" if overlap else "sequential"] = {"samples_per_s": rate, "write_verify_share": share}
+        rec["overlap_gain"] = rec["overlap"]["samples_per_s"] / rec["sequential"]["samples_per_s"]
+        header = ["", "task runs", "samples/s", "write + verify share of wall"]
         if a.skip_e2e:
-            return
+            print(md_table(header, table) + f"\n\noverlap / sequential: {rec['overlap_gain']:.2f}x")
+            return rec
         e2e: dict[int | None, list[tuple[float, int]]] = {1: [], None: []}
         for _ in range(a.repeats):
             for k in (1, None):
                 e2e[k].append(end_to_end(data, model, tmp / "e.zarr", a, k))
         for k in (1, None):
             rate = statistics.median(r[0] for r in e2e[k])
-            print(f"extract, {'1 shard per task' if k else 'default grouping'}: {e2e[k][0][1]} task runs, "
-                  f"{rate:,.0f} samples/s (flow time)")
+            table.append([f"`pflatents extract` {'--shards-per-task 1' if k else 'default grouping'} (flow time)",
+                          e2e[k][0][1], f"{rate:,.0f}", "-"])
+            rec["extract_per_task_1" if k else "extract_default"] = {"task_runs": e2e[k][0][1], "samples_per_s": rate}
+        print(md_table(header, table) + f"\n\noverlap / sequential: {rec['overlap_gain']:.2f}x")
+        return rec
 
-
-if __name__ == "__main__":
-    main()

@@ -1,6 +1,6 @@
 """Cost of the store lock and of fencing writes on its token (local disk).
 
-    .venv/bin/python benchmarks/lock_fence.py [--rows 400000] [--dim 64] [--repeats 5]
+    .venv/bin/python -m benchmarks lock_fence [--rows 400000] [--dim 64] [--repeats 5]
 
 Rows: the verified ``write_shard`` path over a whole store (default shard size, ~8 MiB chunks),
 unfenced vs fenced on a held ``FileLock`` (each record write first checks the lock's token: one
@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common.report import md_table
 from pflatents.storage import default_shard_size, open_or_create, store_lock
 
 
@@ -47,12 +48,12 @@ def per_call(fn, n: int = 2000) -> float:
     return statistics.median(times)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks lock_fence")
     ap.add_argument("--rows", type=int, default=400_000)
     ap.add_argument("--dim", type=int, default=64)
     ap.add_argument("--repeats", type=int, default=5)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     rng = np.random.default_rng(0)
     x = rng.normal(size=(a.rows, a.dim)).astype(np.float32)
     nfe = rng.integers(10, 99, size=a.rows).astype(np.int32)
@@ -60,6 +61,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="pflatents-fence-"))
     try:
         results: dict[bool, list[float]] = {False: [], True: []}
+        table, rec = [], {}
         for r in range(a.repeats):
             for fenced in (r % 2 == 0, r % 2 == 1):
                 root = tmp / f"s{r}-{int(fenced)}.zarr"
@@ -67,21 +69,23 @@ def main() -> None:
                 shutil.rmtree(root)
         for fenced, secs in results.items():
             med = statistics.median(secs)
-            print(f"write_shard, {'fenced  ' if fenced else 'unfenced'}: {mb / med:7.1f} MB/s median "
-                  f"({mb / max(secs):.1f}-{mb / min(secs):.1f}) over {len(secs)} stores of {mb:.0f} MB")
+            what = f"verified `write_shard` over a store of {mb:.0f} MB, {'fenced' if fenced else 'unfenced'}"
+            table.append([what, f"{mb / med:.0f} MB/s ({mb / max(secs):.0f}-{mb / min(secs):.0f}, {len(secs)} stores)"])
+            rec["fenced_mb_s" if fenced else "unfenced_mb_s"] = [mb / s for s in secs]
         store = open_or_create(str(tmp / "c.zarr"), config={"bench": 1}, n_samples=10, sample_shape=(4,),
                                shard_size=4)
         lock = store_lock(str(tmp / "c.zarr"))
         lock.acquire()
         other = store_lock(str(tmp / "c.zarr"))  # another handle, as a task's store has
-        print(f"check() of a held lock from another handle: {1e6 * per_call(lambda: other.check(lock.token)):.0f} us median")
+        rec["check_us"] = 1e6 * per_call(lambda: other.check(lock.token))
+        table.append(["one `check()` of a held lock from another handle", f"{rec['check_us']:.0f} us"])
         lock.release()
         probe = store_lock(str(tmp / "c.zarr"))
-        print(f"acquire() + release(): {1e6 * per_call(lambda: (probe.acquire(), probe.release()), 500):.0f} us median")
+        rec["acquire_release_us"] = 1e6 * per_call(lambda: (probe.acquire(), probe.release()), 500)
+        table.append(["`acquire()` + `release()`", f"{rec['acquire_release_us']:.0f} us"])
         del store
+        print(md_table(["what", "median"], table))
+        return rec
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """Where dopri5's worst latent error comes from, and what the time variable costs (benchmarks/README.md, "Solver audit").
 
-    .venv/bin/python benchmarks/solver_audit.py [--n 1024] [--vars t,s,sqrt_t,log_t] [--audit-tol 1e-5]
+    .venv/bin/python -m benchmarks solver_audit [--n 1024] [--vars t,s,sqrt_t,log_t] [--audit-tol 1e-5]
 
-Same problem as benchmarks/solvers.py (GMM D = 16, K = 8, VP, t_eps = 1e-5, exact score, float64).
+Same problem as benchmarks/cases/solvers.py (GMM D = 16, K = 8, VP, t_eps = 1e-5, exact score, float64).
 
 1. Time variables: our per-sample dopri5 on dx/du = dx/dt dt/du for u in {t, s = log(sigma/alpha),
    sqrt(t), log(t)}; tolerances tightened along the half-decade ladder until the worst latent error is
@@ -16,17 +16,10 @@ Same problem as benchmarks/solvers.py (GMM D = 16, K = 8, VP, t_eps = 1e-5, exac
 from __future__ import annotations
 
 import argparse
-import sys
-from pathlib import Path
-
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import solvers as B  # noqa: E402  (benchmarks/solvers.py: the problem, the reference, interpolation)
-
-from pflatents.tasks.ode import solvers as S  # noqa: E402
+from benchmarks.cases import solvers as B  # (benchmarks/cases/solvers.py: the problem, the reference, interpolation)
+from pflatents.tasks.ode import solvers as S
 
 F64 = torch.float64
 LADDER = [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8]
@@ -87,8 +80,8 @@ def audit(p, tol: float, n_show: int = 3) -> str:
             steps = []
             orig = S.rk_step
 
-            def recording(F, y, s, h, tab, k0=None):
-                out = orig(F, y, s, h, tab, k0)
+            def recording(F, y, s, h, tab, *rest):
+                out = orig(F, y, s, h, tab, *rest)
                 steps.append((s.item(), (s + h).item(), y.clone(), out[0].clone(), out[1].clone()))
                 return out
 
@@ -112,24 +105,23 @@ def audit(p, tol: float, n_show: int = 3) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks solver_audit", description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--vars", default="t,s,sqrt_t,log_t")
     ap.add_argument("--audit-tol", type=float, default=1e-5)
     ap.add_argument("--threads", type=int, default=1)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     p = B.make_problem(a.n)
     B.build_reference(p, n_check=2)
     print(f"## dopri5 (per-sample control) by time variable, {a.n} samples, float64\n")
     print("| time variable | NFE at worst latent error 1e-4 (interp.) |\n|---|---|")
+    scans = {}
     for name in a.vars.split(","):
-        v = scan(p, name)
+        v = scans[name] = scan(p, name)
         print(f"| {name} | {'-' if v is None else f'{v:.1f}'} |", flush=True)
     print(f"\n## Per-step audit in t at tol {a.audit_tol:g}")
     print(audit(p, a.audit_tol))
+    return {"n": a.n, "nfe_at_1e-4": scans, "audit_tol": a.audit_tol}
 
-
-if __name__ == "__main__":
-    main()

@@ -1,8 +1,8 @@
 """What each network precision costs in latent error, and whether torch.compile pays on this CPU.
 
-    .venv/bin/python benchmarks/precision.py [--n 64] [--models digits,colour] [--solvers 'rk4 64,dopri5 5e-7'] [--no-ref] [--compile]
+    .venv/bin/python -m benchmarks precision [--n 64] [--models digits,colour] [--solvers 'rk4 64,dopri5 5e-7'] [--no-ref] [--compile]
 
-Models: the learned-model benchmark's trained checkpoints (benchmarks/learned_models.py: the digits
+Models: the learned-model benchmark's trained checkpoints (benchmarks/common/learned_models.py: the digits
 MLP and the 8x8x3 colour-patch U-Net), loaded through the product's registry with
 ``load_model(spec, sde, precision=...)``, i.e. the same adapter an extraction uses. Held-out samples
 are encoded with rk4 (64 steps) and the default dopri5 at every precision, the ODE state in float32
@@ -20,13 +20,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from learned_models import load, reference, sample_err, trained  # noqa: E402
+from benchmarks.common.learned_models import load, reference, sample_err, trained  # noqa: E402
 
 from pflatents.tasks.models.registry import load_model  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, encode  # noqa: E402
@@ -40,7 +38,7 @@ def _q(e: np.ndarray) -> str:
     return f"{np.quantile(e, 0.5):.1e} / {np.quantile(e, 0.99):.1e} / {e.max():.1e}"
 
 
-def precision_table(name: str, n: int, solvers: list[str], with_ref: bool = True) -> None:
+def precision_table(name: str, n: int, solvers: list[str], with_ref: bool = True) -> list[dict]:
     path, test = trained(name, n_test=n)
     sde = VPSDE()
     x = torch.from_numpy(test)
@@ -53,6 +51,7 @@ def precision_table(name: str, n: int, solvers: list[str], with_ref: bool = True
     print("| solver | precision | state | mean NFE | err vs f64 ref p50 / p99 / max | precision's own share "
           "p50 / p99 / max | s |")
     print("|---|---|---|---|---|---|---|")
+    rec = []
     for sname in solvers:
         cfg, own = SOLVERS[sname], None
         rows = []
@@ -68,7 +67,10 @@ def precision_table(name: str, n: int, solvers: list[str], with_ref: bool = True
             vs_ref = _q(sample_err(z, z_ref)) if z_ref is not None else "-"
             rows.append(f"| {sname} | {prec} | {dtype} | {r.nfe.double().mean():.0f} | {vs_ref} | "
                         f"{_q(sample_err(z, own))} | {dt:.1f} |")
+            rec.append(dict(model=name, solver=sname, precision=prec, state=dtype, nfe=float(r.nfe.double().mean()),
+                            vs_ref=vs_ref, own_share=_q(sample_err(z, own)), seconds=dt))
         print("\n".join(reversed(rows)), flush=True)
+    return rec
 
 
 def _bench(fn, reps: int) -> float:
@@ -108,21 +110,20 @@ def compile_table(names: list[str]) -> None:
         print(f"compile status: {comp.net.compile_status}", file=sys.stderr)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks precision")
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--models", default="digits,colour")
     ap.add_argument("--solvers", default=",".join(SOLVERS), help=f"comma-separated, of: {', '.join(SOLVERS)}")
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile on this CPU")
     ap.add_argument("--no-ref", action="store_true", help="skip the float64 reference (the precisions' own share only)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {time.strftime('%Y-%m-%d')}")
     names = a.models.split(",")
+    rows = []
     for name in names:
-        precision_table(name, a.n, a.solvers.split(","), with_ref=not a.no_ref)
+        rows += precision_table(name, a.n, a.solvers.split(","), with_ref=not a.no_ref)
     if a.compile:
         compile_table(names)
+    return rows
 
-
-if __name__ == "__main__":
-    main()

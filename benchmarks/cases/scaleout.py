@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Scale-out benchmark: one extraction job on 1, 2 and 4 dask workers (real processes, loopback, CPU).
 
 Job: GMM (K = 4, D = 64, exact score), ``--n`` samples (default 100,000) drawn from it, VP SDE,
@@ -11,8 +10,8 @@ the scaling ratio against 1 worker. The stores of all runs are checked to be bit
 
 Usage::
 
-    python benchmarks/scaleout.py                   # 100k samples, 1/2/4 workers
-    python benchmarks/scaleout.py --n 20000 --workers 1 2
+    python -m benchmarks scaleout                   # 100k samples, 1/2/4 workers
+    python -m benchmarks scaleout --n 20000 --workers 1 2
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
+
+from benchmarks.common.report import md_table
 
 BIN = Path(sys.executable).parent
 
@@ -136,15 +137,15 @@ def _wait_workers(dash: int, n: int, timeout: float = 120) -> None:
     raise TimeoutError(f"{n} dask workers did not join within {timeout} s")
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks scaleout", description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000, help="samples (default 100000)")
     ap.add_argument("--workers", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--shard-size", type=int, default=4096)
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     d = Path(tempfile.mkdtemp(prefix="pflatents-scaleout-"))
     env = {**os.environ, "PREFECT_HOME": str(d / "prefect"), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "DO_NOT_TRACK": "1", "PREFECT_SERVER_UI_ENABLED": "false", "PREFECT_LOGGING_LEVEL": "WARNING"}
@@ -161,16 +162,20 @@ def main() -> None:
               f"{args.shard_size}, batch {args.batch_size}; {os.cpu_count()} CPU cores; dask workers --nthreads 1")
         results = [run(w, args, d, data, model, env, procs) for w in args.workers]
         base = results[0]["samples_per_s"] / results[0]["workers"]
-        print(f"{'workers':>7} {'wall s':>8} {'flow s':>8} {'samples/s':>10} {'speed-up':>9} {'efficiency':>10}")
+        table = []
         for r in results:
-            speed = r["samples_per_s"] / results[0]["samples_per_s"]
-            print(f"{r['workers']:>7} {r['wall_s']:>8.1f} {r['flow_s']:>8.1f} {r['samples_per_s']:>10.0f} "
-                  f"{speed:>8.2f}x {r['samples_per_s'] / (base * r['workers']):>9.0%}")
+            r["speed_up"] = r["samples_per_s"] / results[0]["samples_per_s"]
+            r["efficiency"] = r["samples_per_s"] / (base * r["workers"])
+            table.append([r["workers"], f"{r['wall_s']:.1f}", f"{r['flow_s']:.1f}", f"{r['samples_per_s']:.0f}",
+                          f"{r['speed_up']:.2f}x", f"{r['efficiency']:.0%}"])
+        print("\n" + md_table(["workers", "wall s", "flow s", "samples/s", "speed-up", "efficiency"], table) + "\n")
         import zarr
 
         first = zarr.open_group(str(results[0]["out"]), mode="r")["latents"][:]
         same = all(np.array_equal(first, zarr.open_group(str(r["out"]), mode="r")["latents"][:]) for r in results[1:])
         print(f"latents bit-identical across worker counts: {same}")
+        return {"n": args.n, "steps": args.steps, "identical": same,
+                "runs": [{k: v for k, v in r.items() if k != "out"} for r in results]}
     finally:
         procs.stop()
         if not args.keep:
@@ -178,6 +183,3 @@ def main() -> None:
 
             shutil.rmtree(d, ignore_errors=True)
 
-
-if __name__ == "__main__":
-    main()

@@ -10,10 +10,10 @@ Every run is a fresh `pflatents` process (interpreter start and imports included
 
 Two jobs: a trivial extract (4,000 x 8 GMM, K = 3, default dopri5, one shard; goal <= 3 s on a warm
 machine) and a ~12 s one (100,000 x 64 GMM, K = 8, rk4 10 steps, batch 4096: the job of
-extract_overhead.py) against the bare loop of extract_overhead.py (goal <= 1.10x). The modes and
+the extract_overhead case) against its bare loop (goal <= 1.10x). The modes and
 the bare loop alternate, ``--repeats`` times; the table gives median, min and max of each.
 
-    nice -n 10 .venv/bin/python benchmarks/server_lifecycle.py [--repeats 5] [--big-repeats 3] [--skip-big]
+    nice -n 10 .venv/bin/python -m benchmarks server_lifecycle [--repeats 5] [--big-repeats 3] [--skip-big]
 """
 
 from __future__ import annotations
@@ -27,11 +27,9 @@ import tempfile
 import time
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
 BIN = Path(sys.executable).parent
-sys.path.insert(0, str(HERE))
-from extract_overhead import BARE, make_job  # noqa: E402  (the ~12 s job and its bare loop)
-from scaleout import write_job  # noqa: E402  (the small GMM job the benchmarks share)
+from benchmarks.cases.extract_overhead import BARE, make_job  # noqa: E402  (the ~12 s job and its bare loop)
+from benchmarks.cases.scaleout import write_job  # noqa: E402  (the small GMM job the benchmarks share)
 
 
 CPU: list[float] = []  # CPU seconds of each run() (the command, what it reaped, and the shared server)
@@ -76,12 +74,12 @@ def row(name: str, xs: list[float], ref: list[float] | None = None) -> str:
     return f"| {name} | {med:.2f} | {min(xs):.2f} | {max(xs):.2f} | {len(xs)}{ratio} |"
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks server_lifecycle", description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=5, help="runs of each mode on the trivial job")
     ap.add_argument("--big-repeats", type=int, default=3, help="runs of each on the ~12 s job")
     ap.add_argument("--skip-big", action="store_true")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     d = Path(tempfile.mkdtemp(prefix="pflatents-server-bench-"))
     small_data, small_model = write_job(d, 4000, dim=8, k=3)
     base = {k: v for k, v in os.environ.items() if k not in ("PREFECT_API_URL", "PREFECT_PROFILE")}
@@ -144,6 +142,4 @@ def main() -> None:
         for key, name in names.items():
             if data[key]:
                 print(row(name, data[key], data["bare"] if key.startswith("big-") else None))
-
-if __name__ == "__main__":
-    main()
+    return {"wall_s": times, "cpu_s": cpu, "load_average_1min": [min(loads), max(loads)]}

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Calibration of the three answers: false-alarm rates on exact nulls and power on planted effects.
 
 Runs the statistics functions directly (no extraction, no Prefect), as ``analyze`` does after its
@@ -21,20 +20,18 @@ realism decodes whose spread is 1.15x the data's.
 
 Usage::
 
-    nice -n 10 .venv/bin/python benchmarks/calibration.py --jobs 2        # 2 worker processes
-    nice -n 10 .venv/bin/python benchmarks/calibration.py --runs 40 --power-runs 10   # smoke run
+    nice -n 10 .venv/bin/python -m benchmarks calibration --jobs 2        # 2 worker processes
+    nice -n 10 .venv/bin/python -m benchmarks calibration --runs 40 --power-runs 10   # smoke run
 
-Markdown tables to stdout, progress to stderr, everything as JSON to ``--out``.
+Markdown tables to stdout, progress to stderr; every rate and interval in the run's JSON record.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
-from pathlib import Path
 
 for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
     os.environ.setdefault(_var, "1")  # one BLAS thread per worker process: --jobs sets the parallelism
@@ -209,15 +206,14 @@ def table(rows: list[dict], what: str) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks calibration", description=__doc__.splitlines()[0])
     ap.add_argument("--runs", type=int, default=200, help="null runs per case and size")
     ap.add_argument("--power-runs", type=int, default=50, help="runs per power point")
-    ap.add_argument("--out", default="benchmarks/out/calibration.json")
     ap.add_argument("--jobs", type=int, default=2, help="worker processes (one BLAS thread each)")
     ap.add_argument("--only", nargs="+", choices=["independence", "realism", "bijection"],
                     default=["independence", "realism", "bijection"], help="the questions to run")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     sizes = {k: v for k, v in {"independence": [2000, 20000], "realism": [100, 300],
                                "bijection": [2000, 20000]}.items() if k in a.only}
     t0 = time.perf_counter()
@@ -231,11 +227,7 @@ def main() -> None:
     print("\nPower (verdict 'no' on planted dependence / a planted difference)\n")
     print(table(power, "power"))
     print(f"\ntotal {time.perf_counter() - t0:.0f} s")
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps({"alpha": ALPHA, "nulls": nulls, "power": power}, indent=1))
     if _POOL is not None:
         _POOL.shutdown()
+    return {"alpha": ALPHA, "nulls": nulls, "power": power}
 
-
-if __name__ == "__main__":
-    main()

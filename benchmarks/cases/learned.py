@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """Solver benchmark on learned models: per-sample latent error against a float64 reference vs NFE.
 
-Models (benchmarks/learned_models.py): MLPs trained with the project's training code on digits, on
+Models (benchmarks/common/learned_models.py): MLPs trained with the project's training code on digits, on
 8x8 grey patches of scikit-learn's sample photos and on the same patches with their mean removed
 (a degenerate direction), and a small U-Net on 8x8x3 colour patches; VP SDE. Held-out samples are
 encoded (and the reference latents decoded) by every method, with the network evaluated in float32
@@ -14,9 +13,9 @@ floor; rk4 and heun on the logsnr / edm / time grids; dpmpp2m (logsnr grid); tor
 
 Usage::
 
-    python benchmarks/learned.py                       # all models, both t_eps, both dtypes
-    python benchmarks/learned.py --models patches --t-eps 1e-5 --quick
-    python benchmarks/learned.py --json out.json       # every row as JSON
+    python -m benchmarks learned                       # all models, both t_eps, both dtypes
+    python -m benchmarks learned --models patches --t-eps 1e-5 --half-ladder
+    python -m benchmarks learned --json out.json       # every row as JSON
 
 Markdown to stdout, progress to stderr.
 """
@@ -37,9 +36,7 @@ from pathlib import Path  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import learned_models as L  # noqa: E402
+from benchmarks.common import learned_models as L  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, decode, encode  # noqa: E402
 from pflatents.tasks.ode.pilot import rhs_noise  # noqa: E402
 
@@ -224,16 +221,16 @@ def tables(rows: list[dict]) -> str:
     return "\n".join(out)
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks learned", description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="digits,patches,patches0,colour")
     ap.add_argument("--t-eps", default="1e-5,1e-3")
     ap.add_argument("--dtypes", default="float32,float64")
     ap.add_argument("--n", type=int, default=64, help="held-out samples per model")
-    ap.add_argument("--quick", action="store_true", help="every other setting")
+    ap.add_argument("--half-ladder", dest="quick", action="store_true", help="every other setting")
     ap.add_argument("--methods", default=None, help="comma-separated method names to keep (default: all)")
     ap.add_argument("--json", default=None)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     torch.set_num_threads(2)
     rows = []
     for name in a.models.split(","):
@@ -243,7 +240,5 @@ def main() -> None:
             Path(a.json).write_text(json.dumps(rows, indent=1))
     print(f"# Learned-model solver benchmark ({time.strftime('%Y-%m-%d')}, torch {torch.__version__})")
     print(tables(rows))
+    return rows
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Analysis at scale: wall time and peak RSS of `pflatents analyze` vs an in-memory numpy computation.
 
 Writes an N x D store of N(0, I) float32 latents directly with storage (generated shard by shard,
@@ -18,9 +17,9 @@ stores. Without it the data spec cannot be opened and the latents are tested aga
 
 Usage::
 
-    python benchmarks/analysis.py                       # 2,000,000 x 64, and 4x rows for the flat-RSS check
-    python benchmarks/analysis.py --rows 200000 --scale 2   # smoke run
-    python benchmarks/analysis.py --skip-numpy --skip-cli   # out-of-core figures only
+    python -m benchmarks analysis                       # 2,000,000 x 64, and 4x rows for the flat-RSS check
+    python -m benchmarks analysis --rows 200000 --scale 2   # smoke run
+    python -m benchmarks analysis --skip-numpy --skip-cli   # out-of-core figures only
 
 A Markdown table goes to stdout, progress to stderr.
 """
@@ -29,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import shutil
 import subprocess
@@ -40,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
@@ -56,7 +54,7 @@ def make_store(path: Path, rows: int, dims: int, seed: int = 0, with_data: bool 
     from pflatents.tasks.ode.sde import VPSDE
 
     shard = default_shard_size(4 * dims, rows)
-    data = {"spec": "benchmark:none", "n_samples": rows, "sample_shape": [dims]}
+    data = {"spec": "benchmark:none", "n_samples": rows, "sample_shape": [dims], "dtype": "float32"}
     if with_data:
         npy = np.lib.format.open_memmap(str(path) + ".npy", mode="w+", dtype=np.float32, shape=(rows, dims))
         for i0 in range(0, rows, shard):
@@ -66,10 +64,10 @@ def make_store(path: Path, rows: int, dims: int, seed: int = 0, with_data: bool 
         del npy
         from pflatents.tasks.data.sources import open_source
 
-        data = {"spec": str(path) + ".npy", "n_samples": rows, "sample_shape": [dims],
+        data = {"spec": str(path) + ".npy", "n_samples": rows, "sample_shape": [dims], "dtype": "float32",
                 "fingerprint": open_source(str(path) + ".npy").fingerprint()}
     config = {"data": data,
-              "model": {"spec": "benchmark:none"}, "sde": VPSDE().to_dict(), "solver": SolverConfig().to_dict(),
+              "model": {"spec": "benchmark:none", "kind": "none", "content_hash": "none", "dim": dims}, "sde": VPSDE().to_dict(), "solver": SolverConfig().to_dict(),
               "shard_size": shard, "batch_size": 1024, "dtype": "float32"}
     store = LatentStore.create(str(path), config=config, n_samples=rows, sample_shape=(dims,), shard_size=shard)
     for sid in range(store.n_shards):
@@ -144,10 +142,10 @@ def timed(cmd: list[str], env: dict | None = None) -> tuple[float, float, str]:
     return wall, rss, out.stdout
 
 
-def run(args: argparse.Namespace) -> None:
+def run(args: argparse.Namespace) -> list[dict]:
     work = Path(args.dir or tempfile.mkdtemp(prefix="pflatents-bench-"))
     env = {**os.environ, "PREFECT_HOME": str(work / "prefect"), "PREFECT_LOGGING_LEVEL": "ERROR"}
-    me = [sys.executable, str(Path(__file__).resolve())]
+    me = [sys.executable, "-m", "benchmarks.cases.analysis"]  # run from ROOT (timed's cwd)
     rows_out = []
     sizes = [args.rows] + ([args.rows * args.scale] if args.scale > 1 else [])
     for k, rows in enumerate(sizes):
@@ -178,10 +176,12 @@ def run(args: argparse.Namespace) -> None:
         print(f"| {name} | {rows:,} | {gb:.2f} | {wall:.1f} | {rss:.0f} |")
     if not args.keep and not args.dir:
         shutil.rmtree(work, ignore_errors=True)
+    return [dict(computation=name, rows=rows, gb=gb, wall_s=wall, peak_rss_mib=rss)
+            for name, rows, gb, wall, rss in rows_out]
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks analysis", description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2_000_000)
     ap.add_argument("--dims", type=int, default=64)
     ap.add_argument("--scale", type=int, default=4, help="rows multiplier of the flat-RSS check (1: skip)")
@@ -192,13 +192,13 @@ def main() -> None:
     ap.add_argument("--with-data", action="store_true", help="pin a readable .npy as the data (the data pass runs)")
     ap.add_argument("--measure", choices=["stats", "numpy"], help=argparse.SUPPRESS)
     ap.add_argument("--store", help=argparse.SUPPRESS)
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if args.measure:
         fn = measure_stats if args.measure == "stats" else measure_numpy
         print(json.dumps(fn(args.store)))
         return
-    run(args)
+    return run(args)
 
 
-if __name__ == "__main__":
+if __name__ == "__main__":  # the --measure subprocesses run this module
     main()

@@ -2,7 +2,7 @@
 same JPEG images, read through ``--resolution`` as a shard task reads them, plus what opening costs
 (indexing, and the decode-everything scan of ``--skip-bad`` / the pre-run check).
 
-    .venv/bin/python benchmarks/sources.py [--n 2000] [--size 256] [--res 64]
+    .venv/bin/python -m benchmarks sources [--n 2000] [--size 256] [--res 64]
 
 Prints a Markdown table: seconds and images/s for open, the full scan, and reads of 512-image shards.
 """
@@ -54,12 +54,12 @@ def _write(root: Path, n: int, size: int) -> dict[str, str]:
             "parquet": f"parquet:{root / 'data.parquet'}"}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks sources")
     ap.add_argument("--n", type=int, default=2000)
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--res", type=int, default=64)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     from pflatents.tasks.data.sources import open_source
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -67,6 +67,7 @@ def main() -> None:
         print(f"{a.n} JPEG images of {a.size}x{a.size} (smooth pictures, quality 90), --resolution {a.res}, RGB\n")
         print("| source | open s | scan (decode all) s | scan images/s | read 512-image shards images/s |")
         print("|---|---|---|---|---|")
+        rows = []
         for name, spec in specs.items():
             t0 = time.perf_counter()
             src = open_source(spec, resolution=a.res)
@@ -77,7 +78,7 @@ def main() -> None:
                 src.read(i0, min(len(src), i0 + 512))
             t3 = time.perf_counter()
             print(f"| {name} | {t1 - t0:.2f} | {t2 - t1:.2f} | {a.n / (t2 - t1):.0f} | {a.n / (t3 - t2):.0f} |")
+            rows.append(dict(source=name, open_s=t1 - t0, scan_s=t2 - t1, scan_per_s=a.n / (t2 - t1),
+                             read_per_s=a.n / (t3 - t2), n=len(src)))
+    return rows
 
-
-if __name__ == "__main__":
-    main()

@@ -2,7 +2,7 @@
 
     benchmarks/gpu.sh [--device cuda|cpu] [--smoke] [--precision fp32] [--compile auto] ...
 
-(gpu.sh sets up the wheels and the import path, then runs this file.) Phases, each timed:
+(gpu.sh sets up the wheels and the import path, then runs this case: ``python -m benchmarks gpu ...``.) Phases, each timed:
 
 1. data: seeded 32x32x3 patches of scikit-learn's two sample photos, scaled to [-1, 1] (.npy);
 2. ``pflatents train --arch unet`` for a fixed wall-clock budget (``--train-seconds``);
@@ -144,8 +144,8 @@ def gmm_core(dev: torch.device, n: int, say) -> list[dict]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> dict:
-    ap = argparse.ArgumentParser()
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks gpu")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (CPU test of the whole pipeline)")
     ap.add_argument("--workdir", default=None, help="where data, checkpoint and store go (default: a temp dir)")
@@ -308,6 +308,3 @@ def _table(res: dict, say) -> None:
     for k, v in rows:
         say(f"| {k} | {v:,.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
 
-
-if __name__ == "__main__":
-    main()

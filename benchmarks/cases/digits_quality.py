@@ -7,16 +7,17 @@ them all with the default solver (dopri5, rtol = atol = 1e-5, t_eps = 1e-5), and
   and max |corr of squares| over the non-constant dims, mean NFE;
 - reconstruction (decode the latents): max abs error, RMSE, and whether re-quantised digits
   (17 levels: x -> round((x + 1) 8) / 8 - 1) come back exact;
-- a PNG grid of decodes of fresh N(0, I) draws (``OUT/samples_<budget>.png``).
+- a PNG grid of decodes of fresh N(0, I) draws (``WORKDIR/samples_<budget>.png``).
 
-Usage: python benchmarks/digits_quality.py [--budgets 2000,8000] [--out benchmarks/out] [--threads N]
-Writes OUT/digits_quality.json and prints a markdown table. Pure torch: no Prefect, no store.
+Usage: python -m benchmarks digits_quality [--budgets 2000,8000] [--workdir DIR] [--threads N]
+Prints a markdown table (every figure in the run's JSON record). Pure torch: no Prefect, no store.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -96,18 +97,19 @@ def run_budget(data: np.ndarray, steps: int, sampling: str, out: Path, n_draws: 
             "draws_out_of_range": float((np.abs(xs) > 1.1).mean())}
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks digits_quality", description=__doc__.splitlines()[0])
     ap.add_argument("--budgets", default="2000,2000:uniform,8000",
                     help="comma list of STEPS[:logsnr|uniform] (default 2000,2000:uniform,8000)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "out"))
+    ap.add_argument("--workdir", default=str(Path(__file__).parents[1] / "out" / "digits_quality"),
+                    help="where the decoded-digit PNGs go")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--draws", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     if a.threads:
         torch.set_num_threads(a.threads)
-    out = Path(a.out)
+    out = Path(a.workdir)
     out.mkdir(parents=True, exist_ok=True)
     src = open_source("sklearn:digits")
     data = src.read(0, len(src)).x
@@ -115,15 +117,12 @@ def main() -> None:
     for b in a.budgets.split(","):
         steps, _, sampling = b.partition(":")
         rows.append(run_budget(data, int(steps), sampling or "logsnr", out, a.draws, a.seed))
-        print(json.dumps(rows[-1]), flush=True)
-        (out / "digits_quality.json").write_text(json.dumps({"threads": torch.get_num_threads(), "rows": rows}, indent=2))
+        print(json.dumps(rows[-1]), file=sys.stderr, flush=True)
     cols = ["steps", "time_sampling", "train_s", "max_abs_mean", "max_abs_var_m1_live", "max_abs_corr",
             "max_abs_corr_sq", "recon_max_abs", "recon_rmse", "requantised_exact", "mean_nfe_encode"]
     print("| " + " | ".join(cols) + " |")
     print("|" + "---|" * len(cols))
     for r in rows:
         print("| " + " | ".join(f"{r[c]:.4g}" if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
+    return {"threads": torch.get_num_threads(), "rows": rows}
 
-
-if __name__ == "__main__":
-    main()

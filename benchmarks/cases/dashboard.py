@@ -6,7 +6,7 @@ page in headless Chromium (Debian's ``chromium``) and looks for the run by its n
 the run's own page (name, tags, task runs named by shards, the Logs tab). Used by
 tests/test_dashboard_browser.py; run by hand it writes docs/dashboard-extract.png:
 
-    .venv/bin/python benchmarks/dashboard_screenshot.py --png docs/dashboard-extract.png
+    .venv/bin/python -m benchmarks dashboard --png docs/dashboard-extract.png
 """
 
 from __future__ import annotations
@@ -128,11 +128,11 @@ def listed(ui_url: str, name: str) -> bool:
     return any(name in browse(f"{ui_url}/runs", budget_ms=budget) for budget in (20000, 60000))
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks dashboard", description=__doc__.splitlines()[0])
     ap.add_argument("--png", type=Path, default=Path("docs/dashboard-extract.png"))
     ap.add_argument("--samples", type=int, default=20000)
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pflatents-dashboard-") as tmp:
         work = Path(tmp)
         (work / "home").mkdir()
@@ -147,8 +147,5 @@ def main() -> int:
             print(f"screenshot of {ui}/runs/flow-run/{run['id']} -> {a.png} ({a.png.stat().st_size // 1024} KB)")
         finally:
             stop(proc)
-    return 0
+    return {"flow_run": run["name"], "listed": found, "png": str(a.png), "png_bytes": a.png.stat().st_size}
 
-
-if __name__ == "__main__":
-    sys.exit(main())

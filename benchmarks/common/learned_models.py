@@ -1,4 +1,4 @@
-"""Learned models for the solver benchmark (benchmarks/learned.py): data, training, float64 references.
+"""Learned models for the benchmark cases (learned, learned_teps, precision): data, training, float64 references.
 
 Models are trained with the project's own training code (``train_checkpoint``) on bundled data and
 cached under ``benchmarks/out/learned/`` (git-ignored; delete it to retrain):
@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common.report import log
 from pflatents.tasks.data.sources import ArraySource
 from pflatents.tasks.models.adapters import DeviceNet
 from pflatents.tasks.models.checkpoint import load_checkpoint
@@ -32,7 +33,7 @@ from pflatents.tasks.ode.sde import VPSDE
 from pflatents.tasks.training.train import TrainConfig, train_checkpoint
 
 F64 = torch.float64
-OUT = Path(__file__).resolve().parent / "out" / "learned"
+OUT = Path(__file__).resolve().parents[1] / "out" / "learned"
 REF_TOLS = (1e-8, 1e-10)
 
 
@@ -79,7 +80,7 @@ SPECS = {  # name: (arch, arch params, training steps, training samples)
 }
 
 
-def trained(name: str, n_test: int = 64, log=print) -> tuple[Path, np.ndarray]:
+def trained(name: str, n_test: int = 64, log=log) -> tuple[Path, np.ndarray]:
     """The cached checkpoint dir for ``name`` (trained on first use) and its held-out samples."""
     arch, params, steps, n_train = SPECS[name]
     train, test = dataset(name, n_train or 0, n_test)
@@ -125,7 +126,7 @@ def sample_err(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
     return (x.to(F64).reshape(b, -1) - ref.to(F64).reshape(b, -1)).abs().amax(1).numpy()
 
 
-def reference(m: Model, x0: np.ndarray, t_eps: float, log=print) -> dict:
+def reference(m: Model, x0: np.ndarray, t_eps: float, log=log) -> dict:
     """float64 latents z_ref of x0 and decodes of z_ref, at two tolerances; cached as .npz per t_eps."""
     f = OUT / m.name / f"ref_teps{t_eps:g}_n{len(x0)}.npz"
     if f.is_file():

@@ -7,7 +7,7 @@ times per step count (this VM's speed drifts by +-30 % between minutes): the tab
 and the minimum of each side, and per-shard integration times (the bare loop's, and the ones the
 store's shard records hold) to split the gap into fixed start/stop cost and per-shard cost.
 
-    .venv/bin/python benchmarks/extract_overhead.py [--n 100000] [--steps 10,32] [--repeats 3] [--server]
+    .venv/bin/python -m benchmarks extract_overhead [--n 100000] [--steps 10,32] [--repeats 3] [--server]
 
 rk4 with 32 steps (128 NFE) costs about what the default dopri5 does on such data (~130 NFE);
 10 steps is a deliberately light job where the fixed cost weighs most.
@@ -106,16 +106,16 @@ def start_server(env: dict) -> tuple[subprocess.Popen, str]:
     raise SystemExit("prefect server did not start")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None):
     import statistics
 
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m benchmarks extract_overhead", description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--steps", default="10,32", help="comma-separated rk4 step counts (4 NFE each)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--batch-size", type=int, default=4096)
     ap.add_argument("--server", action="store_true", help="run against a real Prefect server")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     d = Path(tempfile.mkdtemp(prefix="pfl-bench-"))
     data, model = make_job(d, a.n)
     shard = 32768  # the store's default for 256-byte samples (8 MiB chunks)
@@ -162,7 +162,7 @@ def main() -> None:
     for r in rows:
         print(f"| {r[0]} | {r[1]:.1f} / {r[2]:.1f} | {r[3]:.1f} / {r[4]:.1f} | {r[5]:.2f} | {r[6]:.2f} | {r[7]:.1f} | "
               f"{r[8]:.1f} | {r[9]:.2f} |")
+    keys = ("steps", "bare_median_s", "bare_min_s", "extract_median_s", "extract_min_s", "ratio_of_medians",
+            "ratio_of_minima", "bare_outside_shards_s", "extract_outside_shards_s", "shard_time_ratio")
+    return {"n": a.n, "mode": mode, "repeats": a.repeats, "rows": [dict(zip(keys, r)) for r in rows]}
 
-
-if __name__ == "__main__":
-    main()

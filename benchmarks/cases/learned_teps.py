@@ -1,7 +1,6 @@
-#!/usr/bin/env python
 """What t_eps costs and buys on learned models: conditioning of the encode map, and the default solver's error.
 
-For each model (benchmarks/learned_models.py) and t_eps:
+For each model (benchmarks/common/learned_models.py) and t_eps:
 
 - sigma(t_eps) against half the data's quantisation step (8-bit images: 1/255 in [-1, 1] units;
   digits: 1/16): below it the diffused density still separates every quantisation level;
@@ -11,7 +10,7 @@ For each model (benchmarks/learned_models.py) and t_eps:
 - the default solver (dopri5, latent control, tol 1e-6) with a float32 network: per-sample latent
   error p50 / p99 / max against the float64 reference, and mean NFE.
 
-Usage: ``python benchmarks/learned_teps.py [--models digits,patches,patches0] [--t-eps 1e-5,1e-4,1e-3]``
+Usage: ``python -m benchmarks learned_teps [--models digits,patches,patches0] [--t-eps 1e-5,1e-4,1e-3]``
 """
 
 from __future__ import annotations
@@ -23,14 +22,11 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import sys  # noqa: E402
 import time  # noqa: E402
-from pathlib import Path  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import learned_models as L  # noqa: E402
+from benchmarks.common import learned_models as L  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, encode  # noqa: E402
 
 F64 = torch.float64
@@ -54,19 +50,21 @@ def gain(m, x0: torch.Tensor, t_eps: float, n: int = 16, d: float = 1e-5) -> tup
     return float(np.median(g)), float(g.max())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks learned_teps", description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="digits,patches,patches0")
     ap.add_argument("--t-eps", default="1e-5,1e-4,1e-3")
     ap.add_argument("--tol", type=float, default=1e-6)
-    a = ap.parse_args()
+    ap.add_argument("--n", type=int, default=64, help="held-out samples per model")
+    a = ap.parse_args(argv)
     torch.set_num_threads(2)
     print("| model | t_eps | sigma(t_eps) | half quantisation step | gain p50 / max (random dir.) | "
           "bound sigma(T)/sigma(t_eps) | default solver float32: NFE | p50 / p99 / max latent error | "
           "reference converged to |")
     print("|---|---|---|---|---|---|---|---|---|")
+    rows = []
     for name in a.models.split(","):
-        path, test = L.trained(name, log=log)
+        path, test = L.trained(name, n_test=a.n, log=log)
         m = L.load(path)
         for t_eps in [float(v) for v in a.t_eps.split(",")]:
             ref = L.reference(m, test, t_eps, log=log)
@@ -83,7 +81,9 @@ def main() -> None:
                   f"{sig_t / sig:.0f} | {float(r.nfe.double().mean()):.0f} | "
                   f"{np.median(e):.1e} / {np.quantile(e, .99):.1e} / {e.max():.1e} | "
                   f"{float(ref['conv_enc'].max()):.1e} |", flush=True)
+            rows.append(dict(model=name, t_eps=t_eps, sigma_t_eps=sig, half_step=HALF_STEP[name], gain_p50=g50,
+                             gain_max=gmax, bound=sig_t / sig, nfe=float(r.nfe.double().mean()),
+                             p50=float(np.median(e)), p99=float(np.quantile(e, .99)), max=float(e.max()),
+                             ref_conv=float(ref["conv_enc"].max())))
+    return rows
 
-
-if __name__ == "__main__":
-    main()

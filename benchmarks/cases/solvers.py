@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """Solver benchmark on an exact-score Gaussian mixture: NFE, latent error, round trip, wall time.
 
 Problem: GMM, D = 16, K = 8 (means ~ N(0, 2^2 I), SPD covariances with log-uniform eigenvalues in
@@ -16,10 +15,10 @@ dopri5, and batch-shared against per-sample error control.
 
 Usage::
 
-    python benchmarks/solvers.py                 # full run, 4096 samples
-    python benchmarks/solvers.py --quick         # smoke run, 1024 samples, fewer settings
-    python benchmarks/solvers.py --study         # also the solver study
-    python benchmarks/solvers.py --json out.json # also write every row as JSON
+    python -m benchmarks solvers                 # full run, 4096 samples
+    python -m benchmarks solvers --small         # smoke run, 1024 samples, fewer settings
+    python -m benchmarks solvers --study         # also the solver study
+    python -m benchmarks solvers --json out.json # also write every row as JSON
 
 Markdown tables go to stdout, progress to stderr. Wall times are per encode of the whole batch on
 ``torch.set_num_threads(2)``; CPU time (process time, both threads) is recorded too because it is
@@ -48,8 +47,6 @@ from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pflatents.tasks.ode import solvers as S  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, decode, encode, make_grid, ode_func  # noqa: E402
@@ -742,15 +739,18 @@ def run_study(p: Problem, cfg: dict) -> tuple[str, dict]:
     return md, dict(n=n, fixed=fixed, time_variable=tv, control=ctl)
 
 
-def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="smoke run: 1024 samples, fewer settings")
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks solvers", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--small", dest="quick", action="store_true", help="smoke run: 1024 samples, fewer settings")
     ap.add_argument("--study", action="store_true", help="also run the solver study (several more minutes)")
     ap.add_argument("--json", type=Path, help="write every row, the cheapest settings and the ratios as JSON here")
     ap.add_argument("--threads", type=int, default=2, help="torch threads (default 2)")
+    ap.add_argument("--n", type=int, default=None, help="samples (default 4096, --small 1024)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = settings(args.quick)
+    if args.n:
+        cfg["n"] = args.n
     t_start = time.perf_counter()
     p = make_problem(cfg["n"])
     log(f"GMM D=16 K=8, {cfg['n']} samples, VP SDE, t_eps={p.t_eps:g}: reference ...")
@@ -769,15 +769,13 @@ def main(argv: list[str] | None = None) -> None:
     study_md, study_out = run_study(p, cfg) if args.study else ("", None)
     total = time.perf_counter() - t_start
     print_report(p, cfg, args, tables, cache, goals_md, study_md, t_main, total)
+    doc = dict(config=cfg, argv=argv, reference=ri, target=TARGET,
+               rows=[r.__dict__ for rows in tables.values() for r in rows],
+               scans=[dict(r.__dict__, key=list(k)) for k, r in cache.items()],
+               cheapest={f"{k[0]}/{k[1]}": (v[0].__dict__ if v[0] else None) for k, v in g.items()},
+               goals=summary, study=study_out, main_s=t_main, total_s=total)
     if args.json:
-        doc = dict(config=cfg, argv=sys.argv[1:], reference=ri, target=TARGET,
-                   rows=[r.__dict__ for rows in tables.values() for r in rows],
-                   scans=[dict(r.__dict__, key=list(k)) for k, r in cache.items()],
-                   cheapest={f"{k[0]}/{k[1]}": (v[0].__dict__ if v[0] else None) for k, v in g.items()},
-                   goals=summary, study=study_out, main_s=t_main, total_s=total)
         args.json.write_text(json.dumps(doc, indent=1, default=str))
         log(f"wrote {args.json}")
+    return doc
 
-
-if __name__ == "__main__":
-    main()

@@ -1,4 +1,3 @@
-#!/usr/bin/env python
 """What `pflatents analyze` says on two real cases: the digits demo and natural-image patches.
 
 - ``digits``: ``pflatents demo --out DIR`` (trains the demo MLP on the 1797 sklearn digits, extracts,
@@ -14,14 +13,13 @@ coordinates, the prior-decode tests, and the three answers.
 
 Usage::
 
-    python benchmarks/analysis_cases.py --out benchmarks/out/cases            # both cases
-    python benchmarks/analysis_cases.py --cases patches --patches 6000 --train-steps 400
+    python -m benchmarks analysis_cases                                   # both cases
+    python -m benchmarks analysis_cases --cases patches --patches 6000 --train-steps 400
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time
@@ -100,14 +98,14 @@ def patches_case(out: Path, n: int, steps: int) -> dict:
     return figures("sample-photo patches, mean removed", stored_summary(d / "p.zarr"))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--out", default="benchmarks/out/cases")
+def main(argv: list[str] | None = None):
+    ap = argparse.ArgumentParser(prog="python -m benchmarks analysis_cases", description=__doc__.splitlines()[0])
+    ap.add_argument("--workdir", default="benchmarks/out/cases", help="where the models and stores go (kept)")
     ap.add_argument("--cases", nargs="+", default=["digits", "patches"], choices=["digits", "patches"])
     ap.add_argument("--patches", type=int, default=8000, help="number of patches (half from each photo)")
     ap.add_argument("--train-steps", type=int, default=600)
-    a = ap.parse_args()
-    out = Path(a.out).resolve()
+    a = ap.parse_args(argv)
+    out = Path(a.workdir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     if "digits" in a.cases:
@@ -122,8 +120,5 @@ def main() -> None:
         print(f"\n**{r['case']}**")
         for q, text in r["answers"].items():
             print(f"- {q}: {text}")
-    (out / "cases.json").write_text(json.dumps(rows, indent=1))
+    return rows
 
-
-if __name__ == "__main__":
-    main()

@@ -1,0 +1,1 @@
+"""Benchmark cases: one module each, ``main(argv) -> result`` printing Markdown to stdout (benchmarks/suite.py)."""

@@ -1,0 +1,2 @@
+"""Helpers the benchmark cases share: records and tables (report), learned models and their float64
+references (learned_models)."""
