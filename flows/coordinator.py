@@ -107,11 +107,11 @@ def open_data(job: Job) -> Source:
     src = open_source(data_spec(job.data), **options)
     if "channels" in options or "channels" not in source_kind(src.spec)[0].options or src.sample_shape[0] != 3:
         return src
-    from pflatents.tasks.config import choose_sde
+    from pflatents.tasks.config import job_sde
     from pflatents.tasks.models.registry import model_info
 
     try:
-        dim = model_info(model_spec(job.model), choose_sde(job.sde, job.model)).dim
+        dim = model_info(model_spec(job.model), job_sde(job)).dim
     except InputError:
         return src  # build_config names the model's problem
     per_channel = _sample_nbytes(src) // 4 // 3

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pflatents.tasks.data.registry import specs_help
 from pflatents.tasks.errors import InputError
 
-__all__ = ["JobSettings", "ExtractConfig", "DataSpec", "ModelSpec", "SDESpec", "SolverSpec", "migrate", "CONFIG_FORMAT", "build_config", "sde_from_dict", "solver_from_dict", "validation_message"]
+__all__ = ["JobSettings", "ExtractConfig", "DataSpec", "ModelSpec", "SDESpec", "SolverSpec", "migrate", "CONFIG_FORMAT", "build_config", "job_sde", "sde_from_dict", "solver_from_dict", "validation_message"]
 
 
 SOURCE_OPTIONS = ("resolution", "channels", "interpolation", "skip_bad", "image_key", "label_key", "image_column",
@@ -46,7 +46,10 @@ class JobSettings(BaseModel):
     data: str = Field(description=specs_help())
     model: str = Field(description="gmm:params.json | checkpoint dir | diffusers:DIR")
     out: str = Field(description="output store (path or fsspec URL, e.g. s3://bucket/x.zarr)")
-    sde: Literal["vp", "ve", "edm", "flow"] = Field("vp", description="the SDE family (a trained model runs under its own; flow: x_t = (1 - t) x0 + t eps)")
+    sde: Literal["vp", "ve", "edm", "flow"] = Field("vp", description="the SDE family (default: the model's own, which a "
+                                                                     "checkpoint, a diffusers folder's scheduler or a py: "
+                                                                     "declaration gives; vp for a gmm; flow: x_t = "
+                                                                     "(1 - t) x0 + t eps)")
     t_eps: float = Field(1e-4, gt=0, description="integrate from t_eps (not 0); 1e-4: VP sigma 3.2e-3, below half an "
                                                 "8-bit step, and the learned-model benchmark's error at 1e-5..1e-3 "
                                                 "alike")
@@ -398,20 +401,30 @@ def sde_from_dict(d: dict):
     return _from_dict(d)
 
 
-def choose_sde(sde_name: str, model_spec: str):
-    """The SDE to integrate under: a model trained under its own SDE (checkpoint, diffusers) runs under it.
+def choose_sde(sde_name: str, model_spec: str, explicit: bool = True):
+    """The SDE to integrate under: a model that declares its own (a checkpoint, a diffusers folder's
+    scheduler: vp or flow, a ``py:`` declaration) runs under it; ``sde_name`` only for models that take
+    any (gmm).
 
-    ``--sde`` must name its family (``vp`` also selects a diffusers model's discrete VP schedule)."""
+    Without an explicit ``--sde`` (``explicit=False``) the model's own SDE is taken, so a flow-matching
+    folder runs as a flow with no flag; an explicit ``--sde`` must name its family (``vp`` also selects
+    a diffusers model's discrete VP schedule)."""
     from pflatents.tasks.models.registry import native_sde
     from pflatents.tasks.ode.sde import make_sde
 
     native = native_sde(model_spec)
     if native is None:
         return make_sde(sde_name)
-    if sde_name == native.name or (sde_name == "vp" and native.name == "vp_discrete"):
+    if not explicit or sde_name == native.name or (sde_name == "vp" and native.name == "vp_discrete"):
         return native
+    own = "vp" if native.name == "vp_discrete" else native.name
     raise InputError(f"the model {model_spec} was trained under the {native.name} SDE; --sde {sde_name} does "
-                     f"not match it (use --sde {'vp' if native.name == 'vp_discrete' else native.name})")
+                     f"not match it (use --sde {own}, or leave --sde out: a model runs under its own SDE)")
+
+
+def job_sde(job: JobSettings):
+    """The SDE ``job`` runs under (``choose_sde``): ``--sde`` counts as given only when it was set."""
+    return choose_sde(job.sde, job.model, explicit="sde" in job.model_fields_set)
 
 
 def solver_from_dict(d: dict):
@@ -531,7 +544,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard size must be an integer >= 1; got {shard_size!r}")
-    sde = choose_sde(job.sde, job.model)
+    sde = job_sde(job)
     sde.check_t_eps(job.t_eps)
     info = model_info(job.model, sde)
     class_label = _class_label(job, pinned)

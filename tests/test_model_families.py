@@ -216,3 +216,59 @@ def test_flow_scheduler_variants(diffusers_mod, tmp_path):
     root2 = T.save_pipeline(tmp_path / "g", T.flow_unet(diffusers_mod), _ddpm(diffusers_mod))
     with pytest.raises(ModelError, match="run it under that SDE .*--sde vp"):
         load_model(f"diffusers:{root2}", FlowSDE())
+
+
+# ---- a flow folder declares its SDE: no --sde needed ------------------------------------------------
+
+def test_a_flow_folder_runs_under_its_own_sde_without_the_flag(diffusers_mod, flow_dir, tmp_path):
+    """Without --sde the job takes the folder's flow SDE (pinned resolved); an explicit --sde vp is refused
+    naming both; an explicit --sde flow is the same job."""
+    from pflatents.flows.coordinator import Job, prepare
+    from pflatents.tasks.errors import InputError
+
+    np.save(tmp_path / "x.npy", np.zeros((2, 1, 8, 8), np.float32))
+    job = dict(data=str(tmp_path / "x.npy"), model=f"diffusers:{flow_dir}", out=str(tmp_path / "o.zarr"))
+    plain = prepare(Job(**job).resolved()).cfg
+    assert plain.sde.name == "flow" and plain == prepare(Job(**job, sde="flow").resolved()).cfg
+    with pytest.raises(InputError, match=r"flow SDE; --sde vp does not match it \(use --sde flow, or leave --sde out"):
+        prepare(Job(**job, sde="vp").resolved())
+
+
+def test_extract_cli_flow_folder_without_sde(diffusers_mod, flow_dir, tmp_path, prefect_api, capsys):
+    """`pflatents extract --model diffusers:FLOW_DIR` with no --sde: the store pins the flow SDE and holds
+    the latents of the same run with --sde flow, bit for bit; --sde ve is exit 2 with nothing written."""
+    import zarr
+
+    from pflatents.flows.cli import main
+    from pflatents.storage import LatentStore
+
+    x = np.random.default_rng(5).uniform(-1, 1, (4, 1, 8, 8)).astype(np.float32)
+    np.save(tmp_path / "x.npy", x)
+    base = ["extract", "--data", str(tmp_path / "x.npy"), "--model", f"diffusers:{flow_dir}", "--no-progress"]
+    assert main(base + ["--out", str(tmp_path / "auto.zarr")]) == 0
+    assert main(base + ["--sde", "flow", "--out", str(tmp_path / "flag.zarr")]) == 0
+    assert LatentStore.open(str(tmp_path / "auto.zarr"), mode="r").config["sde"]["name"] == "flow"
+    z_auto, z_flag = (zarr.open_group(str(tmp_path / n), mode="r")["latents"][:] for n in ("auto.zarr", "flag.zarr"))
+    assert np.isfinite(z_auto).all() and np.array_equal(z_auto, z_flag)
+    capsys.readouterr()
+    assert main(base + ["--sde", "ve", "--out", str(tmp_path / "bad.zarr")]) == 2
+    assert not (tmp_path / "bad.zarr").exists() and "--sde ve does not match" in capsys.readouterr().err
+
+
+def test_a_vae_flow_folder_integrates_its_networks_velocity(diffusers_mod, tmp_path):
+    """VAE + flow-matching UNet: the latent-space PF-ODE is the UNet's velocity, finite at t = 1 (the
+    score-derived default is not), so the latent equals scipy's flow of the VAE's encoding."""
+    unet = T.flow_unet(diffusers_mod, channels=4)
+    root = T.save_pipeline(tmp_path / "lf", unet, diffusers_mod.FlowMatchEulerDiscreteScheduler(num_train_timesteps=20),
+                           T.vae(diffusers_mod))
+    spec = f"diffusers:{root}"
+    sde = native_sde(spec)
+    assert sde.name == "flow"
+    model = load_model(spec, sde, precision="fp64")
+    px = torch.from_numpy(np.random.default_rng(6).uniform(-1, 1, (2, 3, 16, 16)))
+    res = encode(model, sde, px, TIGHT)
+    assert (res.status == 0).all() and torch.isfinite(res.x).all()
+    lat = model.encode_data(px).reshape(2, -1).numpy()
+    v = T.torch_fn(unet, (4, 8, 8), lambda m, x, lab, c: m(x, lab * 20.0).sample)
+    ref = T.flow_reference(v, lat, TIGHT.t_eps, 1.0)
+    np.testing.assert_allclose(res.x.reshape(2, -1).numpy(), ref, rtol=0, atol=ATOL)
