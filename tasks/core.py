@@ -22,7 +22,8 @@ import torch
 
 from pflatents.tasks.errors import DataError
 
-__all__ = ["Batch", "Cond", "Model", "ModelBase", "ScoreFunction", "as_model", "bcast", "cond_tensor", "take_cond"]
+__all__ = ["Batch", "Cond", "Model", "ModelBase", "ScoreFunction", "as_model", "bcast", "check_cond", "cond_tensor",
+           "take_cond"]
 
 Cond = Optional[torch.Tensor]  # None or int64 (batch,): one class label per row
 
@@ -74,6 +75,18 @@ def cond_tensor(labels: Optional[np.ndarray], device: torch.device | str = "cpu"
     if labels is None:
         return None
     return torch.as_tensor(np.asarray(labels, dtype=np.int64), device=device)
+
+
+def check_cond(cond: Cond, num_classes: int, what: str) -> None:
+    """A class-conditional network's labels, checked before it is called: present, and each one of its
+    ``num_classes`` classes. ``what`` names the network in the message (e.g. "this UNet2DModel")."""
+    if cond is None:
+        raise DataError(f"{what} is class-conditional ({num_classes} classes) and was called without labels: "
+                        "give data with labels, or --class-label K for all samples")
+    out = (cond < 0) | (cond >= num_classes)
+    if bool(out.any()):
+        raise DataError(f"class label {int(cond[out][0])} is out of range for {what} with {num_classes} classes "
+                        f"(0..{num_classes - 1})")
 
 
 def take_cond(cond: Cond, rows: torch.Tensor | slice) -> Cond:

@@ -46,7 +46,7 @@ from typing import Optional
 
 import torch
 
-from pflatents.tasks.core import Cond
+from pflatents.tasks.core import Cond, check_cond
 from pflatents.tasks.errors import DataError, ModelError
 from pflatents.tasks.models.adapters import DeviceNet, X0Score
 from pflatents.tasks.models.flow import VelocityScore
@@ -209,12 +209,7 @@ def _net_call(info: _Net):
 
     def call(module, x, timestep, cond: Cond = None):
         if n is not None:
-            if cond is None:
-                raise DataError(f"this {info.cls} is class-conditional ({n} classes) and was called without labels: "
-                                "give data with labels, or --class-label K for all samples")
-            if bool(((cond < 0) | (cond >= n)).any()):
-                bad = int(cond[(cond < 0) | (cond >= n)][0])
-                raise DataError(f"class label {bad} is out of range for this {info.cls} with {n} classes (0..{n - 1})")
+            check_cond(cond, n, f"this {info.cls}")
         if unet:
             out = module(x, timestep, class_labels=cond).sample
         else:

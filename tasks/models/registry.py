@@ -30,7 +30,7 @@ from pflatents.tasks.models.scores import GaussianMixtureScore
 from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["ModelKind", "MODEL_KINDS", "model_kind", "is_exact", "exact_kind", "absolute_model_spec", "ModelInfo", "resolve_model_spec", "model_info", "load_model", "resolve_device", "native_sde",
-           "is_pickle_file"]
+           "is_pickle_file", "files_stamp"]
 
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".bin")
 
@@ -235,17 +235,23 @@ def absolute_model_spec(spec: str) -> str:
     return str(_abs(spec)) if Path(spec).expanduser().exists() else spec
 
 
-def _file_stamp(spec: str) -> tuple:
-    """(name, mtime_ns, size) of each file a model reads, so an edited model is never served from the cache."""
-    kind, rest = model_kind(spec)
+def files_stamp(files) -> tuple:
+    """(name, mtime_ns, size) of each of ``files`` that exists: a process cache keyed by it never serves
+    a model whose files were edited."""
     stamp = []
-    for f in kind.files(rest):
+    for f in files:
         try:
             st = f.stat()
             stamp.append((str(f), st.st_mtime_ns, st.st_size))
         except OSError:
             pass
     return tuple(stamp)
+
+
+def _file_stamp(spec: str) -> tuple:
+    """The stamp of the files a model reads (``files_stamp``)."""
+    kind, rest = model_kind(spec)
+    return files_stamp(kind.files(rest))
 
 
 @functools.lru_cache(maxsize=8)

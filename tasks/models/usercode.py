@@ -42,8 +42,8 @@ from typing import Any, Optional
 
 import torch
 
-from pflatents.tasks.core import Cond
-from pflatents.tasks.errors import DataError, ModelError
+from pflatents.tasks.core import Cond, check_cond
+from pflatents.tasks.errors import ModelError
 from pflatents.tasks.models.adapters import DeviceNet, X0Score
 from pflatents.tasks.models.flow import VelocityScore
 from pflatents.tasks.models.scores import EpsScore, NetworkModel, VScore
@@ -222,14 +222,9 @@ def _load_weights(module: torch.nn.Module, weights: str, target: str, rest: str)
 
 
 def _stamp(rest: str) -> tuple:
-    out = []
-    for f in user_files(rest):
-        try:
-            st = f.stat()
-            out.append((str(f), st.st_mtime_ns, st.st_size))
-        except OSError:
-            pass
-    return tuple(out)
+    from pflatents.tasks.models.registry import files_stamp
+
+    return files_stamp(user_files(rest))
 
 
 def user_sde(rest: str) -> SDE:
@@ -252,12 +247,7 @@ def _call(num_classes: Optional[int]):
     def call(module, x, label, cond: Cond = None):
         if num_classes is None:
             return module(x, label)
-        if cond is None:
-            raise DataError(f"this model is class-conditional ({num_classes} classes) and was called without labels: "
-                            "give data with labels, or --class-label K for all samples")
-        if bool(((cond < 0) | (cond >= num_classes)).any()):
-            bad = int(cond[(cond < 0) | (cond >= num_classes)][0])
-            raise DataError(f"class label {bad} is out of range for this model with {num_classes} classes")
+        check_cond(cond, num_classes, "this model")
         return module(x, label, cond)
 
     return call
