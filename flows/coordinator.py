@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from pflatents.tasks.config import ExtractConfig, JobSettings, build_config
+from pflatents.tasks.config import ExtractConfig, JobSettings, build_config, job_batch_size
 from pflatents.storage import (
     LatentStore,
     NotAStoreError,
@@ -81,7 +81,7 @@ def prepare(job: Job) -> Prepared:
 
     A growing source (``npydir:``) is always incremental. Incremental jobs scan only new samples
     for NaN/Inf, under the lock (``grow_to_source``); fixed jobs scan everything here. Without an
-    explicit shard size an existing store keeps the one it was made with (the default depends on
+    explicit shard size (batch size) an existing store keeps the one it was made with (the default depends on
     the data's length, which grows); a new store gets chunks of ~8 MiB, clipped to N, and at least one
     batch (``batch_size`` samples; a GPU needs batches of thousands, 682 samples of 32x32x3 fill 8 MiB),
     so every shard task integrates full batches.
@@ -91,11 +91,11 @@ def prepare(job: Job) -> Prepared:
     if not incremental:
         src.check_finite()
     url = store_url(job.out)
+    pinned = _pinned_config(url)  # --latent-tol reuses its pilot; --compile auto takes the store's mode
     shard_size = job.shard_size
     if shard_size is None:
         shard_size = _pinned_shard_size(url) or max(default_shard_size(_sample_nbytes(src), len(src)),
-                                                    min(job.batch_size, len(src)))
-    pinned = _pinned_config(url)  # --latent-tol reuses its pilot; --compile auto takes the store's mode
+                                                    min(job_batch_size(job, pinned), len(src)))
     cfg = build_config(job, source=src, shard_size=shard_size, incremental=incremental, pinned=pinned)
     return Prepared(job=job, url=url, src=src, cfg=cfg, shard_size=shard_size)
 

@@ -31,11 +31,25 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pflatents.tasks.data.registry import specs_help
 from pflatents.tasks.errors import InputError
 
-__all__ = ["JobSettings", "ExtractConfig", "DataSpec", "ModelSpec", "SDESpec", "SolverSpec", "migrate", "CONFIG_FORMAT", "build_config", "job_sde", "sde_from_dict", "solver_from_dict", "validation_message"]
+__all__ = ["JobSettings", "ExtractConfig", "DataSpec", "ModelSpec", "SDESpec", "SolverSpec", "migrate", "CONFIG_FORMAT", "build_config",
+           "job_sde", "DEFAULT_BATCH_SIZE", "job_batch_size", "sde_from_dict", "solver_from_dict", "validation_message"]
 
 
 SOURCE_OPTIONS = ("resolution", "channels", "interpolation", "skip_bad", "image_key", "label_key", "image_column",
                   "label_column", "id_column")
+
+
+DEFAULT_BATCH_SIZE = 1024  # samples integrated together when neither the job nor an existing store says
+
+
+def job_batch_size(job: "JobSettings", pinned: Optional[Mapping[str, Any]] = None) -> int:
+    """The batch size to pin: the job's, else the existing store's (like its shard size: a store made
+    with another batch size continues with the default flags), else ``DEFAULT_BATCH_SIZE``. An explicit
+    batch size that differs from the store's is refused by the store's config check, naming both."""
+    if job.batch_size is not None:
+        return job.batch_size
+    size = (pinned or {}).get("batch_size")
+    return size if isinstance(size, int) and not isinstance(size, bool) and size >= 1 else DEFAULT_BATCH_SIZE
 
 
 class JobSettings(BaseModel):
@@ -68,7 +82,8 @@ class JobSettings(BaseModel):
     grid: str = Field("logsnr", description="time grid of fixed-step solvers: logsnr | edm | time")
     shard_size: Optional[int] = Field(None, ge=1, description="samples per shard (default: chunks of ~8 MiB and at "
                                                              "least one batch; an existing store keeps its own)")
-    batch_size: int = Field(1024, ge=1, description="samples integrated together")
+    batch_size: Optional[int] = Field(None, ge=1, description=f"samples integrated together (default "
+                                                             f"{DEFAULT_BATCH_SIZE}; an existing store keeps its own)")
     dtype: Literal["float32", "float64"] = Field("float32", description="dtype of the ODE state")
     precision: Optional[Literal["fp32", "tf32", "bf16", "fp64"]] = Field(
         None, description="network evaluation: fp32 | tf32 | bf16 | fp64 (default fp64 with --dtype float64, "
@@ -576,6 +591,6 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     if job.latent_tol is not None:
         scfg, pilot = _latent_tol(job, scfg, sde, source, precision, pinned)
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=kept or scfg.to_dict(),
-                         shard_size=shard_size, batch_size=job.batch_size, dtype=job.dtype, precision=precision,
+                         shard_size=shard_size, batch_size=job_batch_size(job, pinned), dtype=job.dtype, precision=precision,
                          compile=_compile_mode(job.compile, info.kind, pinned),
                          pilot=pilot, class_label=class_label)
