@@ -27,6 +27,8 @@ from pflatents.storage.layout import shard_label
 from pflatents.tasks.errors import InputError
 from pflatents.tasks.wrappers.extract import (ShardGroupFailed, done_summary, integrate_shards,
                                               retry_shard_samples)
+from pflatents.tasks.wrappers.pilot import run_name as pilot_run_name, run_pilot
+from pflatents.tasks.ode.pilot import pending as pilot_pending
 
 __all__ = ["extract", "make_runner", "ShardsFailed", "shards_per_task", "MAX_TASKS", "BATCHES_PER_TASK"]
 
@@ -109,6 +111,9 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
             request_gpu: bool = False, retry_samples: bool = False, shards_per_task: int = 1):
     """Encode the given shards of a store's pinned job; FAILED (naming shard ids) if any shard fails.
 
+    A store pinned with a pending ``--latent-tol`` pilot first runs the pilot task (``pilot: latent-tol
+    E`` in the dashboard), which pins the chosen solver; the shards then run with it.
+
     Each task covers ``shards_per_task`` consecutive ids of ``shard_ids``; its shards are recorded,
     counted and reported one by one. ``retry_samples`` also re-integrates, with a stricter setting,
     the flagged samples of done shards (one task per shard).
@@ -124,11 +129,20 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
     store = LatentStore.open(store_url)
     lease = store.lock_token()
     store.fence(lease)
+    opts = {"retries": retries, "retry_delay_seconds": 1}
+    pilot = None
+    if pilot_pending(store.config.get("pilot")):
+        # --latent-tol: the pilot chooses the solver and pins it before any shard runs
+        target = store.config["pilot"]["target"]
+        with _gpu_annotation(request_gpu), dashboard.untagged():
+            pilot = run_pilot.with_options(task_run_name=pilot_run_name(target)).submit(
+                store_url, device, lease).result()
+        store = LatentStore.open(store_url)
+        store.fence(lease)
     retry_ids = [i for i in store.shards_with_failed_samples() if i not in set(shard_ids)] if retry_samples else []
     k = max(1, int(shards_per_task))
     groups = [list(shard_ids[i:i + k]) for i in range(0, len(shard_ids), k)]
     t0 = time.perf_counter()
-    opts = {"retries": retries, "retry_delay_seconds": 1}
     with _gpu_annotation(request_gpu), dashboard.untagged():
         futures = {integrate_shards.with_options(task_run_name=dashboard.shards_run_name("integrate", g),
                                                  **opts).submit(store_url, g, device, lease): g for g in groups}
@@ -169,6 +183,8 @@ def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries:
                "seconds": wall, "samples_per_s": n_samples / wall if wall > 0 else 0.0,
                "mean_nfe": nfe["nfe_sum"] / n_samples if n_samples else 0.0, "samples_failed": samples_failed,
                "retried_sample_shards": retry_ids, "nfe": _nfe_summary(nfe, n_samples), "devices": sorted(devices)}
+    if pilot is not None:
+        summary["pilot"] = pilot
     logger.info(f"{n_samples} samples in {wall:.1f} s ({summary['samples_per_s']:.0f} samples/s), "
                 f"mean NFE {summary['mean_nfe']:.1f}, {len(failures)} failed shard(s), "
                 f"{samples_failed} flagged sample(s)")

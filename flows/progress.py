@@ -9,7 +9,7 @@ training (steps, with the smoothed loss).
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Any, Callable
 
 __all__ = ["hooks", "bar", "steps", "step_done"]
 
@@ -32,21 +32,28 @@ class bar:
 
     ``fields`` names extra columns shown as ``name value`` (e.g. ``loss``); with ``disabled`` the
     update is a no-op and nothing is printed. Updates with fields are throttled to 10 per second.
+    ``rows`` (label, total) are extra rows above the main one (the extract's pilot step); their updaters
+    are ``update.rows[label](completed=..., total=...)``.
     """
 
-    def __init__(self, total: int, label: str, disabled: bool = False, fields: tuple[str, ...] = ()) -> None:
-        self.total, self.label, self.disabled, self.fields = total, label, disabled, fields
+    def __init__(self, total: int, label: str, disabled: bool = False, fields: tuple[str, ...] = (),
+                 rows: tuple[tuple[str, int], ...] = ()) -> None:
+        self.total, self.label, self.disabled, self.fields, self.rows = total, label, disabled, fields, rows
 
     def __enter__(self) -> Callable[..., None]:
         if self.disabled:
-            return lambda *a, **k: None
+            noop: Any = lambda *a, **k: None  # noqa: E731
+            noop.rows = {label: noop for label, _ in self.rows}
+            return noop
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         extra = [TextColumn(f"{f} {{task.fields[{f}]}}") for f in self.fields]
-        self.p = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(), *extra, TimeRemainingColumn(),
+        self.p = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), *extra, TimeRemainingColumn(),
                           console=Console(stderr=True))
         self.p.start()
+        rows = {label: self._row(self.p.add_task(label, total=n, **dict.fromkeys(self.fields, "")))
+                for label, n in self.rows}
         tid = self.p.add_task(self.label, total=self.total, **dict.fromkeys(self.fields, "-"))
         last = [0.0]
 
@@ -58,7 +65,15 @@ class bar:
                 last[0] = now
             self.p.update(tid, advance=advance or None, completed=completed, **fields)
 
+        update.rows = rows  # type: ignore[attr-defined]
         return update
+
+    def _row(self, tid) -> Callable[..., None]:
+        """The updater of an extra row: ``row(completed=..., total=...)``."""
+        def row(advance: int = 0, completed: int | None = None, total: int | None = None) -> None:
+            self.p.update(tid, advance=advance or None, completed=completed, total=total)
+
+        return row
 
     def __exit__(self, *exc) -> None:
         if not self.disabled:

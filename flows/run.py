@@ -84,9 +84,10 @@ def extract_job(job, run: RunSettings, *, command: str = "extract", say: Callabl
         say(f"skipped {len(skipped)} unreadable image(s) (--skip-bad; all listed in the store's config, "
             f"data.options.skipped): {listed}{' ...' if len(skipped) > 20 else ''}")
     if p.cfg.pilot is not None:
-        from pflatents.tasks.ode.pilot import describe
+        from pflatents.tasks.ode.pilot import describe, pending
 
-        say(describe(p.cfg.pilot))
+        if not pending(p.cfg.pilot):  # a pending pilot runs as the flow's first step and is described then
+            say(describe(p.cfg.pilot))
     run.check()
     grow = (lambda store: grow_to_source(store, p.src)) if p.incremental else None
     return run_pending(lambda: make_store(p), p.url, run, command=command, grow=grow, say=say, progress=progress)
@@ -169,10 +170,19 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         n_pending += sum(int(records[i]["samples_failed"]) for i in flagged)
         name = dashboard.job_run_name(command, url, n_run, len(pending))
         t0 = time.perf_counter()
-        with prog.bar(n_pending, "encoding", disabled=not progress) as update, \
+        from pflatents.tasks.ode.pilot import pending as pilot_pending
+        from pflatents.tasks.wrappers import pilot as pilot_task
+
+        pilot = store.config.get("pilot")
+        pilot_row = (pilot_task.run_name(pilot["target"]),) if pilot_pending(pilot) else ()
+        with prog.bar(n_pending, "encoding", disabled=not progress, rows=tuple((r, 1) for r in pilot_row)) as update, \
                 dashboard.ServerWatch(api_url, url, command) as watch:
             hook = lambda n, info: update(advance=n)  # noqa: E731
             prog.hooks.append(hook)
+            pilot_hook = None
+            if pilot_row:
+                pilot_hook = lambda done, total, what: update.rows[pilot_row[0]](completed=done, total=total)  # noqa: E731
+                pilot_task.hooks.append(pilot_hook)
             try:
                 flow = ex.extract.with_options(task_runner=ex.make_runner(run.runner, run.workers),
                                                flow_run_name=name)
@@ -182,6 +192,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
                     summary = flow(store_url=url, shard_ids=pending, device=run.device, retries=run.retries,
                                    request_gpu=gpu, retry_samples=run.retry_samples, shards_per_task=k)
             except ex.ShardsFailed as e:
+                _say_pilot(url, pilot_row, say)
                 return Outcome(False, str(e) + watch.dropped_note(), url, base)
             except Exception as e:
                 if not (watch.lost.is_set() or dashboard.is_server_error(e)):
@@ -192,6 +203,9 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
                     return Outcome(False, summary, url, base)
             finally:
                 prog.hooks.remove(hook)
+                if pilot_hook is not None:
+                    pilot_task.hooks.remove(pilot_hook)
+        _say_pilot(url, pilot_row, say)
         store.publish()
         n_samples = store.n_samples
     msg = (f"done: {summary['samples']} samples in {summary['seconds']:.1f} s "
@@ -203,6 +217,18 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
         msg += (f"\n{summary['samples_failed']} sample(s) could not be integrated (step limit or non-finite): "
                 f"stored flagged with NaN latents; `pflatents resume --retry-samples {url}` retries them")
     return Outcome(True, msg, url, {**summary, **base, "n_samples": n_samples})
+
+
+def _say_pilot(url: str, pilot_row: tuple, say: Callable[[str], None]) -> None:
+    """After a run that started with a pending pilot: say what the pilot chose (read from the store)."""
+    if not pilot_row:
+        return
+    from pflatents.storage import LatentStore
+    from pflatents.tasks.ode.pilot import describe, pending
+
+    rec = LatentStore.open(url, mode="r").config.get("pilot")
+    if rec and not pending(rec):
+        say(describe(rec))
 
 
 def _without_server(store, pending: list[int], watch, seconds: float) -> dict[str, Any] | str:

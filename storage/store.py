@@ -169,6 +169,16 @@ class LatentStore(ShardRecords, ShardVerify, Growth):
         self._put_meta()
         return True
 
+    def pin_config(self, config: Mapping[str, Any]) -> None:
+        """Replace the pinned config before any shard ran: a step of the job that settles a setting first
+        (the ``--latent-tol`` pilot's choice of solver), under the coordinator's lock (a fenced handle).
+        One attrs write; refused once a shard has a record (its latents were made under the old config)."""
+        self._check_writable()
+        if self.shard_records():
+            raise StoreError(f"store {self.url} already has shard records; its pinned config cannot change")
+        self.meta.update(config=to_json(config), config_hash=config_hash(config))
+        self._put_meta()
+
     @property
     def config_hash(self) -> str:
         """SHA-256 of the canonical JSON of the pinned config."""

@@ -94,9 +94,11 @@ class JobSettings(BaseModel):
     incremental: bool = Field(False, description="the data may grow: extract only samples new since the last run "
                                                  "into the same store (always on for npydir:DIR)")
     latent_tol: Optional[float] = Field(
-        None, gt=0, description="per-sample latent error (p99, max-abs) wanted: a pilot on 128 seeded samples picks "
-                                "the cheapest setting (dopri5 tolerance or rk4 steps) meeting it against a float64 "
-                                "run, or says none does; pinned; explicit --solver/--rtol/--atol/--steps win")
+        None, gt=0, description="per-sample latent error (p99, max-abs) wanted: the job's first step, a pilot, picks "
+                                "the cheapest setting of every solver and grid (steps, tolerances) whose p99 on 128 "
+                                "seeded samples is at most E/2 against a float64 run, checked on 128 others (<= E, "
+                                "else one rung more accurate), or says none does; pinned with its curve "
+                                "(`pflatents status`); explicit --solver/--rtol/--atol/--steps win")
     # options of the image sources (imagefolder:, wds:, parquet:); pinned with the data spec
     resolution: Optional[int] = Field(
         None, ge=1, description="image sources: resize each image's short side to R and centre-crop it to R x R "
@@ -457,20 +459,21 @@ def solver_from_dict(d: dict):
     return SolverConfig(**d)
 
 
-def _latent_tol(job: JobSettings, scfg, sde, source, precision: str, pinned: Optional[dict[str, Any]]):
+def _latent_tol(job: JobSettings, scfg, pinned: Optional[dict[str, Any]]):
     """(solver config, pinned pilot record) for ``--latent-tol``: explicit solver flags win; a store that
-    pinned a pilot for the same target and t_eps reuses its choice; otherwise the pilot runs."""
+    pinned a pilot for the same target and t_eps reuses its choice (or its pending record, with the same
+    placeholder solver); otherwise the record is pending: the extract flow's pilot task runs the pilot
+    before any shard and pins its choice (``pflatents.tasks.wrappers.pilot``). Nothing runs here."""
+    from pflatents.tasks.ode.pilot import pending, pending_record
+
     explicit = sorted({"solver", "rtol", "atol", "steps"} & job.model_fields_set)
     if explicit:
         return scfg, {"target": job.latent_tol, "skipped": "explicit --" + ", --".join(explicit)}
     old = (pinned or {}).get("pilot") or {}
-    if old.get("target") == job.latent_tol and old.get("choice") and old["choice"].get("t_eps") == job.t_eps:
+    if (old.get("target") == job.latent_tol and old.get("choice") and old["choice"].get("t_eps") == job.t_eps
+            and not pending(old)):
         return solver_from_dict(old["choice"]), old
-    from pflatents.tasks.models.registry import load_model
-    from pflatents.tasks.ode import pilot
-
-    work, hi = load_model(job.model, sde, precision), load_model(job.model, sde, "fp64")
-    return pilot.latent_pilot(work, hi, sde, source, job.t_eps, job.dtype, job.latent_tol)
+    return scfg, pending_record(job.latent_tol)
 
 
 SOLVER_FLAGS = frozenset({"solver", "rtol", "atol", "steps", "grid", "t_eps", "control"})
@@ -589,7 +592,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     precision = _precision(job, info.kind, pinned)
     pilot = None
     if job.latent_tol is not None:
-        scfg, pilot = _latent_tol(job, scfg, sde, source, precision, pinned)
+        scfg, pilot = _latent_tol(job, scfg, pinned)
     return ExtractConfig(data=data, model=info.to_dict(), sde=sde.to_dict(), solver=kept or scfg.to_dict(),
                          shard_size=shard_size, batch_size=job_batch_size(job, pinned), dtype=job.dtype, precision=precision,
                          compile=_compile_mode(job.compile, info.kind, pinned),

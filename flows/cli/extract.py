@@ -87,5 +87,13 @@ def cmd_status(a: argparse.Namespace) -> int:
               f"{st['shards_with_failed_samples']}; `pflatents resume --retry-samples {url}` retries them")
     cfg = st.get("config", {})
     if cfg:
-        print(f"config   {json.dumps(cfg, default=str)}")
+        pilot = cfg.get("pilot")
+        shown = {**cfg, "pilot": {k: v for k, v in pilot.items() if k not in ("curve", "candidates")}} if pilot else cfg
+        print(f"config   {json.dumps(shown, default=str)}")
+    if cfg.get("pilot"):
+        from pflatents.tasks.ode.pilot import curve_table, describe
+
+        print(f"pilot    {describe(cfg['pilot'])}")
+        for line in curve_table(cfg["pilot"]):
+            print(f"  {line}")
     return EXIT_OK

@@ -40,6 +40,7 @@ from prefect.cache_policies import NO_CACHE
 import numpy as np
 
 from pflatents.storage import LatentStore, ShardVerifyError, StoreLockedError
+from pflatents.tasks.errors import InputError
 from pflatents.tasks.ode.batches import encode_block
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.data.registry import stat_path
@@ -169,6 +170,9 @@ def _context(store_url: str, device: str, lease: str | None) -> ShardContext:
     store = LatentStore.open(store_url)
     store.fence(lease)
     cfg = ExtractConfig.from_store(store)
+    if (cfg.pilot or {}).get("state") == "pending":  # the extract flow runs the pilot first; never a shard before it
+        raise InputError(f"the --latent-tol pilot of {store_url} has not chosen the solver yet; run `pflatents "
+                         f"resume {store_url}` (it runs the pilot first)")
     sde, dev = cfg.make_sde(), resolve_device(device)
     return ShardContext(store, cfg, sde, dev, load_model(cfg.model.spec, sde, precision=cfg.precision,
                                                           compile=cfg.compile))
