@@ -94,7 +94,8 @@ def bench(name: str, targets: list[float], n_eval: int) -> list[dict]:
     rows, tdq = [], None
     for target in targets:
         t0 = time.perf_counter()
-        choice, rec = latent_pilot(work, hi, sde, fit, held, base, "float32", target)
+        choice, rec = latent_pilot(work, hi, sde, fit, held, base, "float32", target,
+                                   progress=lambda d, n, w: log(f"  {name} E {target:g} pilot {d}/{n} {w}"))
         wall = time.perf_counter() - t0
         log(f"  {name} E {target:g}: {describe(rec)} ({wall:.0f} s)")
         with torch.inference_mode():

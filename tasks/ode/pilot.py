@@ -358,12 +358,12 @@ def _predict(fam: Family, pts: list[tuple[int, dict]], goal: float) -> tuple[flo
     slope = (math.log(e2) - math.log(e1)) / (x2 - x1)
     x = x2 + (math.log(goal) - math.log(e2)) / slope
     n1, n2 = max(r1["nfe_mean"], 1.0), max(r2["nfe_mean"], 1.0)
-    nfe = n2 * math.exp((x - x2) * (math.log(n2) - math.log(n1)) / (x2 - x1))
+    nfe = n2 * math.exp(min(50.0, (x - x2) * (math.log(n2) - math.log(n1)) / (x2 - x1)))  # no overflow
     if not fam.adaptive:
-        steps = math.exp(x)
+        steps = math.exp(min(x, 30.0))
         rung = next((i for i, n in enumerate(STEP_LADDER) if n >= steps), len(STEP_LADDER) - 1)
     else:
-        rung = min(fam.rungs - 1, max(0, math.ceil(x / QUARTER - 4)))
+        rung = min(fam.rungs - 1, max(0, math.ceil(min(x, 1e3) / QUARTER - 4)))
     return rung, nfe
 
 
