@@ -1,7 +1,7 @@
-"""The GMM benchmark problem (benchmarks/cases/solvers.py: D = 16, K = 8, VP, exact score) under the old and new
+"""The GMM benchmark problem (benchmarks/common/gmm.py: D = 16, K = 8, VP, exact score) under the old and new
 extract defaults, and our dopri5 with local vs latent-unit control on a tolerance ladder.
 
-Reference: our dopri5 in float64 at tol 1e-10 (solvers.build_reference, checked against scipy DOP853).
+Reference: our dopri5 in float64 at tol 1e-10 (gmm.build_reference, checked against scipy DOP853).
 Errors are per-sample max-abs latent errors (p50 / p99 / max over samples), float32 state.
 
 Usage: ``python -m benchmarks gmm_defaults [--n 1024]``
@@ -18,14 +18,15 @@ import argparse  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from benchmarks.cases import solvers as B  # noqa: E402
+from benchmarks.common import gmm  # noqa: E402
+from benchmarks.common.measure import sample_err  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, encode  # noqa: E402
 
 
 def row(p, cfg: SolverConfig, label: str, rows: list[dict]) -> str:
     with torch.inference_mode():
         r = encode(p.model, p.sde, p.x0.float(), cfg)
-    e = B.sample_err(r.x, p.z_ref).numpy()
+    e = sample_err(r.x, p.z_ref).numpy()
     rows.append(dict(setting=label, t_eps=cfg.t_eps, nfe_mean=float(r.nfe.double().mean()), nfe_max=int(r.nfe.max()),
                      p50=float(np.median(e)), p99=float(np.quantile(e, .99)), max=float(e.max())))
     return (f"| {label} | {cfg.t_eps:g} | {float(r.nfe.double().mean()):.1f} | {int(r.nfe.max())} | "
@@ -41,8 +42,8 @@ def main(argv: list[str] | None = None):
     print("|---|---|---|---|---|")
     rows: list[dict] = []
     for t_eps in (1e-5, 1e-4):
-        p = B.make_problem(a.n, t_eps=t_eps)
-        B.build_reference(p, n_check=2)
+        p = gmm.make_problem(a.n, t_eps=t_eps)
+        gmm.build_reference(p, n_check=2)
         if t_eps == 1e-5:
             print(row(p, SolverConfig("dopri5", rtol=5e-7, atol=5e-7, t_eps=t_eps, time_var="t", control="local"),
                       "old default: dopri5 local, tol 5e-7", rows), flush=True)

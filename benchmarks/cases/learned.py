@@ -28,8 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -37,6 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import learned_models as L  # noqa: E402
+from benchmarks.common.measure import Counted, nfe_at, run_tdq, velocity_t  # noqa: E402
+from benchmarks.common.report import log  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, decode, encode  # noqa: E402
 from pflatents.tasks.ode.pilot import rhs_noise  # noqa: E402
 
@@ -45,50 +45,12 @@ DT = {"float32": torch.float32, "float64": torch.float64}
 TOLS = [1e-2, 3e-3, 1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 5e-7, 1e-7]
 STEPS = {"rk4": [8, 16, 32, 64, 128], "heun": [16, 32, 64, 128, 256], "dpmpp2m": [16, 32, 64, 128, 256, 512]}
 TARGETS = (1e-2, 1e-3, 1e-4)
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
-
-
-class Counted:
-    """Score wrapper counting batched calls."""
-
-    def __init__(self, model) -> None:
-        self.model, self.calls = model, 0
-
-    def __call__(self, x, t):
-        self.calls += 1
-        return self.model(x, t)
-
-
-def velocity_t(model, sde):
-    def f(t, x):
-        tb = t.to(F64).reshape(-1).expand(x.shape[0])
-        return sde.velocity(x, tb, model(x, tb))
-    return f
 
 
 def run_ours(model, sde, x, cfg: SolverConfig, direction: str):
     fn = encode if direction == "encode" else decode
     r = fn(model, sde, x, cfg)
     return r.x, float(r.nfe.double().mean()), int((~r.ok).sum())
-
-
-def run_tdq(model, sde, x, tol: float, t_eps: float, direction: str):
-    from torchdiffeq import odeint
-
-    m = Counted(model)
-    f = velocity_t(m, sde)
-    span = torch.tensor([t_eps, sde.T], dtype=F64)
-    flat = x.reshape(x.shape[0], -1)
-    g = (lambda t, y: f(t, y.reshape(x.shape)).reshape(y.shape))  # noqa: E731
-    if direction == "encode":
-        y = odeint(g, flat, span, rtol=tol, atol=tol, method="dopri5")[-1]
-    else:  # step_t makes it land on t_eps (vanilla odeint steps past it to t < 0)
-        y = odeint(g, flat, span.flip(0), rtol=tol, atol=tol, method="dopri5", options=dict(step_t=span[:1]))[-1]
-    return y.reshape(x.shape), float(m.calls), int((~torch.isfinite(y).all(1)).sum())
 
 
 def run_torchode(model, sde, x, tol: float, t_eps: float, direction: str):
@@ -144,18 +106,6 @@ def pct(e: np.ndarray) -> tuple[float, float, float]:
     return float(np.median(e)), float(np.quantile(e, 0.99)), float(e.max())
 
 
-def nfe_at(points: list[tuple[float, float]], target: float) -> float | None:
-    """NFE where p99 first crosses target (log-log interpolated), points (nfe, p99) sorted by NFE."""
-    pts = sorted(points)
-    if pts and pts[0][1] <= target:
-        return pts[0][0]
-    for (n0, e0), (n1, e1) in zip(pts, pts[1:]):
-        if e0 > target >= e1:
-            w = math.log(e0 / target) / math.log(e0 / e1)
-            return n0 * (n1 / n0) ** w
-    return None
-
-
 def bench_model(name: str, t_eps_list, dtypes, quick: bool, n: int, keep: set | None = None) -> list[dict]:
     path, test = L.trained(name, n_test=n, log=log)
     m = L.load(path)
@@ -192,10 +142,6 @@ def bench_model(name: str, t_eps_list, dtypes, quick: bool, n: int, keep: set | 
                                  method="ours dopri5, label rounded to float32", setting="tol 5e-07", nfe=nfe,
                                  p50=p50, p99=p99, max=mx, failed=bad, wall=0.0, ref_conv=floor))
     return rows
-
-
-def fe(v) -> str:
-    return "-" if v is None else f"{v:.1e}"
 
 
 def tables(rows: list[dict]) -> str:

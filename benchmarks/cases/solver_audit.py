@@ -2,7 +2,7 @@
 
     .venv/bin/python -m benchmarks solver_audit [--n 1024] [--vars t,s,sqrt_t,log_t] [--audit-tol 1e-5]
 
-Same problem as benchmarks/cases/solvers.py (GMM D = 16, K = 8, VP, t_eps = 1e-5, exact score, float64).
+Same problem as the solvers case (benchmarks/common/gmm.py: GMM D = 16, K = 8, VP, t_eps = 1e-5, exact score, float64).
 
 1. Time variables: our per-sample dopri5 on dx/du = dx/dt dt/du for u in {t, s = log(sigma/alpha),
    sqrt(t), log(t)}; tolerances tightened along the half-decade ladder until the worst latent error is
@@ -16,12 +16,16 @@ Same problem as benchmarks/cases/solvers.py (GMM D = 16, K = 8, VP, t_eps = 1e-5
 from __future__ import annotations
 
 import argparse
+
 import torch
 
-from benchmarks.cases import solvers as B  # (benchmarks/cases/solvers.py: the problem, the reference, interpolation)
+from benchmarks.common import gmm
+from benchmarks.common.measure import nfe_at
+from benchmarks.common.report import log
 from pflatents.tasks.ode import solvers as S
 
 F64 = torch.float64
+TARGET = 1e-4  # worst per-sample latent error
 LADDER = [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8]
 
 
@@ -62,10 +66,10 @@ def scan(p, name: str) -> float | None:
             r = S.solve_adaptive(G, p.x0.clone(), u0, u1, S.Control(tol, tol, max_steps=100_000))
             err = (r.y - p.z_ref).abs().amax(1).max().item()
             pts.append((r.nfe.double().mean().item(), err))
-            B.log(f"  {name} tol {tol:.0e}: NFE {pts[-1][0]:.1f}, worst latent error {err:.1e}")
-            if err <= B.TARGET:
+            log(f"  {name} tol {tol:.0e}: NFE {pts[-1][0]:.1f}, worst latent error {err:.1e}")
+            if err <= TARGET:
                 break
-    return B.nfe_at_target(pts)
+    return nfe_at(pts, TARGET)
 
 
 def audit(p, tol: float, n_show: int = 3) -> str:
@@ -113,8 +117,8 @@ def main(argv: list[str] | None = None):
     ap.add_argument("--threads", type=int, default=1)
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
-    p = B.make_problem(a.n)
-    B.build_reference(p, n_check=2)
+    p = gmm.make_problem(a.n)
+    gmm.build_reference(p, n_check=2)
     print(f"## dopri5 (per-sample control) by time variable, {a.n} samples, float64\n")
     print("| time variable | NFE at worst latent error 1e-4 (interp.) |\n|---|---|")
     scans = {}

@@ -38,19 +38,19 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import platform  # noqa: E402
-import statistics  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
-from dataclasses import dataclass, field  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from typing import Callable  # noqa: E402
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks.common.gmm import Problem, build_reference, make_problem  # noqa: E402  (the solver cases' problem)
+from benchmarks.common.measure import Counted, Timer, fe, ff, nfe_at, sample_err, velocity_t  # noqa: E402
+from benchmarks.common.report import log, md_table  # noqa: E402
 from pflatents.tasks.ode import solvers as S  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, decode, encode, make_grid, ode_func  # noqa: E402
-from pflatents.tasks.models.scores import GaussianMixtureScore  # noqa: E402
 from pflatents.tasks.ode.sde import VPSDE, _bcast  # noqa: E402
 
 F64 = torch.float64
@@ -60,80 +60,6 @@ DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # half-decade tolerance ladder for "cheapest setting that reaches TARGET" (loose to tight)
 TOL_LADDER = [1e-3, 3e-4, 1e-4, 3e-5, 1e-5, 3e-6, 1e-6, 3e-7, 1e-7, 3e-8, 1e-8, 3e-9, 1e-9]
 STEP_LADDER = [16, 32, 64, 128, 256, 512, 1024]
-
-
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:6.0f} s] {msg}", file=sys.stderr, flush=True)
-
-
-# ---- problem --------------------------------------------------------------------------------------
-
-@dataclass
-class Problem:
-    sde: VPSDE
-    model: GaussianMixtureScore
-    x0: torch.Tensor  # (N, D) float64 data
-    t_eps: float
-    z_ref: torch.Tensor | None = None
-    ref_info: dict = field(default_factory=dict)
-
-
-def make_problem(n: int, d: int = 16, k: int = 8, seed: int = 0, t_eps: float = 1e-5, n_draw: int = 4096) -> Problem:
-    """Seeded GMM (means ~ N(0, 4 I), eigenvalues log-uniform in [0.01, 1]) and n of its samples."""
-    g = torch.Generator().manual_seed(seed)
-    mu = 2.0 * torch.randn(k, d, generator=g, dtype=F64)
-    q, _ = torch.linalg.qr(torch.randn(k, d, d, generator=g, dtype=F64))
-    lam = torch.exp(torch.empty(k, d, dtype=F64).uniform_(math.log(0.01), 0.0, generator=g))
-    cov = q @ torch.diag_embed(lam) @ q.transpose(1, 2)
-    cov = 0.5 * (cov + cov.transpose(1, 2))
-    w = 0.5 + torch.rand(k, generator=g, dtype=F64)
-    w = w / w.sum()
-    sde = VPSDE()
-    model = GaussianMixtureScore(w, mu, cov, sde)
-    comp = torch.multinomial(w, n_draw, replacement=True, generator=g)
-    chol = torch.linalg.cholesky(cov)
-    x0 = mu[comp] + (chol[comp] @ torch.randn(n_draw, d, 1, generator=g, dtype=F64)).squeeze(-1)
-    return Problem(sde, model, x0[:n].contiguous(), t_eps)
-
-
-class Counted:
-    """Score wrapper counting batched calls and per-sample evaluations."""
-
-    def __init__(self, model: Callable) -> None:
-        self.model, self.calls, self.evals = model, 0, 0
-
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        self.calls += 1
-        self.evals += x.shape[0]
-        return self.model(x, t)
-
-
-class Timer:
-    def __enter__(self) -> "Timer":
-        self.w0, self.c0 = time.perf_counter(), time.process_time()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.wall = time.perf_counter() - self.w0
-        self.cpu = time.process_time() - self.c0
-
-
-def sample_err(x: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
-    """Per-sample max-abs error (float64, (B,))."""
-    return (x.to(F64).reshape(ref.shape) - ref).abs().amax(dim=1)
-
-
-def velocity_t(model: Callable, sde: VPSDE) -> Callable:
-    """PF-ODE in plain t on a batch: dx/dt = -1/2 beta(t) (x + score(x, t)), t a scalar."""
-
-    def f(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        tb = t.to(F64).reshape(1).expand(x.shape[0])
-        return sde.velocity(x, tb, model(x, tb))
-
-    return f
 
 
 # ---- reference ------------------------------------------------------------------------------------
@@ -148,51 +74,6 @@ def scipy_rhs(model: Callable, sde: VPSDE) -> Callable:
             return sde.velocity(xt, tt, model(xt, tt)).reshape(-1).numpy()
 
     return rhs
-
-
-def numpy_rhs(p: Problem) -> Callable:
-    """Independent float64 numpy PF-ODE in plain t (Cholesky of S_k = alpha^2 C_k + sigma^2 I) for the check."""
-    doc = p.model.to_json()
-    log_w, mu, cov = np.log(np.asarray(doc["weights"])), np.asarray(doc["means"]), np.asarray(doc["covariances"])
-    d = mu.shape[1]
-    b0, b1 = p.sde.beta_min, p.sde.beta_max
-
-    def rhs(t: float, x: np.ndarray) -> np.ndarray:
-        log_a = -0.25 * t * t * (b1 - b0) - 0.5 * t * b0
-        a, s2, beta = math.exp(log_a), -math.expm1(2 * log_a), b0 + t * (b1 - b0)
-        chol = np.linalg.cholesky(a * a * cov + s2 * np.eye(d))
-        r = x[None] - a * mu
-        sol = np.linalg.solve(chol.transpose(0, 2, 1), np.linalg.solve(chol, r[..., None]))[..., 0]
-        logits = log_w - 0.5 * (r * sol).sum(1) - np.log(np.diagonal(chol, axis1=1, axis2=2)).sum(1)
-        resp = np.exp(logits - logits.max())
-        score = -(resp[:, None] * sol).sum(0) / resp.sum()
-        return -0.5 * beta * (x + score)
-
-    return rhs
-
-
-def build_reference(p: Problem, n_check: int = 8) -> None:
-    """z_ref by our dopri5 (float64, tol 1e-10); checked against scipy DOP853 (tol 1e-12, plain t, numpy score)."""
-    from scipy.integrate import solve_ivp
-
-    cfg = SolverConfig("dopri5", rtol=1e-10, atol=1e-10, t_eps=p.t_eps, max_steps=100_000)
-    with Timer() as tm:
-        res = encode(p.model, p.sde, p.x0, cfg)
-    if not bool(res.ok.all()):
-        raise RuntimeError(f"reference integration failed for {(~res.ok).sum().item()} samples")
-    p.z_ref = res.x.to(F64)
-    rhs = numpy_rhs(p)
-    diffs, nfev = [], []
-    with Timer() as tc:
-        for i in range(n_check):
-            sol = solve_ivp(rhs, (p.t_eps, p.sde.T), p.x0[i].numpy(), method="DOP853", rtol=1e-12, atol=1e-12)
-            diffs.append(float(np.abs(sol.y[:, -1] - p.z_ref[i].numpy()).max()))
-            nfev.append(sol.nfev)
-    p.ref_info = dict(method="pflatents dopri5 float64 rtol=atol=1e-10", nfe_mean=res.nfe.double().mean().item(),
-                      nfe_max=int(res.nfe.max()), wall_s=tm.wall,
-                      check_method="scipy DOP853 rtol=atol=1e-12 in plain t with an independent numpy GMM score",
-                      check_samples=n_check, check_max_abs_diff=max(diffs), check_median_abs_diff=statistics.median(diffs),
-                      check_nfev_mean=float(np.mean(nfev)), check_wall_s=tc.wall)
 
 
 # ---- one row --------------------------------------------------------------------------------------
@@ -329,12 +210,8 @@ def cheapest(run: Callable[[float, bool], Row], cache: dict, key: tuple, timing_
 
 
 def nfe_at_target(points: list[tuple[float, float]]) -> float | None:
-    """NFE where the max error first crosses TARGET, log-log interpolated; points (nfe, err) cheap to costly."""
-    for (n0, e0), (n1, e1) in zip(points, points[1:]):
-        if e0 > TARGET >= e1:
-            w = math.log(e0 / TARGET) / math.log(e0 / e1)
-            return n0 * (n1 / n0) ** w
-    return None
+    """NFE where the max error first crosses TARGET, log-log interpolated; points (nfe, err)."""
+    return nfe_at(points, TARGET)
 
 
 # ---- study: exponential integrators ---------------------------------------------------------------
@@ -510,20 +387,6 @@ def scan_tol(run: Callable[[float], dict], ladder: list[float]) -> dict:
 
 
 # ---- tables ---------------------------------------------------------------------------------------
-
-def fe(v: float | None) -> str:
-    return "-" if v is None else f"{v:.1e}"
-
-
-def ff(v: float | None, fmt: str = ".1f") -> str:
-    return "-" if v is None else format(v, fmt)
-
-
-def md_table(headers: list[str], rows: list[list[str]]) -> str:
-    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(out)
-
 
 def rows_table(rows: list[Row]) -> str:
     hdr = ["solver", "setting", "grid / time var", "NFE mean", "NFE max", "batched calls", "latent err max",

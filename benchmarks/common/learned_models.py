@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.common import measure
 from benchmarks.common.report import log
 from pflatents.tasks.data.sources import ArraySource
 from pflatents.tasks.models.adapters import DeviceNet
@@ -121,9 +122,8 @@ def ref_cfg(tol: float, t_eps: float) -> SolverConfig:
 
 
 def sample_err(x: torch.Tensor, ref: torch.Tensor) -> np.ndarray:
-    """Per-sample max-abs error (float64)."""
-    b = ref.shape[0]
-    return (x.to(F64).reshape(b, -1) - ref.to(F64).reshape(b, -1)).abs().amax(1).numpy()
+    """Per-sample max-abs error (float64), as numpy."""
+    return measure.sample_err(x, ref).numpy()
 
 
 def reference(m: Model, x0: np.ndarray, t_eps: float, log=log) -> dict:
