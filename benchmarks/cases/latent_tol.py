@@ -28,7 +28,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import sys  # noqa: E402
 import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
@@ -36,6 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks.common import learned_models as L  # noqa: E402
+from benchmarks.common.report import log  # noqa: E402
 from pflatents.tasks.data.sources import ArraySource  # noqa: E402
 from pflatents.tasks.models.registry import load_model  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, encode  # noqa: E402
@@ -44,17 +44,12 @@ from pflatents.tasks.ode.pilot import describe, latent_pilot, pilot_subsets  # n
 F64 = torch.float64
 T_EPS = 1e-4
 TDQ_TOLS = [10 ** (-q / 4) for q in range(8, 41)]  # 1e-2 .. 1e-10, quarter decades
-_T0 = time.perf_counter()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
 def tdq_curve(score, sde, x: torch.Tensor, z_ref: torch.Tensor, stop_p99: float) -> list[tuple[float, float]]:
     """(NFE per sample, p99) of torchdiffeq dopri5 (batch control, plain t) down the tolerance ladder,
     until its p99 is below ``stop_p99`` / 3."""
-    from benchmarks.cases.learned import run_tdq
+    from benchmarks.common.measure import run_tdq
 
     pts = []
     for tol in TDQ_TOLS:
@@ -120,7 +115,7 @@ def bench(name: str, targets: list[float], n_eval: int) -> list[dict]:
 def gmm_rows(targets: list[float], n_eval: int) -> list[dict]:
     """The GMM of the solvers case (D = 16, K = 8, exact score, t_eps 1e-4 here): the pilot on 256 of
     its draws, the error on n_eval other draws against a float64 reference (dopri5 1e-10)."""
-    from benchmarks.cases.solvers import make_problem
+    from benchmarks.common.gmm import make_problem
 
     p = make_problem(4096)
     sde, model = p.sde, p.model
