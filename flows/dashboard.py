@@ -194,6 +194,9 @@ def run_watched(flow: Any, kwargs: dict, store_url: str, tags: list[str], what: 
     says what to run ``again``."""
     from prefect import tags as prefect_tags
 
+    from pflatents.flows.server import resume_gc
+
+    resume_gc()  # the command's start-up is over (pause_gc)
     with ServerWatch(api_url, store_url, what) as watch:
         try:
             with prefect_tags(*tags):

@@ -14,7 +14,6 @@ import os
 import socket
 import time
 
-from prefect import flow
 from prefect.artifacts import create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.futures import as_completed
 from prefect.logging import get_run_logger
@@ -22,6 +21,7 @@ from prefect.states import Failed
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from pflatents.flows import dashboard, progress
+from pflatents.flows.fastflow import json_flow
 from pflatents.storage import LatentStore, StoreLockedError
 from pflatents.storage.layout import shard_label
 from pflatents.tasks.errors import InputError
@@ -106,7 +106,7 @@ def _gpu_annotation(gpu: bool):
     return dask.annotate(resources={"GPU": 1})
 
 
-@flow(name="extract", persist_result=False)
+@json_flow(name="extract", persist_result=False)
 def extract(store_url: str, shard_ids: list[int], device: str = "auto", retries: int = 2,
             request_gpu: bool = False, retry_samples: bool = False, shards_per_task: int = 1):
     """Encode the given shards of a store's pinned job; FAILED (naming shard ids) if any shard fails.

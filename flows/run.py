@@ -129,7 +129,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
     ``shard_ids`` (in the order run), ``n_before`` and ``n_samples`` (published counts).
     """
     from pflatents.flows.coordinator import locked
-    from pflatents.flows.server import prefect_env, use_server
+    from pflatents.flows.server import prefect_env, resume_gc, use_server
 
     with locked(open_store, url, {"command": command}) as store:
         n_before = store.n_samples
@@ -188,6 +188,7 @@ def run_pending(open_store: Callable[[], Any], url: str, run: RunSettings, *, co
                                                flow_run_name=name)
                 k = ex.shards_per_task(len(pending), store.shard_size, int(store.config["batch_size"]),
                                        run.workers, run.shards_per_task)
+                resume_gc()  # the start-up is over (pause_gc)
                 with tags(*dashboard.run_tags(url, store.config["model"].get("kind"))):
                     summary = flow(store_url=url, shard_ids=pending, device=run.device, retries=run.retries,
                                    request_gpu=gpu, retry_samples=run.retry_samples, shards_per_task=k)

@@ -44,7 +44,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 __all__ = ["prefect_env", "prefect_home", "use_server", "prestart", "server_status", "start_server", "stop_server",
-           "configured_api_url", "server_mode", "idle_setting", "note_printers", "FLOW_COMMANDS"]
+           "configured_api_url", "server_mode", "idle_setting", "note_printers", "FLOW_COMMANDS", "pause_gc",
+           "resume_gc"]
 
 STATE, LOG, LOCK, LEASES = "pflatents-server.json", "pflatents-server.log", "pflatents-server.lock", "pflatents-server.leases"
 PRIVATE_LOG = "pflatents-command-servers.log"
@@ -64,6 +65,36 @@ def prefect_env() -> None:
     # OpenMP's spin-waiting threads made 2-thread torch 20-50x slower whenever another process
     # competed for the cores (measured, benchmarks/cases/solvers.py); passive waiting costs nothing alone.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+# The collector paused by ``pause_gc`` (so that ``resume_gc`` undoes only its own pause).
+_gc_paused: list[bool] = [False]
+
+
+def pause_gc() -> None:
+    """Pause Python's cyclic garbage collector while a command starts (``resume_gc`` ends the pause).
+
+    Importing torch, zarr and Prefect allocates ~300,000 long-lived objects; the collector's full
+    passes over them took ~20 % of a trivial extract's CPU time (benchmarks/README.md, "The Prefect
+    server's lifecycle"), and they find almost nothing to free. Reference counting still frees
+    everything that is not in a cycle while paused."""
+    import gc
+
+    if gc.isenabled() and not _gc_paused[0]:
+        gc.disable()
+        _gc_paused[0] = True
+
+
+def resume_gc() -> None:
+    """End ``pause_gc``'s pause (no-op otherwise): move every object alive now (the imported modules,
+    mostly) to the collector's permanent generation (``gc.freeze``), so that later full passes
+    do not walk them again, and collect as usual from here on (a flow's work runs under it)."""
+    import gc
+
+    if _gc_paused[0]:
+        _gc_paused[0] = False
+        gc.freeze()
+        gc.enable()
 
 
 # Where the CLI prints notes (stderr); empty for library use, which prints nothing.

@@ -46,8 +46,21 @@ def _debug_everywhere(parser: argparse.ArgumentParser) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     prefect_env()
-    args = build_parser().parse_args(argv)
     from pflatents.flows import server
+
+    server.pause_gc()  # the command's start-up (imports); resumed as its flow starts, or at once for others
+    try:
+        return _main(argv)
+    finally:
+        server.resume_gc()
+
+
+def _main(argv: list[str] | None) -> int:
+    from pflatents.flows import server
+
+    args = build_parser().parse_args(argv)
+    if args.cmd not in server.FLOW_COMMANDS:
+        server.resume_gc()
 
     server.note_printers[:] = [lambda msg: print(msg, file=sys.stderr, flush=True)]
     from pflatents.flows import dashboard
