@@ -57,6 +57,7 @@ CASES: dict[str, Case] = {
     # pipeline, orchestration and storage
     "extract_overhead": Case(("--n", "4000", "--steps", "2", "--repeats", "1")),
     "server_lifecycle": Case(("--repeats", "1", "--skip-big")),
+    "extract_phases": Case(("--repeats", "1")),
     "task_groups": Case(("--n", "2000", "--shard", "250", "--batch", "250", "--steps", "2", "--repeats", "1")),
     "scaleout": Case(("--n", "4000", "--workers", "1", "--steps", "2")),
     "lock_fence": Case(("--rows", "20000", "--repeats", "1")),

@@ -161,6 +161,7 @@ def use_server() -> str:
     with _mine_lock:
         if _mine.get("url") and os.environ.get("PREFECT_API_URL") == _mine["url"]:
             return _mine["url"]
+        fresh = "prefect" not in sys.modules  # Prefect reads its settings now, with the environment as it is
         url = configured_api_url()
         if url:
             return url
@@ -176,20 +177,23 @@ def use_server() -> str:
             url = _private_server()
         _mine["url"] = url
         os.environ["PREFECT_API_URL"] = url
-        _settings_for_our_server()
+        _settings_for_our_server(url, reread=not fresh)
         return url
 
 
-def _settings_for_our_server() -> None:
-    """Prefect read its settings at import: read them again (the API URL just set), and send no flow-run
-    heartbeats to our server. Heartbeats only feed zombie-run automations, which our server has none of,
-    and a flow waits up to 1 s for the heartbeat thread when it ends (benchmarks/README.md)."""
+def _settings_for_our_server(url: str, reread: bool = True) -> None:
+    """Prefect read its settings at import: give them the API URL just set (``reread``: read them all
+    again, for a process that imported Prefect earlier and may have changed its environment since),
+    and send no flow-run heartbeats to our server. Heartbeats only feed zombie-run automations, which
+    our server has none of, and a flow waits up to 1 s for the heartbeat thread when it ends
+    (benchmarks/README.md). Each reading of Prefect's settings costs ~0.05 s."""
     import prefect.context
-    from prefect.settings import PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
 
-    prefect.context.refresh_global_settings_context()
+    if reread:
+        prefect.context.refresh_global_settings_context()
     ctx = prefect.context.GLOBAL_SETTINGS_CONTEXT
-    ctx.settings = ctx.settings.copy_with_update(updates={PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    ctx.settings = ctx.settings.copy_with_update(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
 
 
 def _duration(seconds: float) -> str:
