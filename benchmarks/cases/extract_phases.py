@@ -22,7 +22,8 @@ on ``PYTHONPATH``, the same virtual environment), alternating with the working t
 own ``PREFECT_HOME``. The trivial job (4,000 x 8 GMM, K = 3, default dopri5, one shard) is the
 server_lifecycle case's; ``--big`` runs its ~12 s job instead (100,000 x 64, rk4 10 steps, batch 4096).
 The table gives per phase the median over ``--repeats`` runs of each variant; CPU seconds of the
-command (and what it reaped) are from ``getrusage``.
+command (and what it reaped) are from ``getrusage``; the task's steps per shard (read, integrate,
+write, verify) from the store's shard records.
 
     nice -n 10 .venv/bin/python -m benchmarks extract_phases [--repeats 5] [--before REV] [--big]
 """
@@ -143,6 +144,17 @@ def run_once(args: list[str], env: dict, out: Path) -> dict:
             "gc": rec["gc_s"], "phases": {label: marks[b] - marks[a] for a, b, label in PHASES}}
 
 
+def shard_seconds(store: Path) -> dict[str, float]:
+    """Seconds the store's shard records say the task spent per step, summed over its shards."""
+    from pflatents.storage import LatentStore
+
+    sums = {"read_s": 0.0, "integrate_s": 0.0, "write_s": 0.0, "verify_s": 0.0}
+    for rec in LatentStore.open(str(store), mode="r").shard_records().values():
+        for key in sums:
+            sums[key] += float((rec.get("timings") or {}).get(key) or 0.0)
+    return sums
+
+
 def checkout(rev: str, into: Path) -> Path:
     """The package tree of commit ``rev`` as ``into/pflatents`` (for PYTHONPATH)."""
     into.mkdir(parents=True, exist_ok=True)
@@ -175,8 +187,9 @@ def main(argv: list[str] | None = None):
 
     def extract(env: dict) -> dict:
         i = next(counter)
-        return run_once(["extract", "--data", str(data), "--model", f"gmm:{model}", "--out", str(d / f"s{i}.zarr"),
-                         "--no-progress", *job], env, d / f"phases{i}.json")
+        r = run_once(["extract", "--data", str(data), "--model", f"gmm:{model}", "--out", str(d / f"s{i}.zarr"),
+                      "--no-progress", *job], env, d / f"phases{i}.json")
+        return {**r, "shards": shard_seconds(d / f"s{i}.zarr")}
 
     runs: dict[str, list[dict]] = {k: [] for k in variants}
     loads: list[float] = []
@@ -209,5 +222,9 @@ def main(argv: list[str] | None = None):
     print("| CPU seconds (the command and what it reaped) | " + " | ".join(f"{summary[n]['cpu']:.2f}" for n in names)
           + " |")
     print("| of which the cyclic garbage collector | " + " | ".join(f"{summary[n]['gc']:.3f}" for n in names) + " |")
+    steps = {"read_s": "read the data", "integrate_s": "integrate", "write_s": "write", "verify_s": "read back, verify"}
+    for key, label in steps.items():
+        print(f"| in the task (shard records, all shards): {label} | "
+              + " | ".join(f"{statistics.median(r['shards'][key] for r in runs[n]):.3f}" for n in names) + " |")
     return {"phases_median_s": med, "summary_median": summary, "runs": runs, "before": a.before, "big": a.big,
             "load_average_1min": [min(loads), max(loads)]}
