@@ -80,3 +80,27 @@ def test_pilot_is_a_task_run_pinned_before_the_shards_and_not_rerun(tmp_path, cl
     table = lines[head + 1:]
     assert sum(ln.startswith("  * ") for ln in table) == 1 and len(table) >= 3
     assert '"curve"' not in res.stdout  # the config line leaves the curve to the table
+
+
+def test_resume_runs_a_pilot_that_never_ran(tmp_path, cli_env, prefect_server):
+    """A store created with --latent-tol whose run died before its pilot finished (its pilot record still
+    pending): `resume` runs the pilot first, then the shards with its choice."""
+    from pflatents.flows.coordinator import Job, make_store, prepare
+
+    g = gaussian(d=4, seed=0, lam_lo=1e-3, lam_hi=1.0)
+    data, model = tmp_path / "x.npy", tmp_path / "g.json"
+    np.save(data, g.sample(300, seed=5).astype(np.float32))
+    model.write_text(json.dumps({"weights": [1.0], "means": [g.mu.tolist()], "covariances": [g.cov.tolist()]}))
+    name = f"pending-{uuid.uuid4().hex[:8]}.zarr"
+    out = tmp_path / name
+    p = prepare(Job(data=str(data), model=f"gmm:{model}", out=str(out), t_eps=1e-3, latent_tol=1e-4).resolved())
+    make_store(p)  # what the coordinator leaves when killed before the pilot task ends
+    assert zarr.open_group(str(out), mode="r").attrs["pflatents"]["config"]["pilot"]["state"] == "pending"
+    res = cli(["resume", str(out), "--no-progress"], env=cli_env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "latent-tol 0.0001: pilot (" in res.stdout
+    run = flow_run_of(prefect_server, name)
+    names = [t["name"] for t in _tasks(prefect_server, run)]
+    assert "pilot: latent-tol 0.0001" in names and any(n.startswith("integrate shard") for n in names)
+    cfg = zarr.open_group(str(out), mode="r").attrs["pflatents"]["config"]
+    assert cfg["pilot"]["state"] == "done" and cfg["solver"] == cfg["pilot"]["choice"]
