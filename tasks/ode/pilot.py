@@ -368,6 +368,7 @@ def _predict(fam: Family, pts: list[tuple[int, dict]], goal: float) -> tuple[flo
 
 
 PRUNE = 1.5  # a family stops when its extrapolated NFE at the goal exceeds PRUNE x the best so far
+STALL = 0.5  # ... or when two more gallops up its ladder did not halve its p99
 
 
 def _search_family(fam: Family, run, goal: float, target: float, budget: Callable[[], float]):
@@ -376,7 +377,8 @@ def _search_family(fam: Family, run, goal: float, target: float, budget: Callabl
     From ``fam.start``: up the ladder (a gallop of ``fam.jump`` rungs, or to the rung the last two
     measurements extrapolate to) until a rung meets the goal, or down while the start already meets it;
     then bisection on the rungs between the last miss and the first hit. None when no rung meets it
-    before the family costs more NFE than ``budget()`` (measured, or extrapolated: ``PRUNE``)."""
+    before the family costs more NFE than ``budget()`` (measured, or extrapolated: ``PRUNE``), once its
+    samples hit the step limit, or once its error stalls (``STALL``: the noise floor's plateau)."""
     k = fam.start(target)
     row = run(fam, fam.at(fam.param(k)))
     if row is None:
@@ -411,6 +413,8 @@ def _search_family(fam: Family, run, goal: float, target: float, budget: Callabl
                 break
             bad = k
             pts.append((k, row))
+            if row["fit"]["failed"] or (len(pts) >= 3 and row["fit"]["p99"] > STALL * pts[-3][1]["fit"]["p99"]):
+                return None  # samples hit the step limit, or the error stalled (a floor): more accuracy is not there
     while bad is not None and good - bad > 1:
         mid = (good + bad) // 2
         r = run(fam, fam.at(fam.param(mid)))
