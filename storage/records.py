@@ -128,6 +128,13 @@ class ShardRecords:
         labels = None if self._labels is None else np.asarray(self._labels[int(start):stop], dtype=np.int64)
         return ids, labels
 
+    def labels_at(self, index: np.ndarray) -> np.ndarray | None:
+        """Stored class labels (int64, -1 unknown) of rows ``index`` (any order), aligned with it; None when
+        the store keeps no ``label`` array."""
+        if self._labels is None:
+            return None
+        return np.asarray(self._labels.oindex[np.asarray(index, dtype=np.int64)], dtype=np.int64)
+
     def sample_status(self, start: int = 0, stop: int | None = None) -> np.ndarray:
         """Per-sample status codes (int8: 0 ok, 1 step_limit, 2 nonfinite) of samples ``[start, stop)``."""
         stop = self.n_planned if stop is None else int(stop)

@@ -103,6 +103,8 @@ def _realism(s: dict[str, Any]) -> dict[str, Any]:
                 + ("(well below 1: the model reproduces training samples)" if copies else
                    "(well above 1: decodes lie farther from the data than new samples do)" if far else
                    "(1 = as far as new data)"))
+    if p.get("conditioned_on"):  # a class-conditional model: which class each decode was drawn under
+        verdict += f"; decodes conditioned on {p['conditioned_on']}"
     if copies:
         change = "the model memorises: more data, fewer training steps, or a smaller model"
     return {"answer": verdict, "numbers": nums, "would_change": change,

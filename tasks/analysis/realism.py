@@ -21,6 +21,9 @@
 Quantised data (a grid of q levels on [-1, 1]) are compared after rounding the decodes to the same
 grid, so that the tests see the samples a user would keep, not the grid. The decodes count as told
 apart when the two tests, Bonferroni-combined (``p`` = 2 x the smaller p-value), reject at ``alpha``.
+A class-conditional model decodes each draw under a class label (``prior_labels``): drawn, seeded,
+from the labels of the rows the decodes are compared with (so the decodes' class mix is the data's), or
+the pinned ``--class-label K`` for every draw (the class every latent was encoded under).
 Pure numpy / scikit-learn.
 """
 
@@ -35,7 +38,7 @@ from scipy import stats
 
 from pflatents.tasks.analysis.decision import combined_p
 
-__all__ = ["requantise", "mmd_test", "c2st", "nn_distance_ratio", "realism"]
+__all__ = ["requantise", "mmd_test", "c2st", "nn_distance_ratio", "realism", "prior_labels"]
 
 MIN_C2ST = 3  # samples per side: below, a training fold holds a single sample of a class (no covariance)
 
@@ -176,3 +179,19 @@ def realism(decodes: np.ndarray, heldout: np.ndarray, train: np.ndarray, quantiz
     out["level"] = alpha
     out["distinguishable"] = bool(out["p"] < alpha)
     return out
+
+
+def prior_labels(labels: np.ndarray | None, m: int, seed: int, class_label: int | None = None
+                 ) -> tuple[np.ndarray | None, str]:
+    """Class labels (int64, (m,)) for ``m`` prior draws of a class-conditional model and what they are:
+    ``class_label`` for every draw when one is pinned, else drawn with replacement (seeded) from
+    ``labels``, the labels of the rows the decodes are compared with (unknown ones, -1, left out), so
+    each class is decoded as often as it occurs there. (None, why) when there is no label to draw."""
+    if class_label is not None:
+        return np.full(m, int(class_label), dtype=np.int64), f"class {int(class_label)} (--class-label)"
+    known = np.asarray([] if labels is None else labels, dtype=np.int64)
+    known = known[known >= 0]
+    if not len(known):
+        return None, "the model is class-conditional but the rows compared with have no labels to draw from"
+    drawn = np.random.default_rng([seed, 15]).choice(known, m, replace=True)
+    return drawn.astype(np.int64), "labels drawn from the data's class frequencies"

@@ -74,9 +74,10 @@ def requantise_exact(x: np.ndarray, x_hat: np.ndarray, levels: int) -> np.ndarra
 
 def reconstruct_rows(model: Any, sde: SDE, z: np.ndarray, x: np.ndarray, solver: SolverConfig,
                      batch_size: int, device: torch.device, dtype: str,
-                     quantization: int | None) -> dict[str, np.ndarray]:
-    """Decode latents ``z`` and compare with the data ``x``: per-sample errors, NFE, status."""
-    x_hat, nfe, status = decode_block(model, sde, z, solver, batch_size, device, dtype)
+                     quantization: int | None, labels: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """Decode latents ``z`` and compare with the data ``x``: per-sample errors, NFE, status. ``labels``
+    (int64, one per row) condition a class-conditional model, row i on labels[i] as extraction did."""
+    x_hat, nfe, status = decode_block(model, sde, z, solver, batch_size, device, dtype, labels)
     max_abs, rmse = sample_errors(x, x_hat)
     out = {"recon_max_abs": max_abs, "recon_rmse": rmse, "recon_nfe": nfe.astype(np.float64),
            "recon_status": status.astype(np.float64)}

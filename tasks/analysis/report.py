@@ -290,6 +290,11 @@ class Figure:
     png: bytes
 
 
+def _conditioned(p: dict[str, Any]) -> str:
+    """What a class-conditional model's decodes were conditioned on, as a clause ('' when unconditional)."""
+    return f", conditioned on {p['conditioned_on']}" if p.get("conditioned_on") else ""
+
+
 def _realism_figures(s: dict[str, Any], data: dict[str, Any]) -> list[Figure]:
     p = s.get("prior") or {}
     dec = data.get("prior_decodes")
@@ -305,16 +310,17 @@ def _realism_figures(s: dict[str, Any], data: dict[str, Any]) -> list[Figure]:
         notes = [f"d {num(v, 2)}" for v in dist[:k]] if dist is not None else None
         ref = data.get("prior_nearest_reference", "training rows")
         return [Figure("realism.png", "Prior decodes and their nearest training samples",
-                       f"Top: decodes of {k} fresh prior draws" + (" (rounded to the data's grid, as the tests see "
-                       "them)" if p.get("requantised") else "") + f". Below each: its nearest neighbour among "
+                       f"Top: decodes of {k} fresh prior draws{_conditioned(p)}"
+                       + (" (rounded to the data's grid, as the tests see them)" if p.get("requantised") else "")
+                       + f". Below each: its nearest neighbour among "
                        f"{ref} (Euclidean distance d). A copy would look identical with d near 0.",
                        F.image_pairs(top, bottom, ("decode", "nearest"), notes))]
     rows = data.get("data_rows")
     if rows is None or not len(rows):
         return []
     return [Figure("realism.png", "Prior decodes over the data",
-                   f"{len(dec)} decodes of fresh prior draws (orange) over {len(rows)} data rows (grey), projected on "
-                   f"the data's two principal axes. The tests compare the decodes with {against}.",
+                   f"{len(dec)} decodes of fresh prior draws{_conditioned(p)} (orange) over {len(rows)} data rows "
+                   f"(grey), projected on the data's two principal axes. The tests compare the decodes with {against}.",
                    F.projection(rows, dec))]
 
 
@@ -391,7 +397,8 @@ def _numbers(key: str, s: dict[str, Any]) -> list[tuple[str, str]]:
         p = s.get("prior") or {}
         if p.get("skipped") or not p:
             return [("not run", str(p.get("skipped", "--prior 0")))]
-        return [("decodes / compared with", f"{p.get('m')} / {p.get('n_heldout')} {p.get('compared_with')}"),
+        cond = [("decodes conditioned on", str(p["conditioned_on"]))] if p.get("conditioned_on") else []
+        return [("decodes / compared with", f"{p.get('m')} / {p.get('n_heldout')} {p.get('compared_with')}"), *cond,
                 ("MMD² (RBF)", f"{num(p.get('mmd'))}, p {num(p.get('mmd_p'), 2)}"),
                 ("classifier two-sample test", f"accuracy {num(p.get('c2st_accuracy'))}, p {num(p.get('c2st_p'), 2)}"
                  if p.get("c2st_accuracy") is not None else str(p.get("c2st_classifier"))),

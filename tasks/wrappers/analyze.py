@@ -25,7 +25,7 @@ from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import summarise
 from pflatents.tasks.errors import InputError
 
-__all__ = ["pinned_config", "store_data", "drop_flagged", "subsample", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
+__all__ = ["pinned_config", "store_data", "drop_flagged", "subsample", "cond_labels", "compute_latent_stats", "reconstruct_chunk", "compare_ica", "usable_rows", "read_latents",
            "latents_dask", "RECON_ARRAYS"]
 
 RECON_ARRAYS = ["recon_max_abs", "recon_rmse", "recon_nfe", "recon_status"]
@@ -69,6 +69,13 @@ def latents_dask(store: LatentStore, ranges: list[list[int]], rows: int | None) 
 def read_latents(store: LatentStore, index: np.ndarray) -> np.ndarray:
     """Latent rows ``index`` (sorted) as float64."""
     return np.asarray(store.latents_array().oindex[np.asarray(index, dtype=np.int64)], dtype=np.float64)
+
+
+def cond_labels(store: LatentStore, cfg: Any, index: np.ndarray) -> np.ndarray | None:
+    """The class labels rows ``index`` were conditioned on at extraction, aligned with ``index``: the
+    store's ``label`` array (the source's labels) through ``cfg.cond_labels``, so a pinned
+    ``--class-label K`` wins; None when neither exists (an unconditional model ignores them anyway)."""
+    return cfg.cond_labels(store.labels_at(index), len(index))
 
 
 def subsample(rows: np.ndarray, n: int, seed: int, stream: int) -> np.ndarray:
@@ -203,7 +210,8 @@ def reconstruct_chunk(store_url: str, chunk_id: int, device: str = "auto") -> di
     x = read_rows(source, index)
     values = reconstruct_rows(load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile),
                               sde, z, x, cfg.make_solver(),
-                              cfg.batch_size, resolve_device(device), cfg.dtype, source.quantization)
+                              cfg.batch_size, resolve_device(device), cfg.dtype, source.quantization,
+                              labels=cond_labels(store, cfg, index))
     write_sample_chunk(store, i0, values)
     return {"chunk": chunk_id, "n": int(len(index)), "max_abs_error": float(values["recon_max_abs"].max())}
 

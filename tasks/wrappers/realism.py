@@ -15,7 +15,7 @@ from prefect.cache_policies import NO_CACHE
 
 from pflatents.storage import LatentStore
 from pflatents.storage.analysis import analysis_group, write_arrays
-from pflatents.tasks.analysis.realism import realism
+from pflatents.tasks.analysis.realism import prior_labels, realism
 from pflatents.tasks.analysis.reconstruct import read_rows
 from pflatents.tasks.analysis.stats import StatsConfig, compute_stats
 from pflatents.tasks.analysis.summary import independence_failures, summarise
@@ -87,6 +87,7 @@ def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: i
     (at least 64; up to ~4 MB)."""
     import torch
 
+    from pflatents.tasks.core import as_model
     from pflatents.tasks.ode.batches import decode_block
 
     store = LatentStore.open(store_url, mode="r+")
@@ -102,16 +103,26 @@ def check_prior_decodes(store_url: str, ranges: list[list[int]], m: int, seed: i
     train, held, against = comparison_rows(store, ranges, m, seed)
     if len(held) < 5 or len(train) < 1:
         return {"skipped": f"too few data rows to compare with ({len(held)} held out, {len(train)} reference)"}
+    labels, conditioned = None, {}
+    if as_model(model, sde).conditional:  # each draw under a class: the comparison rows' mix, or the pinned K
+        labels, how = prior_labels(store.labels_at(held), m, seed, cfg.class_label)
+        if labels is None:
+            return {"skipped": how}
+        conditioned = {"conditioned_on": how}
     gen = torch.Generator().manual_seed(int(seed))
     z = sde.prior_sample((m, *store.sample_shape), generator=gen).numpy()
-    x, _, status = decode_block(model, sde, z, cfg.make_solver(), cfg.batch_size, resolve_device(device), cfg.dtype)
+    x, _, status = decode_block(model, sde, z, cfg.make_solver(), cfg.batch_size, resolve_device(device), cfg.dtype,
+                                labels)
     ok = status == 0
     ref = read_rows(source, reference_rows(train, seed))
     out = realism(x[ok], read_rows(source, held), ref, source.quantization, seed, alpha)
     keep = min(m, max(64, KEEP_DECODE_VALUES // max(1, int(np.prod(store.sample_shape)))))
-    write_arrays(analysis_group(store, create=True),
-                 {"prior_decodes": (x[:keep].reshape(keep, -1).astype(np.float32), ("decode", "value"))})
-    return {"m": int(m), "seed": int(seed), "compared_with": against, "n_decode_failures": int((~ok).sum()), **out}
+    arrays = {"prior_decodes": (x[:keep].reshape(keep, -1).astype(np.float32), ("decode", "value"))}
+    if labels is not None:  # the class each kept decode was conditioned on
+        arrays["prior_decode_labels"] = (labels[:keep], ("decode",))
+    write_arrays(analysis_group(store, create=True), arrays)
+    return {"m": int(m), "seed": int(seed), "compared_with": against, **conditioned,
+            "n_decode_failures": int((~ok).sum()), **out}
 
 
 def _figures(s: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pflatents.tasks.analysis.reconstruct import read_rows
 from pflatents.tasks.data.registry import is_pixel_data
 from pflatents.tasks.data.sources import open_pinned
 from pflatents.tasks.models.registry import load_model, resolve_device
-from pflatents.tasks.wrappers.analyze import (pinned_config, read_latents, recon_values, store_data, stored_target,
+from pflatents.tasks.wrappers.analyze import (cond_labels, pinned_config, read_latents, recon_values, store_data, stored_target,
                                               subsample, usable_rows)
 from pflatents.tasks.wrappers.realism import comparison_rows, reference_rows
 
@@ -70,7 +70,8 @@ def _round_trip_images(store: LatentStore, index: np.ndarray, device: str) -> di
     model = load_model(cfg.model.spec, sde, precision=cfg.precision, compile=cfg.compile)
     idx = index[:GRID]
     z = read_latents(store, idx).astype(np.float32)
-    recon = decode_block(model, sde, z, cfg.make_solver(), cfg.batch_size, resolve_device(device), cfg.dtype)[0]
+    recon = decode_block(model, sde, z, cfg.make_solver(), cfg.batch_size, resolve_device(device), cfg.dtype,
+                         cond_labels(store, cfg, idx))[0]
     return {"original": read_rows(open_pinned(cfg.data), idx), "reconstructed": recon}
 
 

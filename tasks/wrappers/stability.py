@@ -19,7 +19,7 @@ from pflatents.tasks.analysis.stability import drift, tighter
 from pflatents.tasks.data.sources import open_pinned
 from pflatents.tasks.models.registry import load_model, resolve_device
 from pflatents.tasks.ode.batches import encode_block
-from pflatents.tasks.wrappers.analyze import pinned_config, read_latents, usable_rows
+from pflatents.tasks.wrappers.analyze import cond_labels, pinned_config, read_latents, usable_rows
 
 __all__ = ["check_stability"]
 
@@ -36,7 +36,7 @@ def check_stability(store_url: str, ranges: list[list[int]], n: int, seed: int =
     model = load_model(cfg.model.spec, sde, precision=precision, compile=cfg.compile)
     solver = tighter(cfg.make_solver())
     again, _, status = encode_block(model, sde, read_rows(source, index), solver, cfg.batch_size,
-                                    resolve_device(device), dtype)
+                                    resolve_device(device), dtype, cond_labels(store, cfg, index))
     target = (cfg.pilot or {}).get("target")
     out = drift(read_latents(store, index), again, index, target)
     out.update(setting=solver.to_dict(), precision=precision, dtype=dtype, failed=int((status != 0).sum()),
