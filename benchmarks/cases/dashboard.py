@@ -15,18 +15,13 @@ import argparse
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import tempfile
-import time
 import urllib.request
 from pathlib import Path
 
-import numpy as np
-
-BIN = Path(sys.executable).parent
+from benchmarks.common.jobs import BIN, start_prefect_server, stop, write_job
+from benchmarks.common.report import md_table
 
 
 def chromium() -> str | None:
@@ -38,60 +33,14 @@ def chromium() -> str | None:
     return None
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def start_ui_server(home: Path, timeout: float = 240) -> tuple[subprocess.Popen, str]:
     """``prefect server start`` with its UI on a free port; returns (process, UI URL)."""
-    port = _free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
-    env.update(PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false", DO_NOT_TRACK="1",
-               PREFECT_SERVER_UI_ENABLED="true", PREFECT_UI_API_URL=f"{url}/api")
-    log = open(home / "server.log", "w")
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"prefect server exited with {proc.returncode}; see {home / 'server.log'}")
-        try:
-            with urllib.request.urlopen(f"{url}/api/health", timeout=2) as r:
-                if r.status == 200:
-                    return proc, url
-        except OSError:
-            time.sleep(0.5)
-    stop(proc)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-def stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-
-
-def write_job(d: Path, n: int, dim: int = 8, seed: int = 0) -> tuple[Path, Path]:
-    """A two-component Gaussian mixture (JSON) and ``n`` samples drawn from it (.npy)."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(0, 2, (2, dim))
-    model = d / "gmm.json"
-    model.write_text(json.dumps({"weights": [0.5, 0.5], "means": means.tolist(),
-                                 "covariances": [np.eye(dim).tolist()] * 2}))
-    x = means[rng.integers(0, 2, n)] + rng.normal(size=(n, dim))
-    data = d / "x.npy"
-    np.save(data, x.astype(np.float32))
-    return data, model
+    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1"}
+    return start_prefect_server(env, log=home / "server.log", timeout=timeout, ui=True)
 
 
 def run_extract(work: Path, ui_url: str, name: str = "s.zarr", n: int = 20000) -> subprocess.CompletedProcess:
-    data, model = write_job(work, n)
+    data, model = write_job(work, n, dim=8, k=2)
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_LOGGING_LEVEL"}
     env.update(PREFECT_API_URL=f"{ui_url}/api", PREFECT_HOME=str(work / "home"))
     return subprocess.run([str(BIN / "pflatents"), "extract", "--data", str(data), "--model", f"gmm:{model}",
@@ -144,7 +93,9 @@ def main(argv: list[str] | None = None):
             found = listed(ui, run["name"])
             print(f"flow-runs page lists {run['name']!r}: {found}")
             browse(f"{ui}/runs/flow-run/{run['id']}", png=a.png.resolve())
-            print(f"screenshot of {ui}/runs/flow-run/{run['id']} -> {a.png} ({a.png.stat().st_size // 1024} KB)")
+            print(f"screenshot of {ui}/runs/flow-run/{run['id']} -> {a.png} ({a.png.stat().st_size // 1024} KB)\n")
+            print(md_table(["flow run", "on the flow-runs page", "screenshot"],
+                           [[run["name"], "yes" if found else "no", f"{a.png} ({a.png.stat().st_size // 1024} KB)"]]))
         finally:
             stop(proc)
     return {"flow_run": run["name"], "listed": found, "png": str(a.png), "png_bytes": a.png.stat().st_size}

@@ -19,7 +19,6 @@ without it extract uses Prefect's temporary local server, whose start-up is incl
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import subprocess
 import sys
@@ -27,47 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-HERE = Path(__file__).resolve().parent
-BIN = Path(sys.executable).parent
-
-BARE = r"""
-import sys, os, time, numpy as np, torch
-from pflatents.tasks.ode.batches import encode_block
-from pflatents.tasks.ode.pfode import SolverConfig
-from pflatents.tasks.models.scores import GaussianMixtureScore
-from pflatents.tasks.ode.sde import VPSDE
-data, model, out, steps, batch, shard = sys.argv[1], sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), int(sys.argv[6])
-x = np.load(data, mmap_mode="r")
-gmm = GaussianMixtureScore.from_json(model, VPSDE())
-for i0 in range(0, len(x), shard):
-    t0 = time.perf_counter()
-    z, nfe, _ = encode_block(gmm, VPSDE(), np.asarray(x[i0:i0 + shard]), SolverConfig("rk4", steps=steps), batch, torch.device("cpu"))
-    with open(f"{out}/z{i0:09d}.npy", "wb") as f:
-        np.save(f, z); np.save(f, nfe); f.flush(); os.fsync(f.fileno())
-    print(time.perf_counter() - t0, flush=True)
-"""
-
-
-def make_job(d: Path, n: int, dim: int = 64, k: int = 8, seed: int = 0) -> tuple[Path, Path]:
-    """GMM parameters (JSON) and n samples from it (.npy)."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(0, 1.5, (k, dim))
-    covs = []
-    for _ in range(k):
-        q, _ = np.linalg.qr(rng.normal(size=(dim, dim)))
-        covs.append((q * rng.uniform(0.05, 1.0, dim)) @ q.T)
-    comp = rng.integers(0, k, n)
-    chol = np.linalg.cholesky(np.stack(covs))
-    x = np.empty((n, dim), dtype=np.float32)
-    for c in range(k):
-        idx = np.nonzero(comp == c)[0]
-        x[idx] = means[c] + rng.normal(size=(idx.size, dim)) @ chol[c].T
-    (d / "gmm.json").write_text(json.dumps({"weights": [1.0 / k] * k, "means": means.tolist(),
-                                            "covariances": [c.tolist() for c in covs]}))
-    np.save(d / "x.npy", x)
-    return d / "x.npy", d / "gmm.json"
+from benchmarks.common.jobs import BARE, BIN, make_job, start_prefect_server, stop
 
 
 def timed(cmd: list[str], env: dict) -> tuple[float, str]:
@@ -85,25 +44,6 @@ def shard_seconds(store: Path) -> list[float]:
     g = zarr.open_group(str(store), mode="r")
     recs = sorted((int(n), grp.attrs.asdict()) for n, grp in g["shards"].groups())
     return [sum(r["timings"].values()) for _, r in recs]
-
-
-def start_server(env: dict) -> tuple[subprocess.Popen, str]:
-    import socket
-    import urllib.request
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port)],
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    url = f"http://127.0.0.1:{port}/api"
-    for _ in range(400):
-        try:
-            urllib.request.urlopen(url + "/health", timeout=2)
-            return proc, url
-        except OSError:
-            time.sleep(0.5)
-    raise SystemExit("prefect server did not start")
 
 
 def main(argv: list[str] | None = None):
@@ -125,8 +65,8 @@ def main(argv: list[str] | None = None):
     env.pop("PREFECT_API_URL", None)
     server = None
     if a.server:
-        server, url = start_server(env)
-        env["PREFECT_API_URL"] = url
+        server, url = start_prefect_server(env)
+        env["PREFECT_API_URL"] = url + "/api"
     rows = []
     try:
         for steps in [int(v) for v in a.steps.split(",")]:
@@ -151,8 +91,7 @@ def main(argv: list[str] | None = None):
                          med(bare) - med(bare_sh), med(ext) - med(ext_sh), med(ext_sh) / med(bare_sh)))
     finally:
         if server is not None:
-            server.terminate()
-            server.wait(30)
+            stop(server, 30)
     mode = "real Prefect server" if a.server else "temporary local server (start-up included)"
     print(f"{a.n} x 64 GMM (K=8), rk4, batch {a.batch_size}, shards of {shard}, {mode}, OMP_WAIT_POLICY="
           f"{env['OMP_WAIT_POLICY']}, {a.repeats} alternating runs each\n")

@@ -17,13 +17,10 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
@@ -31,43 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.common.jobs import BIN, free_port, wait_http, write_job
 from benchmarks.common.report import md_table
-
-BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.5)
-    raise TimeoutError(f"{url} did not answer within {timeout} s")
-
-
-def write_job(d: Path, n: int, dim: int = 64, k: int = 4, seed: int = 0) -> tuple[Path, Path]:
-    """A GMM model JSON and n samples drawn from it."""
-    rng = np.random.default_rng(seed)
-    means = rng.normal(0, 2, (k, dim))
-    covs = [(a @ a.T) / dim + 0.1 * np.eye(dim) for a in rng.normal(size=(k, dim, dim))]
-    comp = rng.choice(k, n)
-    chol = np.linalg.cholesky(np.stack(covs))
-    x = means[comp] + np.einsum("nij,nj->ni", chol[comp], rng.normal(size=(n, dim)))
-    model = d / "gmm.json"
-    model.write_text(json.dumps({"weights": [1 / k] * k, "means": means.tolist(),
-                                 "covariances": [c.tolist() for c in covs]}))
-    np.save(d / "x.npy", x.astype(np.float32))
-    return d / "x.npy", model
-
 
 class Procs:
     """Processes started here, stopped by process group at the end."""

@@ -27,9 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-BIN = Path(sys.executable).parent
-from benchmarks.cases.extract_overhead import BARE, make_job  # noqa: E402  (the ~12 s job and its bare loop)
-from benchmarks.cases.scaleout import write_job  # noqa: E402  (the small GMM job the benchmarks share)
+from benchmarks.common.jobs import BARE, BIN, make_job, write_job  # noqa: E402  (the GMM jobs, the bare loop)
 
 
 CPU: list[float] = []  # CPU seconds of each run() (the command, what it reaped, and the shared server)

@@ -23,15 +23,13 @@ import re
 import shutil
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # what the CLI sets (before torch is imported)
-BIN = Path(sys.executable).parent
-from benchmarks.cases.scaleout import write_job  # noqa: E402  (the GMM job generator the benchmarks share)
+from benchmarks.common.jobs import BIN, write_job  # noqa: E402  (the GMM job generator the benchmarks share)
 from benchmarks.common.report import md_table  # noqa: E402
 
 
