@@ -41,8 +41,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.cases.extract_overhead import make_job  # noqa: E402  (the ~12 s job)
-from benchmarks.cases.scaleout import write_job  # noqa: E402  (the trivial job)
+from benchmarks.common.jobs import make_job, write_job  # (the ~12 s job, the trivial job)
 
 BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
