@@ -51,6 +51,7 @@ CASES: dict[str, Case] = {
     "learned": Case(("--models", "digits", "--t-eps", "1e-3", "--dtypes", "float32", "--n", "16", "--half-ladder",
                      "--methods", "ours dopri5 latent,rk4 logsnr,torchdiffeq dopri5")),
     "latent_tol": Case(("--models", "", "--gmm", "--targets", "1e-3")),
+    "geometry": Case(("--models", "gmm", "--n-gmm", "128", "--decades", "--methods", "adams4,dopri5 t")),
     "learned_teps": Case(("--models", "digits", "--t-eps", "1e-3", "--n", "16")),
     "precision": Case(("--n", "16", "--models", "digits", "--solvers", "rk4 64", "--no-ref")),
     "digits_quality": Case(("--budgets", "20", "--draws", "8", "--workdir", "{out}/digits_quality")),

@@ -67,12 +67,15 @@ class JobSettings(BaseModel):
     t_eps: float = Field(1e-4, gt=0, description="integrate from t_eps (not 0); 1e-4: VP sigma 3.2e-3, below half an "
                                                 "8-bit step, and the learned-model benchmark's error at 1e-5..1e-3 "
                                                 "alike")
-    solver: str = Field("dopri5", description="dopri5 | rk4 | heun | euler | dpmpp2m (with no solver setting "
-                                              "given, an existing store keeps the solver it pinned)")
-    rtol: float = Field(1e-6, gt=0, description="dopri5 relative tolerance (1e-6, --control latent, t_eps 1e-4: "
-                                               "per-sample p99 latent error 8e-5 (patch MLP) and 1.4e-4 (digits MLP) "
-                                               "against a float64 reference, float32 network, ~400 NFE)")
-    atol: float = Field(1e-6, gt=0, description="dopri5 absolute tolerance")
+    solver: Optional[str] = Field(
+        None, description="adams4 | dopri5 | dop853 | dpm23 | rk4 | heun | euler | dpmpp2m (default: adams4 for a "
+                          "network, dopri5 for an exact gmm score or a flow model; with no solver setting given, an "
+                          "existing store keeps the solver it pinned)")
+    rtol: Optional[float] = Field(None, gt=0, description="relative tolerance of an adaptive solver (default: adams4 "
+                                                         "3e-5, the others 1e-6; adams4 3e-5, t_eps 1e-4, float32 "
+                                                         "network: per-sample p99 latent error 3e-5..3e-4 on the "
+                                                         "learned-model benchmark at 210-280 NFE)")
+    atol: Optional[float] = Field(None, gt=0, description="absolute tolerance of an adaptive solver (default as rtol)")
     control: Optional[Literal["local", "latent"]] = Field(
         None, description="dopri5 error control: latent (encode tolerance weighted by sigma(t)/sigma(T), the "
                           "flow's error amplification: a bound on each step's share of the latent error) | local; "
@@ -246,6 +249,7 @@ class SolverSpec(PinnedSpec):
     time_var: Optional[str] = None
     control: Optional[str] = None
     noise: Optional[Num] = None
+    noise_t: Optional[list[list[Num]]] = None
     steps: Optional[int] = None
     grid: Optional[str] = None
 
@@ -558,7 +562,7 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     fp32 by default).
     """
     from pflatents.tasks.models.registry import model_info
-    from pflatents.tasks.ode.pfode import SolverConfig
+    from pflatents.tasks.ode.pfode import EPS_SOLVERS, SolverConfig, default_solver, default_tol
 
     if isinstance(shard_size, bool) or not isinstance(shard_size, int) or shard_size < 1:
         raise InputError(f"shard size must be an integer >= 1; got {shard_size!r}")
@@ -571,10 +575,13 @@ def build_config(job: JobSettings, *, source, shard_size: int, incremental: bool
     # (learned models: gains of 50-500 measured); a gmm's covariance bounds its gain, and there local
     # control reached the same worst error with ~15 % fewer NFE (benchmarks/README.md, learned models)
     control = job.control or ("local" if _exact(info.kind) else "latent")
-    scfg = SolverConfig(name=job.solver, rtol=job.rtol, atol=job.atol, steps=job.steps, grid=job.grid,
+    name = job.solver or default_solver(_exact(info.kind), sde)
+    tol = default_tol(name)
+    scfg = SolverConfig(name=name, rtol=job.rtol if job.rtol is not None else tol,
+                        atol=job.atol if job.atol is not None else tol, steps=job.steps, grid=job.grid,
                         t_eps=job.t_eps, control=control)
-    if scfg.adaptive and scfg.time_var == "auto":
-        scfg = dataclasses.replace(scfg, time_var=sde.preferred_time_var)
+    if scfg.adaptive and scfg.time_var == "auto":  # adams4 and dpm23 always step in s
+        scfg = dataclasses.replace(scfg, time_var="s" if name in EPS_SOLVERS else sde.preferred_time_var)
     kept = _store_solver(job, pinned)
     d = 1
     for n in source.sample_shape:

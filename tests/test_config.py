@@ -14,7 +14,8 @@ from pflatents.storage import LatentStore, open_or_create
 from pflatents.tasks.config import ExtractConfig, JobSettings, build_config, solver_from_dict
 from pflatents.tasks.data.sources import open_source
 from pflatents.tasks.errors import InputError
-from pflatents.tasks.ode.pfode import SolverConfig
+from pflatents.tasks.ode.pfode import SolverConfig, default_solver, default_tol
+from pflatents.tasks.ode.sde import VPSDE
 
 
 def _subparser(name: str) -> argparse.ArgumentParser:
@@ -32,10 +33,16 @@ def test_every_setting_is_a_flag_of_extract_and_serve():
 
 
 def test_job_defaults_are_the_solver_defaults():
-    """The job's solver defaults and the ODE core's agree (issue 12: 1e-5 in one place, 5e-7 in another)."""
+    """The job's solver defaults and the ODE core's agree (issue 12: 1e-5 in one place, 5e-7 in another);
+    the solver and its tolerances are left to the model kind (issue 21: adams4 at 1e-4 for a network,
+    dopri5 at 1e-6, the core's own default, for an exact score)."""
     job, core = JobSettings(data="d", model="m", out="o"), SolverConfig()
-    for name in ("solver", "rtol", "atol", "steps", "grid", "t_eps"):
-        assert getattr(job, name) == getattr(core, "name" if name == "solver" else name), name
+    for name in ("steps", "grid", "t_eps"):
+        assert getattr(job, name) == getattr(core, name), name
+    assert job.solver is None and job.rtol is None and job.atol is None
+    assert default_solver(True, VPSDE()) == core.name == "dopri5"
+    assert default_tol(core.name) == core.rtol == core.atol
+    assert (default_solver(False, VPSDE()), default_tol("adams4")) == ("adams4", 3e-5)
 
 
 @pytest.mark.parametrize("key,value,words", [

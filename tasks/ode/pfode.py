@@ -2,9 +2,11 @@
 
 ``encode`` integrates from ``t_eps`` to ``T`` with ``x(t_eps) = x0``; ``decode`` integrates from ``T``
 back to the **same** ``t_eps`` with no extra denoising step, so the round trip can close.
-The adaptive solver steps in the SDE's own time t by default (``time_var="s"``: in s = log(sigma/alpha),
-the default for a discrete diffusers schedule);
-fixed-step solvers step on grids in s (see ``pflatents.tasks.ode.sde``).
+dopri5 and dop853 step in the SDE's own time t by default (``time_var="s"``: in s = log(sigma/alpha),
+the default for a discrete diffusers schedule; ``"ddim"`` / ``"ddim_s"``: on the DDIM form, y = x/alpha
+against u = sigma/alpha or s = log u); adams4 and dpm23 step on the DDIM form in s; fixed-step solvers
+step on grids in s (see ``pflatents.tasks.ode.sde``). Which solver a job uses by default:
+``default_solver``, ``default_tol`` (docs/solver-audit.md).
 """
 
 from __future__ import annotations
@@ -22,13 +24,17 @@ from pflatents.tasks.errors import SolverError
 from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["SolverConfig", "PFResult", "encode", "decode", "integrate", "make_grid", "SOLVERS", "Solver", "ODEProblem",
-           "SOLVER_NAMES", "ADAPTIVE", "GRIDS"]
+           "SOLVER_NAMES", "ADAPTIVE", "GRIDS", "default_solver", "default_tol", "eps_func", "EPS_SOLVERS"]
 
 F64 = torch.float64
 GRIDS = ("logsnr", "edm", "time")
 # what the adaptive solver steps in: the SDE's own t, s = log(sigma/alpha), or "auto" = the SDE's choice
 # (t for vp/ve/edm; s for a discrete diffusers schedule, whose coefficients are piecewise in t)
-TIME_VARS = ("auto", "t", "s")
+# "ddim", "ddim_s": the DDIM form of the ODE, state y = x/alpha (the linear drift vanishes:
+# dy/du = eps_hat) against u = sigma/alpha, or against s = log u (dy/ds = u eps_hat)
+TIME_VARS = ("auto", "t", "s", "ddim", "ddim_s")
+DDIM_VARS = ("ddim", "ddim_s")
+EPS_SOLVERS = {"dpm23", "adams4"}  # step on eps_hat in s (y = x/alpha), not on dy/dv
 # what the adaptive solver's tolerance bounds: each step's local error ("local", the classical control),
 # or its contribution to the latent ("latent": on encode the tolerance at t is weighted by
 # sigma(t)/sigma(T), the bound on how much the flow from t to T amplifies an error; decode is unweighted)
@@ -49,6 +55,9 @@ class SolverConfig:
     time_var: str = "auto"
     control: str = "local"  # extract picks latent for networks (pflatents.tasks.config.build_config)
     noise: float = 0.0  # relative noise level of the right-hand side (pflatents.tasks.ode.solvers.Control)
+    # a noise floor that depends on t: ((t_1, level_1), ...) increasing in t, interpolated in log t
+    # (constant beyond the ends); replaces ``noise`` when given
+    noise_t: tuple[tuple[float, float], ...] = ()
 
     def __post_init__(self) -> None:
         if self.name not in SOLVER_NAMES:
@@ -65,6 +74,16 @@ class SolverConfig:
             raise SolverError(f"steps must be an integer >= 1 for the fixed-step solver {self.name!r}; got {self.steps!r}")
         if not (isinstance(self.t_eps, (int, float)) and math.isfinite(self.t_eps) and self.t_eps > 0):
             raise SolverError(f"t_eps must be a finite number > 0; got {self.t_eps!r}")
+        if self.noise_t:
+            try:
+                table = tuple((float(t), float(v)) for t, v in self.noise_t)
+            except (TypeError, ValueError):
+                raise SolverError(f"noise_t must be pairs (t, level); got {self.noise_t!r}") from None
+            ts = [t for t, _ in table]
+            if not all(math.isfinite(t) and t > 0 for t in ts) or any(b <= a for a, b in zip(ts, ts[1:])) \
+                    or not all(math.isfinite(v) and v >= 0 for _, v in table):
+                raise SolverError(f"noise_t must have times > 0, increasing, and finite levels >= 0; got {self.noise_t!r}")
+            object.__setattr__(self, "noise_t", table)
 
     @property
     def adaptive(self) -> bool:
@@ -81,6 +100,8 @@ class SolverConfig:
                 d["control"] = self.control
             if self.noise:
                 d["noise"] = self.noise
+            if self.noise_t:
+                d["noise_t"] = [list(p) for p in self.noise_t]
         else:
             d.update(steps=self.steps, grid=self.grid)
         return d
@@ -130,6 +151,34 @@ def ode_func_t(model: Model, sde: SDE, sample_shape: tuple[int, ...]) -> Callabl
 
     def G(y: torch.Tensor, t: torch.Tensor, cond: Cond = None) -> torch.Tensor:
         return model.velocity(y.reshape(y.shape[0], *sample_shape), t, cond).reshape(y.shape)
+
+    return G
+
+
+def eps_func(model: Model, sde: SDE, sample_shape: tuple[int, ...], in_u: bool) -> Callable:
+    """E(y, v[, cond]) = eps_hat(alpha y, t): the noise prediction on the DDIM state y = x/alpha, at
+    v = u = sigma/alpha (``in_u``) or v = s = log u. It is dy/du, the DDIM form of the PF-ODE
+    (x_t = alpha (x0 + u eps) makes y = x0_hat + u eps_hat: no linear term)."""
+    model = as_model(model, sde)
+    eps = getattr(model, "eps", None)
+
+    def E(y: torch.Tensor, v: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        t = sde.t_of_s(torch.log(v) if in_u else v)
+        x = (_bcast(sde.alpha(t), y) * y).reshape(y.shape[0], *sample_shape)
+        e = eps(x, t, cond) if eps is not None else -model.sigma2_score(x, t, cond) / _bcast(sde.sigma(t), x)
+        return e.reshape(y.shape)
+
+    return E
+
+
+def ode_func_ddim(model: Model, sde: SDE, sample_shape: tuple[int, ...], in_u: bool) -> Callable:
+    """dy/du = eps_hat (``in_u``) or dy/ds = u eps_hat, on y = x/alpha (``eps_func``)."""
+    E = eps_func(model, sde, sample_shape, in_u)
+    if in_u:
+        return E
+
+    def G(y: torch.Tensor, s: torch.Tensor, cond: Cond = None) -> torch.Tensor:
+        return _bcast(torch.exp(s), y) * S.call(E, y, s, cond)
 
     return G
 
@@ -257,6 +306,9 @@ class ODEProblem:
     u_end: float
     in_t: bool
     cond: Cond = None
+    coords: str = "s"  # the solver's time variable: "t", "s" (= log(sigma/alpha)) or "u" (= sigma/alpha)
+    ddim: bool = False  # the state is y = x/alpha (the DDIM form) instead of x
+    work: torch.dtype | None = None  # the dtype F is evaluated at when y0 is held in float64 (adams4)
 
 
 @dataclass(frozen=True)
@@ -282,10 +334,96 @@ def _run_rk(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
     return S.solve_fixed(p.F, p.y0, _grid(p, cfg), S.TABLEAUS[cfg.name], p.cond)
 
 
+def _t_of(p: ODEProblem) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The SDE's t from the solver's time variable (t, s = log u, or u)."""
+    if p.coords == "t":
+        return lambda v: v
+    if p.coords == "u":
+        return lambda v: p.sde.t_of_s(torch.log(v))
+    return p.sde.t_of_s
+
+
+def _noise_at(p: ODEProblem, table: tuple[tuple[float, float], ...]) -> Callable[[torch.Tensor], torch.Tensor]:
+    """A per-t noise floor, linear in log t between the table's points, constant beyond them."""
+    lt = torch.log(torch.tensor([q[0] for q in table], dtype=F64))
+    lv = torch.tensor([q[1] for q in table], dtype=F64)
+    t_of = _t_of(p)
+
+    def at(v: torch.Tensor) -> torch.Tensor:
+        x = torch.log(t_of(v.to(F64)).cpu()).clamp(float(lt[0]), float(lt[-1]))
+        i = torch.clamp(torch.searchsorted(lt, x.contiguous()) - 1, 0, max(len(lt) - 2, 0))
+        if len(lt) == 1:
+            return lv.expand_as(x).to(v.device)
+        w = (x - lt[i]) / (lt[i + 1] - lt[i])
+        return (lv[i] + w * (lv[i + 1] - lv[i])).to(v.device)
+
+    return at
+
+
+def _control(p: ODEProblem, cfg: "SolverConfig") -> S.Control:
+    in_t = p.coords == "t"
+    weight = None
+    if cfg.control == "latent":
+        weight = _latent_weight(p.sde, p.t_start, p.t_end, in_t)
+        if weight is not None and p.coords == "u":
+            w_s = weight
+            weight = lambda v: w_s(torch.log(v))  # noqa: E731
+    scale = None
+    if p.ddim:  # y = x/alpha: errors in x units
+        t_of = _t_of(p)
+        scale = lambda v: p.sde.alpha(t_of(v.to(F64)))  # noqa: E731
+    noise_at = _noise_at(p, cfg.noise_t) if cfg.noise_t else None
+    return S.Control(cfg.rtol, cfg.atol, max_steps=cfg.max_steps, weight=weight, noise=cfg.noise, scale=scale,
+                     noise_at=noise_at)
+
+
 def _run_adaptive(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
-    weight = _latent_weight(p.sde, p.t_start, p.t_end, p.in_t) if cfg.control == "latent" else None
-    ctl = S.Control(cfg.rtol, cfg.atol, max_steps=cfg.max_steps, weight=weight, noise=cfg.noise)
-    return S.solve_adaptive(p.F, p.y0, p.u_start, p.u_end, ctl, S.TABLEAUS[cfg.name], p.cond)
+    return S.solve_adaptive(p.F, p.y0, p.u_start, p.u_end, _control(p, cfg), S.TABLEAUS[cfg.name], p.cond)
+
+
+# DPM-Solver-3 (singlestep, r1 = 1/3, r2 = 2/3) with DPM-Solver-2 (r1 = 1/3) embedded: what the controller sees
+DPM23 = S.Tableau("dpm23", 3, (0.0, 1 / 3, 2 / 3), ((), (1 / 3,), (0.0, 2 / 3)), (0.25, 0.0, 0.75),
+                  e=(-0.5, 1.5, -0.75 - 0.25), err_order=3)
+
+
+def _dpm23_step(F, y, s, h, k0, cond):
+    """One DPM-Solver-3 step (Lu et al. 2022) on y = x/alpha in s = log(sigma/alpha), exact for the
+    exponential weight: y(s + h) = y + int_0^h e^(s + r) eps(s + r) dr with eps interpolated in r
+    through its values at 0, h/3 (2nd order, the embedded solution) and 0, 2h/3 (3rd order).
+    ``F`` is ``eps_func`` in s; k0 = eps at (y, s). Returns (y_new, y_new - y_low, None, NFE)."""
+    u0 = torch.exp(s)
+
+    def i0(hh):  # int_0^H e^r dr
+        return torch.expm1(hh)
+
+    def i1(hh):  # int_0^H e^r r dr = H e^H - (e^H - 1)
+        return hh * torch.exp(hh) - torch.expm1(hh)
+
+    def c(v):
+        return _bcast(v, y)
+
+    h1, h2 = h / 3, 2 * h / 3
+    y1 = y + c(u0 * i0(h1)) * k0
+    e1 = S.call(F, y1, s + h1, cond)
+    y2 = y + c(u0 * i0(h2)) * k0 + c(u0 * i1(h2) / h1) * (e1 - k0)
+    e2 = S.call(F, y2, s + h2, cond)
+    base = y + c(u0 * i0(h)) * k0
+    y_hi = base + c(u0 * i1(h) / h2) * (e2 - k0)
+    y_lo = base + c(u0 * i1(h) / h1) * (e1 - k0)
+    return y_hi, y_hi - y_lo, None, 2
+
+
+def _run_adams(order: int):
+    def run(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
+        from pflatents.tasks.ode.multistep import solve_exp_adams
+
+        return solve_exp_adams(p.F, p.y0, p.u_start, p.u_end, _control(p, cfg), order, p.cond, p.work)
+
+    return run
+
+
+def _run_dpm23(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
+    return S.solve_adaptive(p.F, p.y0, p.u_start, p.u_end, _control(p, cfg), DPM23, p.cond, step=_dpm23_step)
 
 
 def _run_dpmpp2m(p: ODEProblem, cfg: "SolverConfig") -> S.SolveResult:
@@ -299,11 +437,31 @@ SOLVERS: dict[str, Solver] = {
     "heun": Solver("heun", _run_rk),
     "rk4": Solver("rk4", _run_rk),
     "dopri5": Solver("dopri5", _run_adaptive, adaptive=True),
+    "dop853": Solver("dop853", _run_adaptive, adaptive=True),
+    "dpm23": Solver("dpm23", _run_dpm23, adaptive=True, likelihood=False),
+    "adams4": Solver("adams4", _run_adams(4), adaptive=True, likelihood=False),
     "dpmpp2m": Solver("dpmpp2m", _run_dpmpp2m, likelihood=False),
 }
 SOLVER_NAMES = tuple(SOLVERS)
 ADAPTIVE = tuple(n for n, v in SOLVERS.items() if v.adaptive)
 MULTISTEP = tuple(n for n, v in SOLVERS.items() if not v.likelihood)
+
+
+def default_solver(exact: bool, sde: SDE) -> str:
+    """The default for a job: ``adams4`` for a network (the learned-model benchmark's cheapest at equal
+    p99 latent error), ``dopri5`` for an exact score (a GMM: well conditioned, benchmarks/solvers.py's
+    default) and for an SDE whose alpha reaches 0 at T (flow matching: no finite s = log(sigma/alpha) there)."""
+    if exact or not math.isfinite(sde.s_of_t(torch.tensor(sde.T, dtype=F64)).item()):
+        return "dopri5"
+    return "adams4"
+
+
+DEFAULT_TOL = {"adams4": 3e-5}  # the others: 1e-6
+
+
+def default_tol(name: str) -> float:
+    """The default rtol = atol of an adaptive solver (benchmarks/README.md, "PF-ODE geometry")."""
+    return DEFAULT_TOL.get(name, 1e-6)
 
 
 def integrate(model: Model, sde: SDE, x: torch.Tensor, t_start: float, t_end: float,
@@ -321,7 +479,7 @@ def integrate(model: Model, sde: SDE, x: torch.Tensor, t_start: float, t_end: fl
     m = math.prod(shape)
     solver = SOLVERS[cfg.name]
     tv = sde.preferred_time_var if cfg.time_var == "auto" else cfg.time_var
-    in_t = solver.adaptive and tv == "t"
+    in_t = solver.adaptive and tv == "t" and cfg.name not in EPS_SOLVERS  # dpm23 steps in s
     if not math.isfinite(sde.s_of_t(torch.tensor(max(t_start, t_end), dtype=F64)).item()):
         # alpha = 0 at T (flow matching): s = log(sigma/alpha) is +inf there, so the ODE is integrated in t
         if not solver.likelihood or (not solver.adaptive and cfg.grid != "time") or (solver.adaptive and tv == "s"):
@@ -329,7 +487,13 @@ def integrate(model: Model, sde: SDE, x: torch.Tensor, t_start: float, t_end: fl
                               f"in t, by dopri5 or a Runge-Kutta solver with --grid time (got {cfg.name}, grid "
                               f"{cfg.grid}, time variable {tv})")
         in_t = True
-    F = (ode_func_t if in_t else ode_func)(model, sde, shape)
+    ddim = solver.adaptive and not in_t and (tv in DDIM_VARS or cfg.name in EPS_SOLVERS)
+    coords = "t" if in_t else ("u" if tv == "ddim" and cfg.name not in EPS_SOLVERS else "s")
+    if ddim:
+        F = (eps_func(model, sde, shape, coords == "u") if cfg.name in EPS_SOLVERS
+             else ode_func_ddim(model, sde, shape, coords == "u"))
+    else:
+        F = (ode_func_t if in_t else ode_func)(model, sde, shape)
     y0 = x.reshape(b, m)
     if likelihood is not None:
         if not solver.likelihood:
@@ -347,13 +511,29 @@ def integrate(model: Model, sde: SDE, x: torch.Tensor, t_start: float, t_end: fl
     else:
         u_start = sde.s_of_t(torch.tensor(t_start, dtype=F64)).item()
         u_end = sde.s_of_t(torch.tensor(t_end, dtype=F64)).item()
-    problem = ODEProblem(as_model(model, sde), sde, F, y0, shape, t_start, t_end, u_start, u_end, in_t, cond)
+        if coords == "u":
+            u_start, u_end = math.exp(u_start), math.exp(u_end)
+    work = None
+    if ddim:  # y = x / alpha
+        a0 = sde.alpha(torch.tensor(t_start, dtype=F64)).item()
+        if cfg.name in EPS_SOLVERS - {"dpm23"}:  # adams: accumulates the state in float64
+            work, y0 = y0.dtype, y0.to(F64) / a0
+        else:
+            y0 = torch.cat([y0[:, :m] / a0, y0[:, m:]], dim=1) if likelihood is not None else y0 / a0
+    problem = ODEProblem(as_model(model, sde), sde, F, y0, shape, t_start, t_end, u_start, u_end, in_t, cond,
+                         coords, ddim, work)
     ctx = torch.no_grad() if likelihood is not None else torch.inference_mode()
     with ctx:
         res = solver.run(problem, cfg)
-    out = PFResult(res.y[:, :m].reshape(b, *shape), res.nfe, res.status)
+    yend = res.y[:, :m]
+    if ddim:
+        yend = (yend * sde.alpha(torch.tensor(t_end, dtype=F64)).item()).to(x.dtype)
+    out = PFResult(yend.reshape(b, *shape), res.nfe, res.status)
     if likelihood is not None:
         out.logp = res.y[:, m].to(F64)  # integral of the divergence; completed by the caller
+        if ddim:  # log det dx_T/dx_0 = log det dy_T/dy_0 + m log(alpha_end / alpha_start)
+            out.logp = out.logp + m * (sde.log_alpha(torch.tensor(t_end, dtype=F64))
+                                       - sde.log_alpha(torch.tensor(t_start, dtype=F64))).item()
     return out
 
 

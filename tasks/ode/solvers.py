@@ -9,10 +9,13 @@ sizes stay in float64 and are cast at the state boundary.
 - ``dopri5``: Dormand-Prince 5(4) with a PI step controller and **per-sample** error control and
   step size: each sample accepts, rejects and sizes its steps from its own error alone, so its result
   does not depend on its batch mates, and finished samples drop out of the score evaluations.
+- ``dop853``: Dormand & Prince 8(5,3), the same loop with HNW's combined error estimate.
 - ``dpmpp2m``: DPM-Solver++(2M) (Lu et al. 2022), a multistep exponential integrator for the
   semi-linear PF-ODE; it needs the data prediction, not F, so its loop lives in ``pflatents.tasks.ode.pfode``.
+- ``dpm23`` (pfode) plugs its own step into ``solve_adaptive``; ``adams4`` (``pflatents.tasks.ode.multistep``)
+  has its own loop with the same controller and error norm (``_err_norm``, ``Control``).
 
-All five are entries of one table with one signature, ``pflatents.tasks.ode.pfode.SOLVERS``
+All are entries of one table with one signature, ``pflatents.tasks.ode.pfode.SOLVERS``
 (``run(ODEProblem, SolverConfig) -> SolveResult``).
 """
 
@@ -48,6 +51,8 @@ class Tableau:
     b: tuple[float, ...]
     e: tuple[float, ...] | None = None
     fsal: bool = False  # last stage evaluates F at the new point (reused as the next k_0)
+    e3: tuple[float, ...] | None = None  # DOP853's second (3rd-order) estimate, combined with e (``_err_norm``)
+    err_order: int | None = None  # the controller's exponent is 1/err_order (default: order)
 
     @property
     def stages(self) -> int:
@@ -72,7 +77,24 @@ DOPRI5 = Tableau(
        -2187 / 6784 + 92097 / 339200, 11 / 84 - 187 / 2100, -1 / 40),
     fsal=True,
 )
-TABLEAUS = {t.name: t for t in (EULER, HEUN, RK4, DOPRI5)}
+
+
+def _dop853() -> Tableau:
+    """Dormand & Prince's DOP853 (Hairer, Norsett & Wanner's code; coefficients as scipy ships them):
+    12 stages, order 8, with the 13th evaluation at the new point (first same as last) and the
+    combined 5th/3rd-order error estimate of the original code."""
+    from scipy.integrate._ivp import dop853_coefficients as d
+
+    n = d.N_STAGES
+    a = tuple(tuple(float(v) for v in d.A[i, :i]) for i in range(n)) + (tuple(float(v) for v in d.B),)
+    c = tuple(float(v) for v in d.C[:n]) + (1.0,)
+    b = tuple(float(v) for v in d.B) + (0.0,)
+    return Tableau("dop853", 8, c, a, b, e=tuple(float(v) for v in d.E5), fsal=True,
+                   e3=tuple(float(v) for v in d.E3), err_order=8)
+
+
+DOP853 = _dop853()
+TABLEAUS = {t.name: t for t in (EULER, HEUN, RK4, DOPRI5, DOP853)}
 
 
 @dataclass
@@ -114,6 +136,8 @@ def rk_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, h: torch.Tensor, tab: 
         nfe += 1
     y_new = yi if tab.fsal else y + hy * sum(bj * kj for bj, kj in zip(tab.b, ks) if bj != 0.0)
     err = hy * sum(ej * kj for ej, kj in zip(tab.e, ks) if ej != 0.0) if tab.e is not None else None
+    if tab.e3 is not None:
+        err = (err, hy * sum(ej * kj for ej, kj in zip(tab.e3, ks) if ej != 0.0))
     return y_new, err, ks[-1], nfe
 
 
@@ -158,6 +182,12 @@ class Control:
     max_steps: int = 10_000
     weight: Callable[[torch.Tensor], torch.Tensor] | None = None
     noise: float = 0.0
+    # per-sample factor c(u) (B,) with x = c * state, for a solver stepping in other coordinates than
+    # x (e.g. y = x/alpha: c = alpha): errors and tolerances are then measured in x units (None: 1)
+    scale: Callable[[torch.Tensor], torch.Tensor] | None = None
+    # a noise floor that depends on the time, noise_at(u) -> (B,) (relative noise of F at each sample's
+    # time); it replaces the constant ``noise`` when given
+    noise_at: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def __post_init__(self) -> None:
         for name in ("rtol", "atol"):
@@ -173,14 +203,27 @@ class Control:
 NOISE_K = 5.0  # margin on the noise term: with noise alone an error ratio <= 0.2, where the PI controller grows h
 
 
-def _err_norm(err: torch.Tensor, y0: torch.Tensor, y1: torch.Tensor, ctl: Control, w: torch.Tensor | None = None,
-              floor: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-sample RMS of err / (w (atol + rtol max(|y0|, |y1|)) + floor), float64 (B,)."""
+def _err_norm(err: torch.Tensor | tuple[torch.Tensor, torch.Tensor], y0: torch.Tensor, y1: torch.Tensor,
+              ctl: Control, w: torch.Tensor | None = None, floor: torch.Tensor | None = None,
+              c: torch.Tensor | None = None) -> torch.Tensor:
+    """Per-sample RMS of err / (w (atol + rtol max(|y0|, |y1|)) + floor), float64 (B,).
+
+    ``c`` (B,): the factor from the state to x units (errors and states are compared in x units). A pair
+    ``err = (e5, e3)`` is DOP853's combined estimate, |e5|^2 / sqrt(|e5|^2 + 0.01 |e3|^2) (HNW's code)."""
     scale = (ctl.atol + ctl.rtol * torch.maximum(y0.abs(), y1.abs())).to(F64)
+    if c is not None:
+        scale = scale * c[:, None]
     if w is not None:
         scale = scale * w[:, None]
     if floor is not None:
         scale = scale + floor[:, None]
+    if isinstance(err, tuple):
+        cc = c[:, None] if c is not None else 1.0
+        n5 = (err[0].to(F64) * cc / scale).pow(2).mean(dim=1)
+        n3 = (err[1].to(F64) * cc / scale).pow(2).mean(dim=1)
+        return n5 / (n5 + 0.01 * n3).sqrt().clamp_min(1e-300)
+    if c is not None:
+        return (err.to(F64) * c[:, None] / scale).pow(2).mean(dim=1).sqrt()
     return (err.to(F64) / scale).pow(2).mean(dim=1).sqrt()
 
 
@@ -190,6 +233,9 @@ def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor
     scale = (ctl.atol + ctl.rtol * y.abs()).to(F64)
     if ctl.weight is not None:
         scale = scale * ctl.weight(s)[:, None]
+    if ctl.scale is not None:  # x = c y: the tolerance in y units is the x tolerance / c
+        c0 = ctl.scale(s)[:, None]
+        scale = (ctl.atol / c0 + ctl.rtol * y.abs()).to(F64) * (ctl.weight(s)[:, None] if ctl.weight else 1.0)
     d0 = (y / scale).to(F64).pow(2).mean(1).sqrt()
     d1 = (k0 / scale).to(F64).pow(2).mean(1).sqrt()
     h0 = torch.where((d0 < 1e-5) | (d1 < 1e-5), torch.full_like(d0, 1e-6), 0.01 * d0 / d1)
@@ -208,7 +254,7 @@ def _initial_step(F: ODEFunc, y: torch.Tensor, s: torch.Tensor, k0: torch.Tensor
 
 
 def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, ctl: Control,
-                   tab: Tableau = DOPRI5, cond: Cond = None) -> SolveResult:
+                   tab: Tableau = DOPRI5, cond: Cond = None, step: Callable | None = None) -> SolveResult:
     """Embedded RK with per-sample error control, step size, acceptance and termination.
 
     Only the samples still integrating are passed to F (with their rows of ``cond``), so finished
@@ -231,7 +277,7 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
     start_bad = ~torch.isfinite(k0).all(1)  # non-finite at the start: no step can be accepted
     status[start_bad] = NONFINITE
     active = (span > 0) & ~start_bad
-    expo = 1.0 / (tab.order) - 0.75 * ctl.beta  # Hairer: 0.2 - 0.75 beta for order 5
+    expo = 1.0 / (tab.err_order or tab.order) - 0.75 * ctl.beta  # Hairer: 0.2 - 0.75 beta for order 5
     e1 = sum(abs(e) for e in tab.e)  # noise gain of the embedded error estimate
     while True:
         idx = torch.nonzero(active).squeeze(1)
@@ -241,12 +287,21 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
         remaining = (s_end_t[idx] - sa).abs()
         last = h[idx] >= remaining * (1 - 1e-12)
         ha = torch.where(last, remaining, h[idx])
-        y_new, err, k_new, n = rk_step(F, ya, sa, direction * ha, tab, ka, take_cond(cond, idx))
+        if step is None:
+            y_new, err, k_new, n = rk_step(F, ya, sa, direction * ha, tab, ka, take_cond(cond, idx))
+        else:  # another one-step method with the same contract (k_new None: not first-same-as-last)
+            y_new, err, k_new, n = step(F, ya, sa, direction * ha, ka, take_cond(cond, idx))
         nfe[idx] += n
         steps[idx] += 1
         w = ctl.weight(sa) if ctl.weight is not None else None
-        floor = NOISE_K * e1 * ctl.noise * ha * ka.to(F64).pow(2).mean(1).sqrt() if ctl.noise > 0 else None
-        en = _err_norm(err, ya, y_new, ctl, w, floor)
+        c = ctl.scale(sa) if ctl.scale is not None else None
+        if ctl.noise_at is not None:
+            floor = NOISE_K * e1 * ctl.noise_at(sa) * ha * ka.to(F64).pow(2).mean(1).sqrt()
+            floor = floor * c if c is not None else floor
+        else:
+            floor = NOISE_K * e1 * ctl.noise * ha * ka.to(F64).pow(2).mean(1).sqrt() if ctl.noise > 0 else None
+            floor = floor * c if (c is not None and floor is not None) else floor
+        en = _err_norm(err, ya, y_new, ctl, w, floor, c)
         finite = torch.isfinite(en) & torch.isfinite(y_new).all(1)
         en = torch.where(finite, en, torch.full_like(en, float("inf")))
         acc = en <= 1.0
@@ -259,8 +314,15 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
         h_next = torch.where(finite, h_next, ha * ctl.min_factor)
         ia = idx[acc]
         y[ia] = y_new[acc]
-        k0[ia] = k_new[acc]
         s[ia] = torch.where(last[acc], s_end_t[ia], sa[acc] + direction * ha[acc])
+        if k_new is not None:
+            k0[ia] = k_new[acc]
+        else:  # evaluate F at the accepted points that go on (the next step's first stage)
+            go = acc & ~last
+            ig = idx[go]
+            if ig.numel():
+                k0[ig] = call(F, y[ig], s[ig], take_cond(cond, ig))
+                nfe[ig] += 1
         err_old[ia] = en[acc].clamp_min(1e-4)
         h[idx] = torch.where(acc & last, ha, h_next)
         done = acc & last
