@@ -112,7 +112,8 @@ def timed_main(*a, **k):
     finally:
         marks["main_end"] = time.time()
         with open(os.environ["PFLATENTS_PHASES_OUT"], "w") as f:
-            json.dump({"marks": marks, "gc_s": gc_s[0]}, f)
+            json.dump({"marks": marks, "gc_s": gc_s[0], "gc_stats": gc.get_stats(), "tracked": len(gc.get_objects()),
+                       "frozen": gc.get_freeze_count()}, f)
 cli.main = timed_main
 sys.argv = ["pflatents"] + sys.argv[1:]
 cli.entry()
@@ -140,7 +141,8 @@ def run_once(args: list[str], env: dict, out: Path) -> dict:
     rec = json.loads(out.read_text())
     marks = {**rec["marks"], "start": max(t0, min(start, rec["marks"]["main"])), "end": t1}
     return {"marks": marks, "wall": t1 - t0, "cpu": r1.ru_utime + r1.ru_stime - r0.ru_utime - r0.ru_stime,
-            "gc": rec["gc_s"], "phases": {label: marks[b] - marks[a] for a, b, label in PHASES}}
+            "gc": rec["gc_s"], "gc_stats": rec["gc_stats"], "objects": rec["tracked"] + rec["frozen"],
+            "phases": {label: marks[b] - marks[a] for a, b, label in PHASES}}
 
 
 def shard_seconds(store: Path) -> dict[str, float]:
@@ -221,6 +223,12 @@ def main(argv: list[str] | None = None):
     print("| CPU seconds (the command and what it reaped) | " + " | ".join(f"{summary[n]['cpu']:.2f}" for n in names)
           + " |")
     print("| of which the cyclic garbage collector | " + " | ".join(f"{summary[n]['gc']:.3f}" for n in names) + " |")
+    for gen in range(3):
+        print(f"| collector passes over generation {gen} (objects freed) | " + " | ".join(
+            f"{statistics.median(r['gc_stats'][gen]['collections'] for r in runs[n]):.0f} "
+            f"({statistics.median(r['gc_stats'][gen]['collected'] for r in runs[n]):.0f})" for n in names) + " |")
+    print("| objects the collector tracks when main() returns | "
+          + " | ".join(f"{statistics.median(r['objects'] for r in runs[n]):.0f}" for n in names) + " |")
     steps = {"read_s": "read the data", "integrate_s": "integrate", "write_s": "write", "verify_s": "read back, verify"}
     for key, label in steps.items():
         print(f"| in the task (shard records, all shards): {label} | "
