@@ -74,7 +74,7 @@ _gc_paused: list[bool] = [False]
 def pause_gc() -> None:
     """Pause Python's cyclic garbage collector while a command starts (``resume_gc`` ends the pause).
 
-    Importing torch, zarr and Prefect allocates ~280,000 long-lived objects; the collector's full
+    Importing torch, zarr and Prefect leaves several hundred thousand long-lived objects; the collector's full
     passes over them took ~20 % of a trivial extract's CPU time (benchmarks/README.md, "The Prefect
     server's lifecycle") and found almost nothing to free. Reference counting still frees
     everything that is not in a cycle while paused."""
