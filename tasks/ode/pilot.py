@@ -404,6 +404,12 @@ def _search_family(fam: Family, run, goal: float, target: float, budget: Callabl
                 if guess[1] > PRUNE * budget():
                     return None
                 nxt = min(bad + 2 * fam.jump(), max(bad + 1, guess[0]))
+            if not fam.adaptive and math.isfinite(budget()):  # a fixed-step rung's NFE is known before it runs
+                per_step = row["nfe_mean"] / fam.param(bad)
+                affordable = [i for i, n in enumerate(STEP_LADDER) if n * per_step <= PRUNE * budget()]
+                nxt = min(nxt, affordable[-1] if affordable else -1)
+                if nxt <= bad:
+                    return None
             k = min(fam.rungs - 1, nxt)
             row = run(fam, fam.at(fam.param(k)))
             if row is None:
