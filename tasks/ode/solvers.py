@@ -305,13 +305,7 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
         finite = torch.isfinite(en) & torch.isfinite(y_new).all(1)
         en = torch.where(finite, en, torch.full_like(en, float("inf")))
         acc = en <= 1.0
-        # PI controller (accepted) / pure I with no growth (rejected)
-        fac11 = en.clamp_min(1e-300) ** expo
-        fac = (fac11 / err_old[idx] ** ctl.beta) / ctl.safety
-        grow = 1.0 / fac.clamp(1.0 / ctl.max_factor, 1.0 / ctl.min_factor)
-        shrink = 1.0 / (fac11 / ctl.safety).clamp(1.0, 1.0 / ctl.min_factor)
-        h_next = ha * torch.where(acc, grow, shrink)
-        h_next = torch.where(finite, h_next, ha * ctl.min_factor)
+        h_next = next_step(en, err_old[idx], ha, acc, finite, expo, ctl, ctl.max_factor)
         ia = idx[acc]
         y[ia] = y_new[acc]
         s[ia] = torch.where(last[acc], s_end_t[ia], sa[acc] + direction * ha[acc])
@@ -323,13 +317,33 @@ def solve_adaptive(F: ODEFunc, y0: torch.Tensor, s_start: float, s_end: float, c
             if ig.numel():
                 k0[ig] = call(F, y[ig], s[ig], take_cond(cond, ig))
                 nfe[ig] += 1
-        err_old[ia] = en[acc].clamp_min(1e-4)
-        h[idx] = torch.where(acc & last, ha, h_next)
-        done = acc & last
-        active[idx[done]] = False
-        over = ~done & (steps[idx] >= ctl.max_steps)
-        tiny = ~done & (h_next <= 1e-14 * span[idx].clamp_min(1e-300))
-        status[idx[over | (tiny & finite)]] = STEP_LIMIT
-        status[idx[tiny & ~finite]] = NONFINITE
-        active[idx[over | tiny]] = False
+        settle(idx, acc, last, ha, h_next, en, finite, ctl, err_old, h, active, steps, span, status)
     return SolveResult(y, nfe, status, steps)
+
+
+def next_step(en: torch.Tensor, err_prev: torch.Tensor, ha: torch.Tensor, acc: torch.Tensor, finite: torch.Tensor,
+              expo, ctl: Control, max_factor: float) -> torch.Tensor:
+    """The next step size: PI controller after an accepted step (growth at most ``max_factor``), pure I
+    with no growth after a rejection, ``min_factor`` after a non-finite one. ``expo``: 1/order (a float
+    or a per-sample tensor), less the PI term."""
+    fac11 = en.clamp_min(1e-300) ** expo
+    fac = (fac11 / err_prev ** ctl.beta) / ctl.safety
+    grow = 1.0 / fac.clamp(1.0 / max_factor, 1.0 / ctl.min_factor)
+    shrink = 1.0 / (fac11 / ctl.safety).clamp(1.0, 1.0 / ctl.min_factor)
+    h_next = ha * torch.where(acc, grow, shrink)
+    return torch.where(finite, h_next, ha * ctl.min_factor)
+
+
+def settle(idx, acc, last, ha, h_next, en, finite, ctl: Control, err_old, h, active, steps, span, status) -> None:
+    """After a step of the rows ``idx``: the error memory, the next step, and which rows are done,
+    over the step limit or stuck (step below 1e-14 of the span: STEP_LIMIT, or NONFINITE if not finite)."""
+    ia = idx[acc]
+    err_old[ia] = en[acc].clamp_min(1e-4)
+    h[idx] = torch.where(acc & last, ha, h_next)
+    done = acc & last
+    active[idx[done]] = False
+    over = ~done & (steps[idx] >= ctl.max_steps)
+    tiny = ~done & (h_next <= 1e-14 * span[idx].clamp_min(1e-300))
+    status[idx[over | (tiny & finite)]] = STEP_LIMIT
+    status[idx[tiny & ~finite]] = NONFINITE
+    active[idx[over | tiny]] = False
