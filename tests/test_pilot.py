@@ -198,3 +198,17 @@ def test_first_pilot_records_still_read():
            "candidates": [{"setting": {"name": "rk4", "t_eps": 1e-4, "steps": 64, "grid": "logsnr"}, "nfe_mean": 256.0,
                            "p50": 1e-5, "p99": 7e-5, "max": 9e-5, "failed": 0}]}
     assert "chose rk4 64 steps" in describe(old) and curve_table(old) == []
+
+
+def test_noise_floor_of_each_family_matches_the_form_it_steps_on(case):
+    """adams4 and dpm23 step on the DDIM form (eps_hat on y = x/alpha): their floor is eps_hat's noise,
+    not dx/dt's (which near T is larger: the drift and the score term nearly cancel)."""
+    g, sde, m = case
+    x0 = t64(g.sample(64, seed=1))
+    n_x = rhs_noise(m, m, sde, x0, T_EPS, torch.float32)
+    n_y = rhs_noise(m, m, sde, x0, T_EPS, torch.float32, ddim=True)
+    assert 0 < n_y < n_x
+    floors = {f.base.name: f.base.noise for f in families(SolverConfig("dopri5", t_eps=T_EPS), n_x, n_y)
+              if f.adaptive and f.base.noise > 0}
+    assert floors["adams4"] == floors["dpm23"] == n_y
+    assert floors["dopri5"] == n_x

@@ -191,3 +191,19 @@ def test_nonfinite_score_fails_only_its_sample(solver, mid):
     torch.testing.assert_close(res.x[others], clean.x[others], rtol=1e-12, atol=1e-12)
     if solver == "dopri5":
         assert res.nfe[2] < 3000  # given up after ~20 rejections near the failure, not run to max_steps
+
+
+def test_dop853_tableau_is_built_on_first_use_only():
+    """Importing the solvers does not import scipy.integrate (DOP853's coefficients): ~0.2 s of every
+    command's start-up (benchmarks/README.md, "Where a trivial extract's time goes")."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import pflatents.tasks.ode.pfode as P, pflatents.tasks.ode.solvers as S; "
+            "assert 'scipy.integrate' not in sys.modules; names = list(S.TABLEAUS); "
+            "assert 'scipy.integrate' not in sys.modules; t = S.TABLEAUS['dop853']; "
+            "assert 'scipy.integrate' in sys.modules and S.DOP853 is t and t.stages == 12 + 1 and t.order == 8; "
+            "print(names)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "['euler', 'heun', 'rk4', 'dopri5', 'dop853']"

@@ -35,7 +35,8 @@ import torch
 
 from pflatents.tasks.core import Model as ScoreModel, as_model, bcast as _bcast, cond_tensor
 from pflatents.tasks.errors import SolverError
-from pflatents.tasks.ode.pfode import GRIDS, SOLVERS, SolverConfig, encode, ode_func_t
+from pflatents.tasks.ode.noise import rhs_noise_curve
+from pflatents.tasks.ode.pfode import EPS_SOLVERS, GRIDS, SOLVERS, SolverConfig, encode
 from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["rhs_noise", "Family", "families", "search", "PilotResult", "reference_config", "pilot_subsets",
@@ -52,32 +53,14 @@ MAX_STEPS, MAX_TOL_EXP = 4096, 10.0  # the ladders end at 4096 steps and toleran
 MAX_STEP_UPS = 8  # held-out check: at most this many rungs up
 
 
-@torch.inference_mode()
 def rhs_noise(model: ScoreModel, model_hi: ScoreModel, sde: SDE, x0: torch.Tensor, t_eps: float,
               dtype: torch.dtype = torch.float32, n_t: int = 12, seed: int = 0, quantile: float = 0.9,
-              cond=None) -> float:
-    """Relative noise of the right-hand side at ``dtype`` against float64 (see the module docstring).
-
-    Returns the largest over ``n_t`` log-spaced times of the ``quantile`` over samples. 0 for a
-    float64 working dtype (the reference itself).
-    """
-    if dtype == F64:
-        return 0.0
-    g = torch.Generator().manual_seed(seed)
-    x0 = as_model(model_hi, sde).encode_data(x0.to(F64))
-    shape = tuple(x0.shape[1:])
-    f_lo, f_hi = ode_func_t(model, sde, shape), ode_func_t(model_hi, sde, shape)
-    x0 = x0.reshape(x0.shape[0], -1)
-    worst = 0.0
-    for t in np.geomspace(t_eps, sde.T, n_t):
-        tt = torch.full((x0.shape[0],), float(t), dtype=F64, device=x0.device)
-        eps = torch.randn(x0.shape, generator=g, dtype=F64).to(x0.device)
-        xt = _bcast(sde.alpha(tt), x0) * x0 + _bcast(sde.sigma(tt), x0) * eps
-        hi = f_hi(xt, tt, cond)
-        lo = f_lo(xt.to(dtype), tt, cond).to(F64)
-        rel = (lo - hi).pow(2).mean(1).sqrt() / hi.pow(2).mean(1).sqrt().clamp_min(1e-300)
-        worst = max(worst, float(torch.quantile(rel.cpu(), quantile)))
-    return worst
+              cond=None, ddim: bool = False) -> float:
+    """Relative noise of the right-hand side at ``dtype`` against float64 (see the module docstring):
+    the largest over ``n_t`` log-spaced times of the ``quantile`` over samples (``rhs_noise_curve``);
+    of the DDIM form's eps_hat with ``ddim``. 0 for a float64 working dtype (the reference itself)."""
+    curve = rhs_noise_curve(model, model_hi, sde, x0, t_eps, dtype, n_t, seed, quantile, ddim=ddim, cond=cond)
+    return max((level for _, level in curve), default=0.0)
 
 
 # ---- the ladders --------------------------------------------------------------------------------
@@ -138,17 +121,20 @@ class Family:
         return self.at(-math.log10(cfg.rtol) + QUARTER)
 
 
-def families(base: SolverConfig, noise: float = 0.0) -> list[Family]:
+def families(base: SolverConfig, noise: float = 0.0, noise_ddim: Optional[float] = None) -> list[Family]:
     """Every solver of the product (``SOLVERS``) as a family: adaptive solvers with ``base``'s error
-    control and time variable, with the noise floor ``noise`` and without (the floor is one level for the
+    control and time variable, with the noise floor and without (the floor is one level for the
     whole run, the worst over t: where the noise is large only near t_eps it costs accuracy elsewhere);
-    fixed-step solvers on every time grid. Adaptive ones first (they set the NFE budget early)."""
+    fixed-step solvers on every time grid. Adaptive ones first (they set the NFE budget early).
+    The floor is ``noise`` (of dx/dt) for solvers stepping on x, ``noise_ddim`` (of the DDIM form's
+    eps_hat; ``noise`` when None) for those stepping on it (``EPS_SOLVERS``)."""
     out = []
     for name, solver in SOLVERS.items():
         if not solver.adaptive:
             continue
         b = dataclasses.replace(base, name=name, steps=SolverConfig.steps, grid=SolverConfig.grid)
-        for nz in ((noise, 0.0) if noise > 0 else (0.0,)):
+        level = noise_ddim if name in EPS_SOLVERS and noise_ddim is not None else noise
+        for nz in ((level, 0.0) if level > 0 else (0.0,)):
             out.append(Family(f"{name}{' noise floor' if nz else ''}", dataclasses.replace(b, noise=nz)))
     for name, solver in SOLVERS.items():
         if solver.adaptive:
@@ -471,10 +457,12 @@ def latent_pilot(work: ScoreModel, hi: ScoreModel, sde: SDE, fit: tuple, held: t
     x_fit = torch.from_numpy(np.asarray(xf, dtype=np.float64)).to(dev)
     x_held = None if xh is None else torch.from_numpy(np.asarray(xh, dtype=np.float64)).to(dev)
     dt = F64 if dtype == "float64" else torch.float32
-    noise = float(f"{rhs_noise(work, hi, sde, x_fit, base.t_eps, dt, cond=cf):.1e}")  # 2 digits: stable pinned value
-    res = search(work, sde, x_fit, x_held, target, families(base, noise), dt, model_ref=hi, cond_fit=cf,
-                 cond_held=ch, progress=progress)
-    return res.choice, {**res.to_dict(), "seed": seed, "noise": noise}
+    # 2 digits: stable pinned values; of dx/dt, and of eps_hat for the solvers on the DDIM form
+    noise = float(f"{rhs_noise(work, hi, sde, x_fit, base.t_eps, dt, cond=cf):.1e}")
+    noise_y = float(f"{rhs_noise(work, hi, sde, x_fit, base.t_eps, dt, cond=cf, ddim=True):.1e}")
+    res = search(work, sde, x_fit, x_held, target, families(base, noise, noise_y), dt, model_ref=hi,
+                 cond_fit=cf, cond_held=ch, progress=progress)
+    return res.choice, {**res.to_dict(), "seed": seed, "noise": noise, "noise_ddim": noise_y}
 
 
 # ---- the pinned record ----------------------------------------------------------------------------

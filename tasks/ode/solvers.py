@@ -22,6 +22,7 @@ All are entries of one table with one signature, ``pflatents.tasks.ode.pfode.SOL
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -93,8 +94,32 @@ def _dop853() -> Tableau:
                    e3=tuple(float(v) for v in d.E3), err_order=8)
 
 
-DOP853 = _dop853()
-TABLEAUS = {t.name: t for t in (EULER, HEUN, RK4, DOPRI5, DOP853)}
+class _Tableaus(Mapping):
+    """The tableaus by name; DOP853's is built on first use (its coefficients come with
+    ``scipy.integrate``, whose import is ~0.2 s of every command that never uses it)."""
+
+    def __init__(self, built: dict, lazy: dict):
+        self._built, self._lazy = dict(built), dict(lazy)
+
+    def __getitem__(self, name: str) -> Tableau:
+        if name not in self._built:
+            self._built[name] = self._lazy[name]()  # KeyError for an unknown name
+        return self._built[name]
+
+    def __iter__(self):
+        return iter([*self._built, *(k for k in self._lazy if k not in self._built)])
+
+    def __len__(self) -> int:
+        return len(set(self._built) | set(self._lazy))
+
+
+TABLEAUS = _Tableaus({t.name: t for t in (EULER, HEUN, RK4, DOPRI5)}, {"dop853": _dop853})
+
+
+def __getattr__(name: str):  # DOP853, built on first use like TABLEAUS["dop853"]
+    if name == "DOP853":
+        return TABLEAUS["dop853"]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass
