@@ -186,14 +186,20 @@ def _settings_for_our_server(url: str, reread: bool = True) -> None:
     again, for a process that imported Prefect earlier and may have changed its environment since),
     and send no flow-run heartbeats to our server. Heartbeats only feed zombie-run automations, which
     our server has none of, and a flow waits up to 1 s for the heartbeat thread when it ends
-    (benchmarks/README.md). Each reading of Prefect's settings costs ~0.05 s."""
+    (benchmarks/README.md). Each reading of Prefect's settings costs ~0.05 s. Unless the environment
+    turns CSRF protection on (our server is started with the same environment), the client asks our
+    server for no CSRF token (one request per client, ~0.05 s, answered "not enabled")."""
     import prefect.context
-    from prefect.settings import PREFECT_API_URL, PREFECT_FLOWS_HEARTBEAT_FREQUENCY
+    from prefect.settings import (PREFECT_API_URL, PREFECT_CLIENT_CSRF_SUPPORT_ENABLED,
+                                  PREFECT_FLOWS_HEARTBEAT_FREQUENCY)
 
     if reread:
         prefect.context.refresh_global_settings_context()
     ctx = prefect.context.GLOBAL_SETTINGS_CONTEXT
-    ctx.settings = ctx.settings.copy_with_update(updates={PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None})
+    updates = {PREFECT_API_URL: url, PREFECT_FLOWS_HEARTBEAT_FREQUENCY: None}
+    if not ctx.settings.server.api.csrf_protection_enabled:
+        updates[PREFECT_CLIENT_CSRF_SUPPORT_ENABLED] = False
+    ctx.settings = ctx.settings.copy_with_update(updates=updates)
 
 
 def _duration(seconds: float) -> str:

@@ -146,3 +146,39 @@ def test_an_extract_imports_no_fastapi(tmp_path, prefect_api):
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     assert res.stdout.strip().splitlines()[-1] == "False"
+
+
+def test_an_extract_asks_the_server_for_no_result_storage(tmp_path, prefect_api):
+    """Flows that persist no results give Prefect its local result path up front (JsonFlow), so neither
+    the flow run nor its task runs ask the server for a default result storage (a request each)."""
+    data, model = write_gmm_job(tmp_path, n=200)
+    code = ("import sys, httpx; paths = []; real = httpx.Client.send\n"
+            "def send(self, request, *a, **k):\n"
+            "    paths.append(request.url.path); return real(self, request, *a, **k)\n"
+            "httpx.Client.send = send\n"
+            "import pflatents\n"
+            f"pflatents.extract({str(data)!r}, 'gmm:{model}', {str(tmp_path / 's.zarr')!r}, solver='rk4', steps=4)\n"
+            "print(' '.join(paths))")
+    env = {**os.environ, "PREFECT_API_URL": prefect_api}
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    paths = res.stdout.strip().splitlines()[-1].split()
+    assert "/api/flow_runs/" in paths  # the recorder saw the run's requests
+    assert not [p for p in paths if p.endswith("/admin/storage")], paths
+
+
+def test_our_server_gets_no_csrf_token_request_unless_protection_is_on(monkeypatch):
+    import prefect.context
+    from prefect.settings import PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED
+
+    ctx = prefect.context.GLOBAL_SETTINGS_CONTEXT
+    before = ctx.settings
+    assert before.client.csrf_support_enabled is True  # Prefect's default: a token request per client
+    monkeypatch.setattr(ctx, "settings", before)
+    server._settings_for_our_server("http://127.0.0.1:1/api", reread=False)
+    assert ctx.settings.client.csrf_support_enabled is False
+    assert ctx.settings.api.url == "http://127.0.0.1:1/api"
+    monkeypatch.setattr(ctx, "settings", before.copy_with_update(
+        updates={PREFECT_SERVER_API_CSRF_PROTECTION_ENABLED: True}))
+    server._settings_for_our_server("http://127.0.0.1:1/api", reread=False)
+    assert ctx.settings.client.csrf_support_enabled is True
