@@ -75,9 +75,14 @@ def test_resume_upgrades_a_format1_store_once_and_matches_a_new_store_bitwise(ol
     new = LatentStore.open(fresh, mode="r")
     assert new.format_version == 2 and new.config == store.config and new.config_hash == store.config_hash
     z, z_new = store.latents_array()[:], new.latents_array()[:]
-    assert np.array_equal(z, z_new) and z.tobytes() == z_new.tobytes()
+    # the shard the resume computed is bit for bit the new store's
+    assert z[20:30].tobytes() == z_new[20:30].tobytes()
     kept = np.r_[0:20, 30:40]  # the shards done before the upgrade were not rewritten
     assert old_latents[kept].tobytes() == z[kept].tobytes()
+    # those were computed where the fixture was written (2026-11-30's VM): bit for bit the same on a CPU
+    # of that kind; another instruction set (this test failed bitwise on a Sapphire Rapids VM, as the
+    # seeded training digests did) rounds the score's float32 sums differently, by a few ulps
+    np.testing.assert_allclose(z[kept], z_new[kept], rtol=0, atol=1e-6)
 
     # once: a second resume finds nothing to do and leaves the upgraded attrs as they are
     assert main(["resume", str(out), "--no-progress"]) == 0
