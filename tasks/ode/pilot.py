@@ -33,7 +33,7 @@ from typing import Callable, Optional
 import numpy as np
 import torch
 
-from pflatents.tasks.core import Model as ScoreModel, as_model, bcast as _bcast, cond_tensor
+from pflatents.tasks.core import Model as ScoreModel, cond_tensor
 from pflatents.tasks.errors import SolverError
 from pflatents.tasks.ode.noise import rhs_noise_curve
 from pflatents.tasks.ode.pfode import EPS_SOLVERS, GRIDS, SOLVERS, SolverConfig, encode

@@ -95,25 +95,27 @@ def _dop853() -> Tableau:
 
 
 class _Tableaus(Mapping):
-    """The tableaus by name; DOP853's is built on first use (its coefficients come with
-    ``scipy.integrate``, whose import is ~0.2 s of every command that never uses it)."""
+    """The tableaus by name; a value that is a function (DOP853's) is called on first use and its
+    tableau kept (its coefficients come with ``scipy.integrate``, whose import is ~0.2 s of every
+    command that never uses it)."""
 
-    def __init__(self, built: dict, lazy: dict):
-        self._built, self._lazy = dict(built), dict(lazy)
+    def __init__(self, entries: dict):
+        self._entries = dict(entries)
 
     def __getitem__(self, name: str) -> Tableau:
-        if name not in self._built:
-            self._built[name] = self._lazy[name]()  # KeyError for an unknown name
-        return self._built[name]
+        v = self._entries[name]  # KeyError for an unknown name
+        if not isinstance(v, Tableau):
+            v = self._entries[name] = v()
+        return v
 
     def __iter__(self):
-        return iter([*self._built, *(k for k in self._lazy if k not in self._built)])
+        return iter(self._entries)
 
     def __len__(self) -> int:
-        return len(set(self._built) | set(self._lazy))
+        return len(self._entries)
 
 
-TABLEAUS = _Tableaus({t.name: t for t in (EULER, HEUN, RK4, DOPRI5)}, {"dop853": _dop853})
+TABLEAUS = _Tableaus({t.name: t for t in (EULER, HEUN, RK4, DOPRI5)} | {"dop853": _dop853})
 
 
 def __getattr__(name: str):  # DOP853, built on first use like TABLEAUS["dop853"]
