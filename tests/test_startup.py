@@ -40,8 +40,10 @@ def test_pause_and_resume_gc(gc_restored):
     server.resume_gc()
     assert gc.isenabled() and gc.get_freeze_count() >= len(junk)  # what lived at the end of the pause is frozen
     frozen = gc.get_freeze_count()
-    server.resume_gc()  # no pause: nothing happens
-    assert gc.isenabled() and gc.get_freeze_count() == frozen
+    more = [[] for _ in range(1000)]
+    server.resume_gc()  # no pause: nothing happens (nothing new frozen; frozen objects freed by
+    # reference counting meanwhile, e.g. in another test's leftover thread, lower the count)
+    assert gc.isenabled() and gc.get_freeze_count() < frozen + len(more)
 
 
 def test_resume_leaves_a_collector_someone_else_disabled(gc_restored):
