@@ -250,6 +250,7 @@ class SolverSpec(PinnedSpec):
     control: Optional[str] = None
     noise: Optional[Num] = None
     noise_t: Optional[list[list[Num]]] = None
+    weight_power: Optional[Num] = None
     steps: Optional[int] = None
     grid: Optional[str] = None
 

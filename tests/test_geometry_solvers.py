@@ -172,6 +172,62 @@ def test_a_singular_covariance_is_integrated_to_the_target():
         assert float(enc.nfe.double().mean()) < 400
 
 
+def _singular_gaussian():
+    rng = np.random.default_rng(5)
+    u = random_orthogonal(rng, 6)
+    lam = np.array([1e-12, 1e-7, 0.01, 0.1, 0.5, 1.0])
+    return Gaussian(0.3 * rng.standard_normal(6), (u * lam) @ u.T)
+
+
+def test_weight_power_moves_the_budget_towards_t_eps(monkeypatch):
+    """Latent control's exponent g: the tolerance at t is weighted by (sigma(t)/sigma(T))^g (closed form),
+    so g = 1.75 evaluates the network more often below t = 1e-2 than g = 1 at the same tolerance, and as
+    often above t = 0.1; both meet the closed form."""
+    from pflatents.tasks.ode.pfode import _latent_weight
+
+    s = torch.linspace(s_of(T_EPS), s_of(1.0), 7, dtype=F64)
+    sig = SDE.sigma(SDE.t_of_s(s)) / SDE.sigma(torch.tensor(1.0, dtype=F64))
+    torch.testing.assert_close(_latent_weight(SDE, T_EPS, 1.0, False)(s), sig.clamp(max=1.0))
+    torch.testing.assert_close(_latent_weight(SDE, T_EPS, 1.0, False, 1.75)(s), sig.clamp(max=1.0) ** 1.75)
+    assert _latent_weight(SDE, 1.0, T_EPS, False, 1.75) is None  # decode: unweighted
+    g = _singular_gaussian()
+    x0 = g.sample(64, seed=2)
+    z_ref = g.flow(SDE, x0, T_EPS, 1.0)
+    call = S.call
+    out = {}
+    for power in (1.0, 1.75):
+        seen = []
+
+        def counting(F, y, s, cond=None):
+            seen.append(s.detach().clone())
+            return call(F, y, s, cond)
+
+        monkeypatch.setattr(S, "call", counting)
+        cfg = SolverConfig("adams4", rtol=3e-5, atol=3e-5, t_eps=T_EPS, control="latent", weight_power=power)
+        enc = encode(g.model(SDE), SDE, t64(x0), cfg)
+        monkeypatch.setattr(S, "call", call)
+        assert bool(enc.ok.all()) and np.quantile(np.abs(enc.x.numpy() - z_ref).max(1), 0.99) <= 1e-4
+        st = torch.cat(seen)
+        out[power] = (int((st < s_of(1e-2)).sum()), int((st >= s_of(0.1)).sum()))
+    assert out[1.75][0] > 1.3 * out[1.0][0], out
+    assert abs(out[1.75][1] - out[1.0][1]) <= 0.1 * out[1.0][1], out
+
+
+def test_weight_power_is_checked_pinned_and_read_back():
+    from pflatents.tasks.config import SolverSpec, solver_from_dict
+
+    cfg = SolverConfig("adams4", rtol=1e-4, atol=1e-4, control="latent", weight_power=1.75)
+    d = cfg.to_dict()
+    assert d["weight_power"] == 1.75 and solver_from_dict(d) == cfg
+    assert SolverSpec(**d).make() == cfg
+    assert "weight_power" not in dataclasses.replace(cfg, weight_power=1.0).to_dict()  # earlier pins keep their hash
+    for bad in (0.5, 5, float("nan"), "2", True):
+        with pytest.raises(SolverError, match=r"weight_power must be a number from 1 to 4.*got"):
+            SolverConfig("adams4", control="latent", weight_power=bad)
+    with pytest.raises(SolverError, match=r"weight_power 2 applies to latent control only; got control 'local'"):
+        SolverConfig("adams4", weight_power=2)
+
+
 # ---- conditioning rows follow the active rows -------------------------------------------------------
 
 @pytest.mark.parametrize("name, time_var", [("adams4", "auto"), ("dpm23", "auto"), ("dopri5", "ddim"),

@@ -212,3 +212,23 @@ def test_noise_floor_of_each_family_matches_the_form_it_steps_on(case):
               if f.adaptive and f.base.noise > 0}
     assert floors["adams4"] == floors["dpm23"] == n_y
     assert floors["dopri5"] == n_x
+
+
+def test_weight_exponents_are_families_of_latent_control_only(case):
+    """adams4 under latent control comes with the weight exponents 1.25 and 1.75 besides 1 (each a family
+    of its own, with and without the floor); under local control there is none. A pilot restricted to the
+    exponent families chooses one of them, pins it, describes it, and the choice meets the target on
+    samples it never saw (the closed form)."""
+    labels = {f.label: f.base for f in families(BASE, 1e-6, 1e-7)}
+    assert labels["adams4 weight^1.75"].weight_power == 1.75 and labels["adams4 weight^1.25"].weight_power == 1.25
+    assert labels["adams4 noise floor weight^1.75"].noise == 1e-7 and labels["adams4"].weight_power == 1.0
+    assert not [f for f in families(SolverConfig("dopri5", t_eps=T_EPS)) if f.base.weight_power != 1]
+    g, sde, m = case
+    src = ArraySource("array:gauss", g.sample(1000, seed=1))
+    fit, held = pilot_subsets(src)
+    fams = [f for f in families(BASE) if f.label.startswith("adams4 weight^")]
+    res = search(m, sde, t64(fit[0]), t64(held[0]), 1e-3, fams, torch.float64)
+    rec = res.to_dict()
+    assert res.choice.weight_power in (1.25, 1.75) and rec["choice"]["weight_power"] == res.choice.weight_power
+    assert f"weight^{res.choice.weight_power:g}" in describe(rec)
+    assert _true_p99(g, sde, m, res.choice) <= 1e-3

@@ -121,21 +121,32 @@ class Family:
         return self.at(-math.log10(cfg.rtol) + QUARTER)
 
 
+# latent control's weight exponents the pilot also tries (beside 1), for the solvers in WEIGHTED: where a
+# model's latent error is made near t_eps (quantised data) a steeper weight is cheaper for the same p99,
+# elsewhere 1 is (benchmarks/README.md, "weight exponent")
+WEIGHT_POWERS = (1.25, 1.75)
+WEIGHTED = frozenset({"adams4"})
+
+
 def families(base: SolverConfig, noise: float = 0.0, noise_ddim: Optional[float] = None) -> list[Family]:
     """Every solver of the product (``SOLVERS``) as a family: adaptive solvers with ``base``'s error
     control and time variable, with the noise floor and without (the floor is one level for the
     whole run, the worst over t: where the noise is large only near t_eps it costs accuracy elsewhere);
     fixed-step solvers on every time grid. Adaptive ones first (they set the NFE budget early).
     The floor is ``noise`` (of dx/dt) for solvers stepping on x, ``noise_ddim`` (of the DDIM form's
-    eps_hat; ``noise`` when None) for those stepping on it (``EPS_SOLVERS``)."""
+    eps_hat; ``noise`` when None) for those stepping on it (``EPS_SOLVERS``). Solvers in ``WEIGHTED``
+    under latent control also come with each of ``WEIGHT_POWERS`` as latent control's weight exponent."""
     out = []
     for name, solver in SOLVERS.items():
         if not solver.adaptive:
             continue
         b = dataclasses.replace(base, name=name, steps=SolverConfig.steps, grid=SolverConfig.grid)
         level = noise_ddim if name in EPS_SOLVERS and noise_ddim is not None else noise
+        powers = (1.0,) + (WEIGHT_POWERS if name in WEIGHTED and base.control == "latent" else ())
         for nz in ((level, 0.0) if level > 0 else (0.0,)):
-            out.append(Family(f"{name}{' noise floor' if nz else ''}", dataclasses.replace(b, noise=nz)))
+            for g in powers:
+                label = f"{name}{' noise floor' if nz else ''}{f' weight^{g:g}' if g != 1 else ''}"
+                out.append(Family(label, dataclasses.replace(b, noise=nz, weight_power=g)))
     for name, solver in SOLVERS.items():
         if solver.adaptive:
             continue
@@ -480,7 +491,8 @@ def pending(rec: Optional[dict]) -> bool:
 def _what(ch: dict) -> str:
     if ch.get("rtol") is not None:
         floor = f", noise floor {ch['noise']:g}" if ch.get("noise") else ""
-        return f"{ch.get('name')} tol {ch.get('rtol'):g}{floor}"
+        power = f", weight^{ch['weight_power']:g}" if ch.get("weight_power", 1) != 1 else ""
+        return f"{ch.get('name')} tol {ch.get('rtol'):g}{floor}{power}"
     return f"{ch.get('name')} {ch.get('steps')} steps ({ch.get('grid')} grid)"
 
 
@@ -532,7 +544,7 @@ def curve_table(rec: dict) -> list[str]:
         rows.append(min(checked, key=lambda r: (not r.get("chosen"), r["nfe_mean"])) if checked
                     else min(mine, key=lambda r: (r["fit"]["p99"], r["nfe_mean"])))
     rows.sort(key=lambda r: r["nfe_mean"])
-    fmt = "{:<2}{:<20} {:<34} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}"
+    fmt = "{:<2}{:<31} {:<44} {:>7} {:>8} {:>8} {:>8} {:>8} {:>8}"
     e = lambda v: "-" if v is None else f"{v:.1e}"  # noqa: E731
     out = [f"target p99 {rec['target']:g}: each family's cheapest setting with fit p99 <= target / "
            f"{rec.get('margin', MARGIN):g} ({len(curve)} settings measured on {rec.get('n_fit')} + {rec.get('n_held')} "
