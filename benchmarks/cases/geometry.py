@@ -15,6 +15,7 @@ Methods (all per-sample control with latent-unit weighting unless the label says
 - ``dpm23``: DPM-Solver-3 with DPM-Solver-2 embedded (Lu et al. 2022's adaptive pair), exponential
   integration in s on y;
 - ``dop853 ...``: Dormand & Prince 8(5,3) in the same coordinates;
+- ``adams4 wG``: adams4 with latent control's weight exponent G (``SolverConfig.weight_power``);
 - ``+floor(t)``: the right-hand side's noise floor measured per t (``rhs_noise_curve``) instead of one
   level for the whole run.
 
@@ -91,6 +92,9 @@ METHODS = {
     "adams4": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
     "adams5": ("adams5", "s", "latent", None, (1e-9, 1e-3)),
     "adams4 +floor(t)": ("adams4", "s", "latent", "curve", (1e-10, 1e-3)),
+    "adams4 w1.25": ("adams4", "s", "latent", None, (1e-9, 1e-3)),  # latent weight exponent 1.25
+    "adams4 w1.5": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
+    "adams4 w1.75": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
     "dop853 t": ("dop853", "t", "latent", None, (1e-11, 1e-3)),
     "dop853 s": ("dop853", "s", "latent", None, (1e-11, 1e-3)),
     "dop853 ddim": ("dop853", "ddim", "latent", None, (1e-11, 1e-3)),
@@ -106,6 +110,8 @@ def cfg_for(label: str, tol: float, t_eps: float, noise: float, curve: tuple, co
         kw["noise"] = noise
     elif floor == "curve":
         kw["noise_t"] = curve
+    if " w" in label:  # "adams4 w1.75": latent control's weight exponent
+        kw["weight_power"] = float(label.rsplit(" w", 1)[1])
     return SolverConfig(name, rtol=tol, atol=tol, t_eps=t_eps, time_var=tv, control=control or ctl,
                         max_steps=20_000, **kw)
 

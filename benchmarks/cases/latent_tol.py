@@ -147,7 +147,8 @@ def gmm_rows(targets: list[float], n_eval: int) -> list[dict]:
 
 def what(ch: dict) -> str:
     if ch.get("rtol") is not None:
-        return f"{ch['name']} tol {ch['rtol']:.3g}" + (f" floor {ch['noise']:g}" if ch.get("noise") else "")
+        return (f"{ch['name']} tol {ch['rtol']:.3g}" + (f" floor {ch['noise']:g}" if ch.get("noise") else "")
+                + (f" weight^{ch['weight_power']:g}" if ch.get("weight_power", 1) != 1 else ""))
     return f"{ch['name']} {ch['steps']} steps {ch['grid']}"
 
 

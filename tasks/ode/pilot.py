@@ -132,14 +132,15 @@ def families(base: SolverConfig, noise: float = 0.0, noise_ddim: Optional[float]
     """Every solver of the product (``SOLVERS``) as a family: adaptive solvers with ``base``'s error
     control and time variable, with the noise floor and without (the floor is one level for the
     whole run, the worst over t: where the noise is large only near t_eps it costs accuracy elsewhere);
-    fixed-step solvers on every time grid. Adaptive ones first (they set the NFE budget early).
+    fixed-step solvers on every time grid. Adaptive ones first (they set the NFE budget early), base's
+    solver first among them.
     The floor is ``noise`` (of dx/dt) for solvers stepping on x, ``noise_ddim`` (of the DDIM form's
     eps_hat; ``noise`` when None) for those stepping on it (``EPS_SOLVERS``). Solvers in ``WEIGHTED``
     under latent control also come with each of ``WEIGHT_POWERS`` as latent control's weight exponent."""
     out = []
-    for name, solver in SOLVERS.items():
-        if not solver.adaptive:
-            continue
+    # base's own solver first (the job's default: for a network the cheapest so far), so the NFE budget
+    # that stops the other families early is set before the costly ones run
+    for name in sorted((n for n, v in SOLVERS.items() if v.adaptive), key=lambda n: n != base.name):
         b = dataclasses.replace(base, name=name, steps=SolverConfig.steps, grid=SolverConfig.grid)
         level = noise_ddim if name in EPS_SOLVERS and noise_ddim is not None else noise
         powers = (1.0,) + (WEIGHT_POWERS if name in WEIGHTED and base.control == "latent" else ())
