@@ -95,6 +95,8 @@ METHODS = {
     "adams4 w1.25": ("adams4", "s", "latent", None, (1e-9, 1e-3)),  # latent weight exponent 1.25
     "adams4 w1.5": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
     "adams4 w1.75": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
+    "adams4 w2": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
+    "adams4 w2.5": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
     "dop853 t": ("dop853", "t", "latent", None, (1e-11, 1e-3)),
     "dop853 s": ("dop853", "s", "latent", None, (1e-11, 1e-3)),
     "dop853 ddim": ("dop853", "ddim", "latent", None, (1e-11, 1e-3)),

@@ -38,7 +38,7 @@ from benchmarks.common import learned_models as L  # noqa: E402
 from benchmarks.common.report import log  # noqa: E402
 from pflatents.tasks.data.sources import ArraySource  # noqa: E402
 from pflatents.tasks.models.registry import load_model  # noqa: E402
-from pflatents.tasks.ode.pfode import SolverConfig, encode  # noqa: E402
+from pflatents.tasks.ode.pfode import SolverConfig, default_solver, default_tol, encode  # noqa: E402
 from pflatents.tasks.ode.pilot import describe, latent_pilot, pilot_subsets  # noqa: E402
 
 F64 = torch.float64
@@ -84,7 +84,11 @@ def bench(name: str, targets: list[float], n_eval: int) -> list[dict]:
     work = load_model(str(path), sde, precision="fp32")
     hi = load_model(str(path), sde, precision="fp64")
     fit, held = pilot_subsets(ArraySource(f"bench:{name}", train))
-    base = SolverConfig("dopri5", rtol=1e-6, atol=1e-6, t_eps=T_EPS, time_var="t", control="latent")
+    # the placeholder extract pins for a network before its pilot runs (tests/test_geometry_solvers.py):
+    # the default solver first in the pilot's search, every adaptive family in its time variable
+    name0 = default_solver(False, sde)
+    base = SolverConfig(name0, rtol=default_tol(name0), atol=default_tol(name0), t_eps=T_EPS, time_var="s",
+                        control="latent")
     x = ref["x0"].to(torch.float32)
     rows, tdq = [], None
     for target in targets:
