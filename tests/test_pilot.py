@@ -232,3 +232,13 @@ def test_weight_exponents_are_families_of_latent_control_only(case):
     assert res.choice.weight_power in (1.25, 1.75) and rec["choice"]["weight_power"] == res.choice.weight_power
     assert f"weight^{res.choice.weight_power:g}" in describe(rec)
     assert _true_p99(g, sde, m, res.choice) <= 1e-3
+
+
+def test_the_jobs_own_solver_is_searched_first():
+    """The base's solver opens the adaptive families (it sets the NFE budget that stops the costlier ones
+    early); the rest keep the product's order, fixed-step solvers after them."""
+    for name in ("adams4", "dopri5", "dpm23"):
+        fams = families(SolverConfig(name, t_eps=T_EPS, control="latent"))
+        assert fams[0].base.name == name and fams[0].label == name
+        adaptive = [f.base.name for f in fams if f.adaptive]
+        assert adaptive == sorted(adaptive, key=lambda n: n != name) and not any(f.adaptive for f in fams[len(adaptive):])

@@ -39,7 +39,7 @@ from benchmarks.common.report import log  # noqa: E402
 from pflatents.tasks.data.sources import ArraySource  # noqa: E402
 from pflatents.tasks.models.registry import load_model  # noqa: E402
 from pflatents.tasks.ode.pfode import SolverConfig, default_solver, default_tol, encode  # noqa: E402
-from pflatents.tasks.ode.pilot import describe, latent_pilot, pilot_subsets  # noqa: E402
+from pflatents.tasks.ode.pilot import describe, latent_pilot, pilot_subsets, setting_text  # noqa: E402
 
 F64 = torch.float64
 T_EPS = 1e-4
@@ -149,13 +149,6 @@ def gmm_rows(targets: list[float], n_eval: int) -> list[dict]:
     return rows
 
 
-def what(ch: dict) -> str:
-    if ch.get("rtol") is not None:
-        return (f"{ch['name']} tol {ch['rtol']:.3g}" + (f" floor {ch['noise']:g}" if ch.get("noise") else "")
-                + (f" weight^{ch['weight_power']:g}" if ch.get("weight_power", 1) != 1 else ""))
-    return f"{ch['name']} {ch['steps']} steps {ch['grid']}"
-
-
 def table(rows: list[dict]) -> str:
     out = ["| model | E | chosen | NFE | delivered p50 / p99 / max | p99 / E | pilot fit / held-out p99 | "
            "settings tried, s | torchdiffeq NFE at that p99 | ratio |", "|---" * 10 + "|"]
@@ -163,7 +156,7 @@ def table(rows: list[dict]) -> str:
         up = f" (+{r['stepped_up']} up)" if r["stepped_up"] else ""
         tdq = "-" if r["tdq_nfe"] is None else f"{r['tdq_nfe']:.0f}"
         ratio = "-" if r["ratio"] is None else f"{r['ratio']:.2f}x"
-        out.append(f"| {r['model']} | {r['target']:g} | {what(r['choice'])}{up} | {r['nfe']:.0f} | "
+        out.append(f"| {r['model']} | {r['target']:g} | {setting_text(r['choice'])}{up} | {r['nfe']:.0f} | "
                    f"{r['p50']:.1e} / {r['p99']:.1e} / {r['max']:.1e} | {r['p99'] / r['target']:.2f} | "
                    f"{r['pilot_fit_p99']:.1e} / {r['pilot_held_p99']:.1e} | {r['settings']}, {r['pilot_s']:.0f} | "
                    f"{tdq} | {ratio} |")

@@ -40,6 +40,7 @@ from pflatents.tasks.ode.pfode import EPS_SOLVERS, GRIDS, SOLVERS, SolverConfig,
 from pflatents.tasks.ode.sde import SDE
 
 __all__ = ["rhs_noise", "Family", "families", "search", "PilotResult", "reference_config", "pilot_subsets",
+           "setting_text",
            "latent_pilot", "pending", "pending_record", "describe", "curve_table", "MARGIN", "PILOT_N", "PILOT_SEED"]
 
 F64 = torch.float64
@@ -489,7 +490,8 @@ def pending(rec: Optional[dict]) -> bool:
     return bool(rec) and rec.get("state") == "pending"
 
 
-def _what(ch: dict) -> str:
+def setting_text(ch: dict) -> str:
+    """A pinned solver setting in words (the CLI, ``status`` and the benchmarks' tables)."""
     if ch.get("rtol") is not None:
         floor = f", noise floor {ch['noise']:g}" if ch.get("noise") else ""
         power = f", weight^{ch['weight_power']:g}" if ch.get("weight_power", 1) != 1 else ""
@@ -511,7 +513,7 @@ def describe(rec: dict) -> str:
         return f"latent-tol {rec['target']:g}: pilot not run yet (the next extract or resume runs it)"
     ch = rec.get("choice") or {}
     row = _chosen_row(rec)
-    what = _what(ch)
+    what = setting_text(ch)
     if "curve" not in rec:  # a record of the first pilot (one subset, no held-out check)
         figs = f" (pilot p99 {row['p99']:.1e}, max {row['max']:.1e}, {row['nfe_mean']:.0f} NFE/sample)" if row else ""
         if rec.get("met"):
@@ -553,6 +555,6 @@ def curve_table(rec: dict) -> list[str]:
            fmt.format("", "family", "setting", "NFE", "fit p50", "fit p99", "fit max", "held p99", "held max")]
     for r in rows:
         f, h = r["fit"], r.get("held") or {}
-        out.append(fmt.format("*" if r.get("chosen") else "", r["family"], _what(r["setting"]), f"{r['nfe_mean']:.1f}",
+        out.append(fmt.format("*" if r.get("chosen") else "", r["family"], setting_text(r["setting"]), f"{r['nfe_mean']:.1f}",
                               e(f["p50"]), e(f["p99"]), e(f["max"]), e(h.get("p99")), e(h.get("max"))))
     return out
