@@ -68,13 +68,13 @@ class JobSettings(BaseModel):
                                                 "8-bit step, and the learned-model benchmark's error at 1e-5..1e-3 "
                                                 "alike")
     solver: Optional[str] = Field(
-        None, description="adams4 | dopri5 | dop853 | dpm23 | rk4 | heun | euler | dpmpp2m (default: adams4 for a "
+        None, description="adams4 | adams5 | dopri5 | dop853 | dpm23 | rk4 | heun | euler | dpmpp2m (default: adams4 for a "
                           "network, dopri5 for an exact gmm score or a flow model; with no solver setting given, an "
                           "existing store keeps the solver it pinned)")
     rtol: Optional[float] = Field(None, gt=0, description="relative tolerance of an adaptive solver (default: adams4 "
                                                          "3e-5, the others 1e-6; adams4 3e-5, t_eps 1e-4, float32 "
                                                          "network: per-sample p99 latent error 3e-5..3e-4 on the "
-                                                         "learned-model benchmark at 210-280 NFE)")
+                                                         "learned-model benchmark at 200-265 NFE)")
     atol: Optional[float] = Field(None, gt=0, description="absolute tolerance of an adaptive solver (default as rtol)")
     control: Optional[Literal["local", "latent"]] = Field(
         None, description="dopri5 error control: latent (encode tolerance weighted by sigma(t)/sigma(T), the "

@@ -87,7 +87,7 @@ def test_dpm23_local_orders_and_its_estimate_tracks_the_error(gauss):
     assert ratio[-1] == pytest.approx(1.0, abs=0.2)
 
 
-@pytest.mark.parametrize("q", [2, 3, 4])
+@pytest.mark.parametrize("q", [2, 3, 4, 5])
 def test_adams_local_orders_and_the_estimate_tracks_the_predictor_error(gauss, q):
     """One predictor-corrector step with an exact history (E on the exact path at s - j h): the
     predictor's local error falls like h^(q+1), the corrector's like h^(q+2), and the estimate y_c - y_p
@@ -131,8 +131,8 @@ def test_dop853_combined_estimate_tracks_the_error():
 
 # ---- adaptive: meets the tolerance on the exact map, both directions ---------------------------------
 
-ADAPTIVE_CASES = [("adams4", "auto"), ("dpm23", "auto"), ("dopri5", "ddim"), ("dopri5", "ddim_s"),
-                  ("dop853", "ddim_s"), ("dop853", "t")]
+ADAPTIVE_CASES = [("adams4", "auto"), ("adams5", "auto"), ("dpm23", "auto"), ("dopri5", "ddim"),
+                  ("dopri5", "ddim_s"), ("dop853", "ddim_s"), ("dop853", "t")]
 
 
 @pytest.mark.parametrize("name, time_var", ADAPTIVE_CASES)

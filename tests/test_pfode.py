@@ -231,7 +231,7 @@ def test_grid_kinds_are_what_they_say():
     (dict(t_eps=float("nan")), r"t_eps must be a finite number > 0; got nan"),
     (dict(rtol=0.0), r"rtol must be a finite number > 0; got 0\.0"),
     (dict(atol=-1e-6), r"atol must be a finite number > 0; got -1e-06"),
-    (dict(name="rk45"), r"unknown solver 'rk45'; choose one of euler, heun, rk4, dopri5, dop853, dpm23, adams4, dpmpp2m"),
+    (dict(name="rk45"), r"unknown solver 'rk45'; choose one of euler, heun, rk4, dopri5, dop853, dpm23, adams4, adams5, dpmpp2m"),
     (dict(name="rk4", steps=0), r"steps must be an integer >= 1 .*'rk4'; got 0"),
     (dict(name="euler", steps=2.5), r"steps must be an integer >= 1 .*got 2\.5"),
     (dict(grid="cosine"), r"unknown time grid 'cosine'"),

@@ -222,6 +222,9 @@ def test_weight_exponents_are_families_of_latent_control_only(case):
     labels = {f.label: f.base for f in families(BASE, 1e-6, 1e-7)}
     assert labels["adams4 weight^1.75"].weight_power == 1.75 and labels["adams4 weight^1.25"].weight_power == 1.25
     assert labels["adams4 noise floor weight^1.75"].noise == 1e-7 and labels["adams4"].weight_power == 1.0
+    # adams5 (cheaper than adams4 at tight targets on learned models) comes with the same exponents
+    assert labels["adams5 weight^1.25"].weight_power == 1.25 and labels["adams5 noise floor"].noise == 1e-7
+    assert labels["adams5"].name == "adams5" and labels["dopri5 noise floor"].noise == 1e-6  # the floor of x's F
     assert not [f for f in families(SolverConfig("dopri5", t_eps=T_EPS)) if f.base.weight_power != 1]
     g, sde, m = case
     src = ArraySource("array:gauss", g.sample(1000, seed=1))

@@ -126,7 +126,7 @@ class Family:
 # model's latent error is made near t_eps (quantised data) a steeper weight is cheaper for the same p99,
 # elsewhere 1 is (benchmarks/README.md, "weight exponent")
 WEIGHT_POWERS = (1.25, 1.75)
-WEIGHTED = frozenset({"adams4"})
+WEIGHTED = frozenset({"adams4", "adams5"})
 
 
 def families(base: SolverConfig, noise: float = 0.0, noise_ddim: Optional[float] = None) -> list[Family]:
