@@ -126,3 +126,28 @@ def test_digits_quality_quick_reconstructs_every_digit(tmp_path):
     (row,) = rec["result"]["rows"]
     assert row["steps"] == 20 and row["requantised_exact"] == "1797/1797" and row["failed"] == 0
     assert (tmp_path / "digits_quality").is_dir()  # the decoded-draw PNGs go under --out
+
+
+def test_geometry_offsets_read_a_crossing_off_each_shifted_ladder(monkeypatch):
+    """`geometry --offsets K`: K half-decade ladders, ladder j shifted j/(2K) decade; each method's crossing
+    of p99 1e-3 / 1e-4 is read off each ladder (log-log between its rungs) and reported as the median,
+    its range, and the median's ratio to torchdiffeq's crossing (synthetic rows with known crossings)."""
+    monkeypatch.syspath_prepend(str(REPO))
+    from benchmarks.cases import geometry as G
+
+    lad = G.ladder_set(1e-4, 1e-3, 4)
+    assert len(lad) == 12 and [t for t, _ in lad] == sorted((t for t, _ in lad), reverse=True)
+    for j in range(4):
+        tols = [t for t, i in lad if i == j]
+        assert tols[0] == pytest.approx(10 ** (-3 - j / 8)) and len(tols) == 3
+        assert all(a / b == pytest.approx(10 ** 0.5) for a, b in zip(tols, tols[1:]))
+    row = {"model": "m", "dtype": "float32"}
+    rows = [{**row, "method": "torchdiffeq dopri5", "nfe": 100.0, "p99": 1e-2},
+            {**row, "method": "torchdiffeq dopri5", "nfe": 1000.0, "p99": 1e-4}]
+    for j, a in enumerate((10.0, 13.0, 11.0, 12.0)):  # crossings at 1e-4: 10 a (100, 130, 110, 120)
+        rows += [{**row, "method": "x", "ladder": j, "nfe": a, "p99": 1e-2},
+                 {**row, "method": "x", "ladder": j, "nfe": 10 * a, "p99": 1e-4}]
+    out = G.offsets_table(rows).splitlines()
+    assert len(out) == 3 and out[2].startswith("| m | float32 | x | 4 |")
+    cells = [c.strip() for c in out[2].split("|")[5:-1]]
+    assert cells == ["36 (32-41)", "0.115", "115 (100-130)", "0.115", "0.100 0.130 0.110 0.120"], cells
