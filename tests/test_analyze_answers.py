@@ -84,6 +84,7 @@ def _null_independence(n, d, seed=0):
     return summarise(compute_stats(x, StatsConfig(), scheduler="sync"), [], StatsConfig())["independence"]
 
 
+@pytest.mark.slow  # ~8-19 s: outside make test-fast's ~2 min, still in make test
 def test_bijection_answer_names_the_degenerate_direction():
     s = {"n_samples": 1000, "n_dims": 63, "alpha": 0.05, "normality": {"n_dims_failing": 0},
          "independence": _null_independence(1000, 63),

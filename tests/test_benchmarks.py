@@ -69,6 +69,7 @@ def test_case_help_is_the_case_own(tmp_path):
     assert r.returncode == 0 and "python -m benchmarks gmm_defaults" in r.stdout and "--n" in r.stdout
 
 
+@pytest.mark.slow  # ~8-19 s: outside make test-fast's ~2 min, still in make test
 def test_gmm_defaults_quick_measures_the_ladder_and_options_after_quick_win(tmp_path):
     md, rec = quick("gmm_defaults", tmp_path, "--n", "64")
     res = rec["result"]
@@ -97,6 +98,7 @@ def test_sources_quick_reads_every_image_of_each_kind(tmp_path):
     assert all(r["n"] == 40 and r["scan_per_s"] > 0 for r in rec["result"])
 
 
+@pytest.mark.slow  # ~8-19 s: outside make test-fast's ~2 min, still in make test
 def test_solver_audit_quick(tmp_path):
     md, rec = quick("solver_audit", tmp_path)
     nfe = rec["result"]["nfe_at_1e-4"]

@@ -64,6 +64,7 @@ def test_constant_dims_alone_keep_the_dims_as_coordinates():
     assert data_spectrum(len(x), x.mean(0), np.cov(x.T)).rank == 4  # not quantised: dim 5 has variance
 
 
+@pytest.mark.slow  # ~8-19 s: outside make test-fast's ~2 min, still in make test
 def test_patch_like_case_attributes_total_correlation_to_the_degenerate_direction():
     """Mean-removed 64-dim data span 63 dims; latents with variance 0.27 along the all-ones direction."""
     d, n = 64, 20000
