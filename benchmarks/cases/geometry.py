@@ -84,6 +84,9 @@ def ladder(lo: float, hi: float, quick: bool) -> list[float]:
     return [10 ** (-k / 2) for k in range(k0, k1 + 1, 2 if quick else 1)]
 
 
+# "adams4 w1.75": adams4 with latent control's weight exponent 1.75 -> (solver, exponent)
+WEIGHT = {f"{name} w{g:g}": (name, float(g))
+          for name, powers in (("adams4", (1.25, 1.5, 1.75, 2, 2.5)), ("adams5", (1.25, 1.75))) for g in powers}
 # label -> (solver, time_var, control, floor kind, tolerance ladder bounds)
 METHODS = {
     "dopri5 t": ("dopri5", "t", "latent", None, (1e-8, 1e-3)),
@@ -97,13 +100,7 @@ METHODS = {
     "adams4": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
     "adams5": ("adams5", "s", "latent", None, (1e-9, 1e-3)),
     "adams4 +floor(t)": ("adams4", "s", "latent", "curve", (1e-10, 1e-3)),
-    "adams4 w1.25": ("adams4", "s", "latent", None, (1e-9, 1e-3)),  # latent weight exponent 1.25
-    "adams4 w1.5": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
-    "adams4 w1.75": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
-    "adams4 w2": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
-    "adams4 w2.5": ("adams4", "s", "latent", None, (1e-9, 1e-3)),
-    "adams5 w1.25": ("adams5", "s", "latent", None, (1e-9, 1e-3)),
-    "adams5 w1.75": ("adams5", "s", "latent", None, (1e-9, 1e-3)),
+    **{label: (name, "s", "latent", None, (1e-9, 1e-3)) for label, (name, _) in WEIGHT.items()},
     "dop853 t": ("dop853", "t", "latent", None, (1e-11, 1e-3)),
     "dop853 s": ("dop853", "s", "latent", None, (1e-11, 1e-3)),
     "dop853 ddim": ("dop853", "ddim", "latent", None, (1e-11, 1e-3)),
@@ -119,8 +116,8 @@ def cfg_for(label: str, tol: float, t_eps: float, noise: float, curve: tuple, co
         kw["noise"] = noise
     elif floor == "curve":
         kw["noise_t"] = curve
-    if " w" in label:  # "adams4 w1.75": latent control's weight exponent
-        kw["weight_power"] = float(label.rsplit(" w", 1)[1])
+    if label in WEIGHT:
+        kw["weight_power"] = WEIGHT[label][1]
     return SolverConfig(name, rtol=tol, atol=tol, t_eps=t_eps, time_var=tv, control=control or ctl,
                         max_steps=20_000, **kw)
 
